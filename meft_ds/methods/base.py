@@ -56,6 +56,15 @@ class Method:
         """Logits ``[batch, seq, vocab]`` of the (engine-wrapped) module."""
         return module(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def generation_model(self, module: nn.Module) -> nn.Module | None:
+        """A transformers model whose ``generate`` equals decoding with :meth:`forward`.
+
+        Methods with a custom forward get ``None`` (generation then recomputes each prefix).
+        """
+        if type(self).forward is not Method.forward:
+            return None
+        return module if hasattr(module, "generate") else None
+
     # --- state outside the DeepSpeed engine (defaults: none) ------------------------
     def attach_engine(self, engine: Any) -> None:
         """Called once after ``deepspeed.initialize``."""

@@ -128,7 +128,7 @@ def resolve(spec: str) -> Path | str:
 
 def model_config(spec: str):
     """The HF config of a model spec (no weights loaded)."""
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     where = resolve(spec)
     if isinstance(where, str):

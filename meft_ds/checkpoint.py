@@ -1,0 +1,113 @@
+"""Atomic checkpoints of the DeepSpeed engine + state outside it, RNG, data position.
+
+Layout under ``<output_dir>/checkpoints``: ``step_0000020/`` (the engine's files, with
+frozen parameters excluded, plus the method's external state) and ``latest`` (the tag
+of the newest complete checkpoint). A checkpoint is written as ``<tag>.partial`` and
+renamed when every rank has finished, so a crash never leaves a half-written checkpoint
+behind ``latest``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from meft_ds.errors import UserError
+
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    """All random number generator states that influence training."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def tag_for(step: int) -> str:
+    """Directory name of the checkpoint after ``step`` optimizer steps."""
+    return f"step_{step:07d}"
+
+
+def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, keep: int) -> Path:
+    """Write a checkpoint atomically and prune old ones; returns its directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    tag = tag_for(step)
+    partial = tag + ".partial"
+    engine.save_checkpoint(
+        str(root), tag=partial, client_state=client_state, save_latest=False,
+        exclude_frozen_parameters=True,
+    )
+    method.save_state(root / partial)
+    _barrier()
+    if _rank() == 0:
+        final = root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / partial, final)
+        tmp = root / (LATEST + ".tmp")
+        tmp.write_text(tag)
+        os.replace(tmp, root / LATEST)
+        _prune(root, keep)
+    _barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_tag(root: Path) -> str | None:
+    """Tag of the newest complete checkpoint, or None."""
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    tag = marker.read_text().strip()
+    return tag if (root / tag).is_dir() else None
+
+
+def load(engine: Any, method: Any, root: Path) -> dict[str, Any]:
+    """Restore the newest checkpoint into ``engine`` and ``method``; returns client state."""
+    tag = latest_tag(root)
+    if tag is None:
+        raise UserError(f"--resume: no checkpoint found in {root}")
+    path, client_state = engine.load_checkpoint(
+        str(root), tag=tag, load_module_strict=False, load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if path is None:
+        raise UserError(f"--resume: DeepSpeed could not load checkpoint {root / tag}")
+    method.load_state(root / tag)
+    return client_state or {}

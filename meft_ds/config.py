@@ -1,0 +1,78 @@
+"""Training options (method-independent) and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from meft_ds.errors import UserError
+
+
+def _opt(default, help_text: str, **meta):
+    return dataclasses.field(default=default, metadata={"help": help_text, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on what, for how long, and where to write it."""
+
+    method: str = _opt("parallel_adapter", "fine-tuning method (see --help for the list)")
+    model: str = _opt("smollm2-135m", "smollm2-135m, llama2-7b-shape, mistral-7b-shape or a dir")
+    dataset: str = _opt("nq_open", "nq_open or gsm8k (from --data_dir), or use --data_file")
+    data_dir: str | None = _opt(None, "data directory (default: $MEFT_DS_DATA or ../shared/data)")
+    data_file: str | None = _opt(None, "custom training JSONL (then also --heldout_file)")
+    heldout_file: str | None = _opt(None, "custom held-out JSONL for evaluation")
+    question_field: str | None = _opt(None, "question field name in custom JSONL")
+    answer_field: str | None = _opt(None, "answer field name (string or list) in custom JSONL")
+    train_examples: int = _opt(256, "training questions (the first N of the training split)")
+    eval_trained: int = _opt(128, "trained questions scored before/after (0 = none)")
+    eval_heldout: int = _opt(128, "held-out questions scored before/after (0 = none)")
+    max_seq_len: int = _opt(128, "truncate prompt+answer to this many tokens")
+    max_steps: int = _opt(200, "optimizer steps")
+    lr: float | None = _opt(None, "learning rate (overrides the DeepSpeed config's)")
+    warmup_ratio: float = _opt(0.05, "warmup steps as a fraction of max_steps (for 'auto')")
+    micro_batch_size: int | None = _opt(None, "override train_micro_batch_size_per_gpu")
+    grad_accum: int | None = _opt(None, "override gradient_accumulation_steps")
+    seed: int = _opt(42, "seed for weights, data order and dropout")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
+    output_dir: str = _opt("runs/latest", "metrics, checkpoints and the exported adapter")
+    save_steps: int = _opt(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk")
+    resume: bool = _opt(False, "resume from the latest checkpoint in output_dir")
+    stop_after: int | None = _opt(None, "testing aid: exit abruptly right after step N")
+    eval_steps: int = _opt(0, "score eval_periodic trained questions every N steps (0 = off)")
+    eval_periodic: int = _opt(32, "questions scored by the periodic evaluation")
+    eval_before: bool = _opt(True, "score before training")
+    max_new_tokens: int = _opt(24, "generation length for evaluation")
+    eval_batch_size: int = _opt(32, "generation batch size")
+    progress: bool = _opt(True, "show progress bars")
+    log_steps: int = _opt(1, "write metrics every N steps")
+
+    def validate(self) -> None:
+        """Reject values that cannot work, with one line each."""
+        positive = {
+            "train_examples": self.train_examples, "max_seq_len": self.max_seq_len,
+            "max_steps": self.max_steps, "keep_checkpoints": self.keep_checkpoints,
+            "max_new_tokens": self.max_new_tokens, "eval_batch_size": self.eval_batch_size,
+            "log_steps": self.log_steps, "eval_periodic": self.eval_periodic,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise UserError(f"{name} must be > 0, got {value}")
+        non_negative = {
+            "eval_trained": self.eval_trained, "eval_heldout": self.eval_heldout,
+            "save_steps": self.save_steps, "eval_steps": self.eval_steps,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise UserError(f"{name} must be >= 0, got {value}")
+        for name in ("micro_batch_size", "grad_accum", "stop_after"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{name} must be > 0, got {value}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if (self.data_file is None) != (self.heldout_file is None):
+            raise UserError("--data_file and --heldout_file go together")

@@ -1,0 +1,91 @@
+"""Command line of ``launch/evaluate.py``: score a base model or an exported adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from meft_ds.data import load_split
+from meft_ds.errors import UserError
+from meft_ds.eval import evaluate_qa
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line and exit status 2."""
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of the evaluator."""
+    p = _Parser(prog="launch/evaluate.py", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", help="directory written by training (<output_dir>/adapter)")
+    src.add_argument("--model", help="evaluate a base model (smollm2-135m or a HF dir)")
+    p.add_argument("--dataset", default="nq_open", help="nq_open or gsm8k")
+    p.add_argument("--data_dir", default=None, help="data directory (default ../shared/data)")
+    p.add_argument("--data_file", default=None, help="custom JSONL instead of --dataset")
+    p.add_argument("--question_field", default=None)
+    p.add_argument("--answer_field", default=None)
+    p.add_argument("--split", choices=("train", "heldout"), default="heldout")
+    p.add_argument("--limit", type=int, default=128, help="first N examples")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=24)
+    p.add_argument("--output", default=None, help="write the JSON report here")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate and return the report."""
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0")
+    examples = load_split(
+        args.dataset, args.split, Path(args.data_dir) if args.data_dir else None,
+        args.data_file, args.question_field, args.answer_field, args.limit,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.adapter:
+        from meft_ds.inference import load_adapted
+
+        adapted = load_adapted(args.adapter, device=device)
+        logits_fn, tokenizer = adapted.logits, adapted.tokenizer
+        vocab = int(adapted.module.config.vocab_size) if hasattr(adapted.module, "config") else None
+    else:
+        from meft_ds.models.loader import load_model
+
+        loaded = load_model(args.model)
+        model = loaded.model.to(device).eval()
+        tokenizer, vocab = loaded.tokenizer, int(model.config.vocab_size)
+
+        def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    metric = "gsm8k_accuracy" if args.dataset == "gsm8k" and not args.data_file else "exact_match"
+    report = evaluate_qa(logits_fn, tokenizer, examples, metric, args.max_new_tokens,
+                         args.batch_size, device, vocab, progress=not args.no_progress)
+    report["source"] = args.adapter or args.model
+    report["split"] = args.split
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors exit 2 with one line."""
+    try:
+        args = build_parser().parse_args(argv)
+        report = run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+    score = 100 * report["score"]
+    print(f"{report['metric']} on {report['n']} {args.split} examples: {score:.1f}%")
+    return 0

@@ -1,0 +1,59 @@
+"""Export trained adapters to safetensors + JSON, and load them back for inference."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from meft_ds.errors import UserError
+
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def _gathered(engine: Any):
+    """Context that gathers ZeRO-3 partitioned parameters (no-op otherwise)."""
+    import contextlib
+
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: Any) -> None:
+    """Write the method's trained tensors and the config needed to rebuild the model."""
+    from safetensors.torch import save_file
+
+    with _gathered(engine):
+        state = method.trainable_state(engine.module)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, str(directory / WEIGHTS))
+    meta = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "options": dataclasses.asdict(options),
+        "max_seq_len": cfg.max_seq_len,
+        "dataset": cfg.dataset,
+    }
+    (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of an exported adapter."""
+    from safetensors.torch import load_file
+
+    cfg_path, weights = directory / CONFIG, directory / WEIGHTS
+    if not cfg_path.is_file() or not weights.is_file():
+        raise UserError(f"{directory} is not an exported adapter ({CONFIG} + {WEIGHTS})")
+    return json.loads(cfg_path.read_text()), load_file(str(weights))

@@ -1,0 +1,44 @@
+"""Rebuild a model with an exported adapter for evaluation or generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meft_ds import export, methods, options
+from meft_ds.methods.base import Method
+from meft_ds.models import loader
+
+
+@dataclass
+class AdaptedModel:
+    """A base model with a trained adapter loaded, ready for ``logits(ids, mask)``."""
+
+    method: Method
+    module: nn.Module
+    tokenizer: Any
+    config: dict[str, Any]
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits through the adapted model."""
+        return self.method.forward(self.module, ids, mask)
+
+
+def load_adapted(directory: str | Path, model: str | None = None,
+                 device: str | torch.device = "cpu") -> AdaptedModel:
+    """Load the base model named in the adapter config (or ``model``) plus the adapter."""
+    meta, tensors = export.read_adapter(Path(directory))
+    method_cls = methods.get(meta["method"])
+    opts = options.build(method_cls.Options, meta["options"], context=f"adapter {directory}")
+    loaded = loader.load_model(model or meta["model"])
+    method = method_cls(opts, loaded.model.config)
+    method.check_model(loaded.model)
+    module = method.apply(loaded.model)
+    method.load_trainable_state(module, tensors)
+    module.to(device).eval()
+    return AdaptedModel(method, module, loaded.tokenizer, meta)

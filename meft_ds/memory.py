@@ -1,0 +1,97 @@
+"""Memory accounting: saved-activation bytes, CUDA peaks, process RSS, RAM checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from meft_ds.errors import UserError
+
+GIB = 1024**3
+
+
+@dataclass
+class SavedTensorMeter:
+    """Counts the bytes autograd saves for backward (device-independent).
+
+    Storages shared by several saved tensors (views of one activation) are counted
+    once. Weights that autograd saves (a frozen linear layer keeps its weight to compute
+    the input gradient) are not activations: pass the module to :meth:`exclude_module`.
+    """
+
+    total_bytes: int = 0
+    count: int = 0
+    _seen: set[int] = field(default_factory=set)
+    _excluded: set[int] = field(default_factory=set)
+
+    def exclude_module(self, module: torch.nn.Module) -> SavedTensorMeter:
+        """Do not count the storages of ``module``'s parameters and buffers."""
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            self._excluded.add(tensor.untyped_storage().data_ptr())
+        return self
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr() if storage.data_ptr() else id(storage)
+        if key not in self._seen and key not in self._excluded:
+            self._seen.add(key)
+            self.total_bytes += storage.nbytes()
+            self.count += 1
+        return tensor
+
+    @contextmanager
+    def record(self) -> Iterator[SavedTensorMeter]:
+        """Context in which every tensor saved for backward is counted."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+    def reset(self) -> None:
+        """Forget what was counted (exclusions stay)."""
+        self.total_bytes = 0
+        self.count = 0
+        self._seen.clear()
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    return psutil.Process().memory_info().rss
+
+
+def available_ram() -> int:
+    """RAM psutil reports as available."""
+    return psutil.virtual_memory().available
+
+
+def require_ram(needed: int, what: str, headroom: float = 1.1) -> None:
+    """Refuse (UserError) before allocating ``needed`` bytes that would not fit in RAM."""
+    have = available_ram()
+    if needed * headroom > have:
+        raise UserError(
+            f"{what} needs {needed / GIB:.1f} GiB of RAM but only {have / GIB:.1f} GiB is "
+            "available; choose a smaller model/adapter or free memory"
+        )
+
+
+def device_memory() -> dict[str, float]:
+    """CUDA peak allocated / reserved in GiB (empty without CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "cuda_peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
+        "cuda_peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+    }
+
+
+def snapshot() -> dict[str, float]:
+    """Memory figures logged every step."""
+    return {"rss_gib": rss_bytes() / GIB, **device_memory()}
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,61 @@
+"""LoRA through PEFT."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from meft_ds.errors import UserError
+from meft_ds.methods import register
+from meft_ds.methods.base import Method
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclasses.dataclass
+class LoraOptions:
+    """LoRA hyper-parameters."""
+
+    lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: float = dataclasses.field(default=32.0, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_targets: str = dataclasses.field(
+        default=DEFAULT_TARGETS, metadata={"help": "comma-separated module names to adapt"}
+    )
+
+    def validate(self) -> None:
+        """Reject impossible values."""
+        if self.lora_r <= 0:
+            raise UserError(f"lora_r must be > 0, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_targets.strip():
+            raise UserError("lora_targets is empty")
+
+
+@register
+class Lora(Method):
+    """Low-rank adapters on the attention and MLP projections (PEFT)."""
+
+    name = "lora"
+    help = "LoRA adapters through PEFT"
+    Options = LoraOptions
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Wrap ``model`` with PEFT LoRA modules; only those are trainable."""
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in self.options.lora_targets.split(",") if t.strip()]
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            raise UserError(f"lora_targets: the model has no modules named {', '.join(unknown)}")
+        config = LoraConfig(
+            r=self.options.lora_r,
+            lora_alpha=self.options.lora_alpha,
+            lora_dropout=self.options.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)

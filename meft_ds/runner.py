@@ -1,0 +1,197 @@
+"""One training run: model + method + data + DeepSpeed engine, evaluations, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meft_ds import ds_config, export, memory
+from meft_ds.config import TrainConfig
+from meft_ds.data import BatchSchedule, encode, load_split
+from meft_ds.eval import evaluate_qa
+from meft_ds.methods.base import Method
+from meft_ds.models import loader
+from meft_ds.models.sizes import estimate_host_bytes
+from meft_ds.trainer import Trainer, world
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, resolved from flags and config files."""
+
+    train: TrainConfig
+    method_cls: type[Method]
+    method_options: Any
+    deepspeed: dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the run uses."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU)."""
+    import deepspeed
+
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def device() -> torch.device:
+    """This rank's device."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _say(text: str) -> None:
+    if world()[0] == 0:
+        print(text, flush=True)
+
+
+def _evaluate(method: Method, engine: Any, tokenizer: Any, examples, metric: str,
+              cfg: TrainConfig, dev: torch.device, vocab: int) -> dict[str, Any]:
+    def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return method.forward(engine, ids, mask)
+
+    engine.eval()
+    try:
+        return evaluate_qa(
+            logits_fn, tokenizer, examples, metric, cfg.max_new_tokens, cfg.eval_batch_size,
+            dev, vocab, progress=cfg.progress and world()[0] == 0,
+            hf_model=method.generation_model(engine.module),
+        )
+    finally:
+        engine.train()
+
+
+def format_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+    """The before/after score table printed at the end of a run."""
+    lines = [f"{'evaluation':<28}{'before':>10}{'after':>10}"]
+    for name, res in after.items():
+        b = f"{100 * before[name]['score']:.1f}%" if before and name in before else "-"
+        label = f"{name} {res['metric']} (n={res['n']})"
+        lines.append(f"{label:<28}{b:>10}{100 * res['score']:>9.1f}%")
+    return "\n".join(lines)
+
+
+def run(spec: RunSpec) -> dict[str, Any]:
+    """Train and evaluate; returns the results written to ``results.json``."""
+    import deepspeed
+
+    cfg = spec.train
+    cuda = torch.cuda.is_available()
+    bf16 = ds_config.bf16_enabled(spec.deepspeed)
+    hf_config = loader.model_config(cfg.model)
+    memory.require_ram(
+        estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES, cuda),
+        f"model {cfg.model} with method {cfg.method}",
+    )
+    init_distributed()
+    rank, world_size = world()
+    dev = device()
+    seed_everything(cfg.seed)
+    dtype = torch.bfloat16 if bf16 and cfg.model in loader.SHAPES else torch.float32
+    loaded = loader.load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    vocab = int(model.config.vocab_size)
+    method = spec.method_cls(spec.method_options, model.config)
+    method.check_model(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = method.apply(model)
+
+    train_examples = load_split(
+        cfg.dataset, "train", Path(cfg.data_dir) if cfg.data_dir else None, cfg.data_file,
+        cfg.question_field, cfg.answer_field, cfg.train_examples,
+    )
+    heldout = load_split(
+        cfg.dataset, "heldout", Path(cfg.data_dir) if cfg.data_dir else None, cfg.heldout_file,
+        cfg.question_field, cfg.answer_field, cfg.eval_heldout or 1,
+    )
+    metric = "gsm8k_accuracy" if cfg.dataset == "gsm8k" and cfg.data_file is None else "exact_match"
+    encoded = [encode(e, tokenizer, cfg.max_seq_len, vocab) for e in train_examples]
+    ds = ds_config.finalize(
+        spec.deepspeed, world_size=world_size, max_steps=cfg.max_steps,
+        warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,
+        grad_accum=cfg.grad_accum, cuda=cuda,
+    )
+    schedule = BatchSchedule(encoded, ds["train_micro_batch_size_per_gpu"], cfg.seed,
+                             tokenizer.pad_token_id)
+    _say("resolved configuration:\n" + json.dumps(
+        {"train": cfg.__dict__, "method": spec.method_options.__dict__, "deepspeed": ds,
+         "model_source": loaded.source, "world_size": world_size, "device": str(dev)},
+        indent=2, default=str,
+    ))
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds)
+    method.attach_engine(engine)
+
+    evals = {"trained": train_examples[: cfg.eval_trained], "heldout": heldout[: cfg.eval_heldout]}
+    evals = {k: v for k, v in evals.items() if v}
+
+    def score_all() -> dict[str, Any]:
+        return {k: _evaluate(method, engine, tokenizer, v, metric, cfg, dev, vocab)
+                for k, v in evals.items()}
+
+    def periodic() -> float:
+        res = _evaluate(method, engine, tokenizer, train_examples[: cfg.eval_periodic], metric,
+                        cfg, dev, vocab)
+        return res["score"]
+
+    trainer = Trainer(cfg, engine, method, schedule, dev, periodic)
+    before = None
+    if cfg.resume:
+        trainer.resume()
+        _say(f"resumed from step {trainer.step}")
+    elif cfg.eval_before and evals:
+        before = score_all()
+    history = trainer.fit()
+    if not cfg.save_steps or trainer.step % cfg.save_steps:
+        trainer.save()
+    export_dir = Path(cfg.output_dir) / "adapter"
+    export.save_adapter(method, engine, export_dir, cfg, spec.method_options)
+    after = score_all() if evals else {}
+    results = {
+        "method": cfg.method, "model": cfg.model, "steps": trainer.step,
+        "final_loss": history[-1]["loss"] if history else None,
+        "before": _strip(before), "after": _strip(after),
+        "peak_rss_gib": max((h["rss_gib"] for h in history), default=None),
+        "mean_tokens_per_s": (sum(h["tokens_per_s"] for h in history) / len(history))
+        if history else None,
+    }
+    if rank == 0:
+        out = Path(cfg.output_dir)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "predictions.json").write_text(json.dumps(after, indent=2))
+        if after:
+            print("\n" + format_table(before, after), flush=True)
+        print(f"adapter exported to {export_dir}", flush=True)
+    return results
+
+
+def _strip(scores: dict[str, Any] | None) -> dict[str, Any] | None:
+    if scores is None:
+        return None
+    return {k: {"score": v["score"], "n": v["n"], "metric": v["metric"]} for k, v in scores.items()}

@@ -1,0 +1,199 @@
+"""The training loop: one DeepSpeed engine + a method's external state, one ``step()``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from meft_ds import checkpoint, memory
+from meft_ds.config import TrainConfig
+from meft_ds.data import IGNORE, BatchSchedule
+from meft_ds.methods.base import Method
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens (labels != -100), in fp32."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE,
+    )
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_across_ranks(value: float) -> float:
+    """Average a scalar over data-parallel ranks."""
+    rank, size = world()
+    if size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / size
+
+
+class Trainer:
+    """Runs optimizer steps ``start..max_steps`` and writes metrics and checkpoints."""
+
+    def __init__(
+        self, cfg: TrainConfig, engine: Any, method: Method, schedule: BatchSchedule,
+        device: torch.device, periodic_eval: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.method = method
+        self.schedule = schedule
+        self.device = device
+        self.periodic_eval = periodic_eval
+        self.rank, self.world_size = world()
+        self.accum = engine.gradient_accumulation_steps()
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.step = 0
+        self.clip = float(engine.gradient_clipping() or 0.0)
+
+    # --- state -------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        """What the engine checkpoint carries besides weights/optimizer/scheduler."""
+        return {"step": self.step, "rng": checkpoint.rng_state(), "world_size": self.world_size}
+
+    def resume(self) -> None:
+        """Load the newest checkpoint and continue from its step with its RNG state."""
+        state = checkpoint.load(self.engine, self.method, self.ckpt_root)
+        self.step = int(state["step"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        """Checkpoint now."""
+        return checkpoint.save(
+            self.engine, self.method, self.ckpt_root, self.step, self.client_state(),
+            self.cfg.keep_checkpoints,
+        )
+
+    # --- one step ----------------------------------------------------------------
+    def _micro_step(self, accum_index: int, meter: memory.SavedTensorMeter) -> tuple[float, int]:
+        index = BatchSchedule.index(self.step, accum_index, self.accum, self.rank, self.world_size)
+        batch = {k: v.to(self.device) for k, v in self.schedule.batch(index).items()}
+        with meter.record():
+            logits = self.method.forward(self.engine, batch["input_ids"], batch["attention_mask"])
+            loss = lm_loss(logits, batch["labels"])
+        self.method.before_backward()
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        pre_norm = self._clip_before_step() if boundary else None
+        self.engine.step()
+        if boundary:
+            self._finish_step(pre_norm)
+        return float(loss.detach()), int(batch["attention_mask"].sum())
+
+    def _plain_fp32(self) -> bool:
+        eng = self.engine
+        return not (eng.fp16_enabled() or eng.bfloat16_enabled() or eng.zero_optimization())
+
+    def _clip_before_step(self) -> float | None:
+        """In the plain fp32 path, clip engine and external gradients by one global norm.
+
+        The engine's own clipping then sees a norm <= the limit and does nothing. Other
+        paths keep gradients inside DeepSpeed's optimizer, which clips them by the
+        engine's norm; the external gradients are then clipped by the global norm.
+        """
+        if not self._plain_fp32():
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        sq = float(sum(g.detach().float().pow(2).sum() for g in grads)) if grads else 0.0
+        total = math.sqrt(sq + self.method.external_grad_sq_norm())
+        if self.clip > 0 and total > self.clip:
+            scale = self.clip / (total + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+        return math.sqrt(sq)
+
+    def _finish_step(self, engine_norm: float | None) -> None:
+        if engine_norm is None:
+            norm = self.engine.get_global_grad_norm()
+            engine_norm = float(norm) if norm is not None else 0.0
+        total = math.sqrt(engine_norm**2 + self.method.external_grad_sq_norm())
+        coef = min(1.0, self.clip / (total + 1e-6)) if self.clip > 0 else 1.0
+        self._grad_norm = total
+        self.method.after_engine_step(self.engine.get_lr()[0], coef)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (all its micro-batches); returns the step's metrics."""
+        self.engine.train()
+        meter = memory.SavedTensorMeter().exclude_module(self.engine.module)
+        start = time.perf_counter()
+        losses, tokens = [], 0
+        for a in range(self.accum):
+            meter.reset()
+            loss, n = self._micro_step(a, meter)
+            losses.append(loss)
+            tokens += n
+        elapsed = time.perf_counter() - start
+        lr = self.engine.get_lr()[0]
+        self.step += 1
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": mean_across_ranks(sum(losses) / len(losses)),
+            "lr": lr,
+            "grad_norm": getattr(self, "_grad_norm", float("nan")),
+            "tokens": tokens * self.world_size,
+            "step_s": elapsed,
+            "tokens_per_s": tokens * self.world_size / max(elapsed, 1e-9),
+            "saved_activation_bytes": meter.total_bytes,
+            **memory.snapshot(),
+            **self.method.step_metrics(),
+        }
+        return record
+
+    # --- the loop -----------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until ``max_steps``; returns the metric records of this run."""
+        cfg = self.cfg
+        history: list[dict[str, Any]] = []
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc=f"train[{self.method.name}]",
+            disable=not cfg.progress or self.rank != 0, dynamic_ncols=True,
+        )
+        while self.step < cfg.max_steps:
+            record = self.train_step()
+            history.append(record)
+            if self.step % cfg.log_steps == 0 or self.step == cfg.max_steps:
+                self._log(record)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                rss=f"{record['rss_gib']:.1f}G",
+                **({"cuda": f"{record['cuda_peak_alloc_gib']:.1f}G"}
+                   if "cuda_peak_alloc_gib" in record else {}),
+            )
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save()
+            if cfg.eval_steps and self.periodic_eval and self.step % cfg.eval_steps == 0:
+                self._log({"step": self.step, "periodic_eval": self.periodic_eval()})
+            if cfg.stop_after is not None and self.step >= cfg.stop_after:
+                bar.close()
+                os._exit(0)  # simulate a crash: no final checkpoint, export or evaluation
+        bar.close()
+        return history

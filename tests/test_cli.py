@@ -1,0 +1,115 @@
+"""The launcher's argument parsing, config precedence and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meft_ds import cli
+from meft_ds.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = str(ROOT / "ds_configs" / "cpu.json")
+
+
+def test_deepspeed_path_flag_and_meft_section_defaults() -> None:
+    spec = cli.parse(["--deepspeed", CPU])
+    assert spec.train.method == "parallel_adapter"
+    assert spec.train.max_steps == 30  # from cpu.json's "meft" section
+    assert "meft" not in spec.deepspeed
+    assert spec.deepspeed["optimizer"]["type"] == "AdamW"
+
+
+def test_deepspeed_config_alias_and_precedence(tmp_path: Path) -> None:
+    extra = tmp_path / "opts.json"
+    extra.write_text(json.dumps({"max_steps": 7, "adapter_size": 32}))
+    spec = cli.parse(["--deepspeed_config", CPU, "--config", str(extra), "--adapter_size", "48"])
+    assert spec.train.max_steps == 7  # config file beats the DeepSpeed JSON's section
+    assert spec.method_options.adapter_size == 48  # flags beat the config file
+
+
+def test_24gb_config_has_cpu_overrides() -> None:
+    spec = cli.parse(["--deepspeed", str(ROOT / "ds_configs" / "24gb.json")])
+    assert spec.deepspeed["zero_optimization"]["stage"] == 2
+    assert spec.deepspeed["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert spec.deepspeed["bf16"]["enabled"] is True
+    assert spec.train.max_steps == 160  # when_no_cuda: this machine has no GPU
+
+
+def test_each_method_is_selectable() -> None:
+    for name in ("full", "lora", "parallel_adapter"):
+        assert cli.parse(["--deepspeed", CPU, "--method", name]).train.method == name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--max_steps", "0"], "max_steps must be > 0"),
+        (["--lora_r", "8"], "--lora_r does not apply to method parallel_adapter"),
+        (["--method", "lora", "--lora_r", "0"], "lora_r must be > 0"),
+        (["--adapter_size", "-1"], "adapter_size must be > 0"),
+        (["--warmup_ratio", "1.5"], "warmup_ratio must be in"),
+        (["--data_file", "x.jsonl"], "--data_file and --heldout_file go together"),
+    ],
+)
+def test_bad_options_raise_one_line(argv: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        cli.parse(["--deepspeed", CPU, *argv])
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"train_micro_batch_size_per_gpu": 4,\n "x": }')
+    with pytest.raises(UserError, match=r"broken\.json:2: invalid JSON"):
+        cli.parse(["--deepspeed", str(broken)])
+    with pytest.raises(UserError, match="does not exist"):
+        cli.parse(["--deepspeed", str(tmp_path / "missing.json")])
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "meft": {"max_stpes": 3}}))
+    with pytest.raises(UserError, match="unknown option.*max_stpes"):
+        cli.parse(["--deepspeed", str(unknown)])
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )
+
+
+def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    cases = [
+        (["--deepspeed", CPU, "--max_steps", "-3"], "max_steps must be > 0"),
+        (["--deepspeed", CPU, "--model", str(tmp_path / "nomodel")], "neither a known name"),
+        (["--deepspeed", CPU, "--dataset", "gsm8k", "--data_dir", str(tmp_path)], "does not exist"),
+        (["--deepspeed", CPU, "--max_steps", "abc"], "invalid int value"),
+        (["--deepspeed", CPU, "--micro_batch_size", "0"], "micro_batch_size must be > 0"),
+    ]
+    for argv, message in cases:
+        proc = _launch(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr[-2000:])
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_ram_check_refuses_before_allocating() -> None:
+    from meft_ds import memory
+    from meft_ds.models import loader
+    from meft_ds.models.sizes import count_params, estimate_host_bytes
+
+    cfg = loader.model_config("llama2-7b-shape")
+    assert 6.6e9 < count_params(cfg) < 6.8e9  # LLaMA-2-7B has 6.74B parameters
+    need = estimate_host_bytes(cfg, "full", half=False, cuda=False)
+    assert need > memory.available_ram()
+    with pytest.raises(UserError, match="needs .* GiB of RAM"):
+        memory.require_ram(need, "llama2-7b-shape full")
+    proc = _launch("--deepspeed", CPU, "--model", "llama2-7b-shape", "--method", "full")
+    assert proc.returncode == 2 and "GiB of RAM" in proc.stderr

@@ -1,0 +1,46 @@
+"""Crash after step k, resume, and get exactly the losses of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    argv = [
+        sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
+        str(ROOT / "ds_configs" / "cpu.json"), "--method", "lora", "--lora_dropout", "0.1",
+        "--max_steps", "6", "--train_examples", "10", "--micro_batch_size", "2",
+        "--grad_accum", "2", "--max_seq_len", "40", "--eval_trained", "0",
+        "--eval_heldout", "0", "--progress", "false", "--lr", "2e-3",
+        "--output_dir", str(out), *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path: Path) -> None:
+    full, split = tmp_path / "full", tmp_path / "split"
+    _train(full)
+    _train(split, "--save_steps", "3", "--stop_after", "3")
+    assert sorted(_losses(split)) == [1, 2, 3]
+    assert (split / "checkpoints" / "latest").read_text() == "step_0000003"
+    assert not list((split / "checkpoints").glob("*.partial"))
+    proc = _train(split, "--resume")
+    assert "resumed from step 3" in proc.stdout
+    want, got = _losses(full), _losses(split)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == want[step], (step, got[step], want[step])
