@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from meft_ds.data import QAExample
+from meft_ds.data import QAExample, format_prompt
 from meft_ds.eval import (
     evaluate_qa,
     exact_match,
+    first_answer_line,
     generate,
     gsm8k_correct,
     gsm8k_number,
@@ -60,9 +61,14 @@ def test_evaluate_qa_scores_the_real_model(smollm2) -> None:
     def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
-    examples = [QAExample("What is the capital of France", ("Paris",)),
-                QAExample("What is the capital of France", ("London",))]
-    report = evaluate_qa(logits_fn, tok, examples, max_new_tokens=8, batch_size=2,
-                         progress=False)
+    question = "who wrote the book the origin of species"
+    raw = generate(logits_fn, tok, [format_prompt(question)], 12, 1, progress=False)[0]
+    said = first_answer_line(raw)
+    assert said  # the base model answers this prompt with a sentence
+    examples = [QAExample(question, ("Charles Darwin", f"the {said}!")),
+                QAExample(question, ("Charles Darwin",))]
+    report = evaluate_qa(logits_fn, tok, examples, max_new_tokens=12, batch_size=2,
+                         progress=False, hf_model=model)
+    assert [r["prediction"] for r in report["predictions"]] == [said, said]
     assert [r["ok"] for r in report["predictions"]] == [True, False]
     assert report["score"] == 0.5
