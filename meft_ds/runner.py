@@ -119,7 +119,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
     method = spec.method_cls(spec.method_options, model.config)
     method.check_model(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        enable = enable or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = method.apply(model)
 
     train_examples = load_split(
