@@ -149,6 +149,11 @@ def run(spec: RunSpec) -> dict[str, Any]:
     trainable = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds)
     method.attach_engine(engine)
+    inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    _say(f"engine: ZeRO stage {engine.zero_optimization_stage()}, "
+         f"bf16={engine.bfloat16_enabled()}, optimizer {type(inner).__name__} "
+         f"(wrapped by {type(engine.optimizer).__name__}), {len(trainable)} trainable tensors, "
+         f"{sum(p.numel() for p in trainable):,} trainable parameters")
 
     evals = {"trained": train_examples[: cfg.eval_trained], "heldout": heldout[: cfg.eval_heldout]}
     evals = {k: v for k, v in evals.items() if v}

@@ -1,0 +1,67 @@
+"""The `deepspeed` launcher with the main config, and export -> evaluate round trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from meft_ds import cli
+from meft_ds.evaluate_cli import main as evaluate_main
+from meft_ds.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
+    """ZeRO-2 + DeepSpeedCPUAdam offload + bf16, started exactly like the main job."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PATH"] = f"{launcher.parent}:{env['PATH']}"
+    proc = subprocess.run(
+        [str(launcher), "--master_port", "29731", "launch/train.py", "--deepspeed",
+         "ds_configs/24gb.json", "--max_steps", "3", "--train_examples", "8",
+         "--eval_trained", "4", "--eval_heldout", "4", "--max_new_tokens", "6",
+         "--progress", "false", "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "engine: ZeRO stage 2, bf16=True, optimizer DeepSpeedCPUAdam" in proc.stdout
+    assert "evaluation" in proc.stdout and "trained exact_match (n=4)" in proc.stdout
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["grad_norm"] > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["after"]["heldout"]["n"] == 4
+
+
+def test_exported_adapter_evaluates_like_the_trained_model(tmp_path: Path) -> None:
+    spec = cli.parse([
+        "--deepspeed", str(ROOT / "ds_configs" / "cpu.json"), "--output_dir", str(tmp_path),
+        "--train_examples", "6", "--max_steps", "12", "--lr", "3e-3", "--eval_trained", "6",
+        "--eval_heldout", "0", "--eval_before", "false", "--progress", "false",
+        "--micro_batch_size", "3", "--max_new_tokens", "8",
+    ])
+    run(spec)
+    trained = json.loads((tmp_path / "predictions.json").read_text())["trained"]
+    report_path = tmp_path / "report.json"
+    code = evaluate_main([
+        "--adapter", str(tmp_path / "adapter"), "--split", "train", "--limit", "6",
+        "--max_new_tokens", "8", "--no_progress", "--output", str(report_path),
+    ])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert [r["prediction"] for r in report["predictions"]] == [
+        r["prediction"] for r in trained["predictions"]
+    ]
+    assert report["score"] == trained["score"]
+
+
+def test_evaluate_rejects_bad_input(tmp_path: Path, capsys) -> None:
+    assert evaluate_main(["--adapter", str(tmp_path)]) == 2
+    assert "is not an exported adapter" in capsys.readouterr().err
+    assert evaluate_main(["--model", "smollm2-135m", "--limit", "0"]) == 2
