@@ -1,0 +1,121 @@
+"""Saved-activation bytes of one training forward: baselines vs reversible MEFT1/2/3.
+
+Device-independent: bytes autograd saves for backward, counted with
+``saved_tensors_hooks`` (:class:`meft_ds.memory.SavedTensorMeter`). For 7B shapes on a
+CPU, ``--layers 1,2`` builds the model with 1 and 2 layers and extrapolates linearly to
+the real depth (stated in the JSON).
+
+    python bench/rev_memory.py                       # SmolLM2, seq 512, batch 4
+    python bench/rev_memory.py --model llama2-7b-shape --seq 2048 --batch 1 --layers 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from meft_ds import methods, options  # noqa: E402
+from meft_ds.memory import SavedTensorMeter  # noqa: E402
+from meft_ds.models import loader  # noqa: E402
+
+BASELINES = ["full", "lora", "parallel_adapter"]
+VARIANTS = ["meft1", "meft2", "meft3"]
+
+
+def measure(model: torch.nn.Module, name: str, extra: dict, ckpt: bool, ids: torch.Tensor) -> int:
+    """Saved bytes of one forward of ``name`` applied to a copy of ``model``."""
+    model = copy.deepcopy(model)
+    cls = methods.get(name)
+    method = cls(options.build(cls.Options, extra), model.config)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = method.apply(model).train()
+    meter = SavedTensorMeter()
+    with meter.record():
+        logits = method.forward(module, ids, torch.ones_like(ids))
+    del logits
+    return meter.total_bytes
+
+
+def configs() -> list[tuple[str, str, dict, bool]]:
+    """(label, method, options, gradient checkpointing)."""
+    rows = [(f"{b}{'+ckpt' if c else ''}", b, {}, c) for b in BASELINES for c in (False, True)]
+    rows += [(v, "reversible", {"rev_variant": v}, False) for v in VARIANTS]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--layers", default="", help="e.g. 1,2: measure and extrapolate")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = loader.load_model(args.model).model
+    depth = base.config.num_hidden_layers
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq))
+    results: dict[str, float] = {}
+    for label, name, extra, ckpt in configs():
+        if args.layers:
+            few = [int(x) for x in args.layers.split(",")]
+            got = []
+            for n in few:
+                small = copy.deepcopy(base)
+                small.model.layers = small.model.layers[:n]
+                small.config.num_hidden_layers = n
+                got.append(measure(small, name, extra, ckpt, ids))
+            per_layer = (got[-1] - got[0]) / (few[-1] - few[0])
+            results[label] = got[0] + per_layer * (depth - few[0])
+        else:
+            results[label] = measure(base, name, extra, ckpt, ids)
+        print(f"{label:24s} {results[label] / 2**20:10.1f} MiB", flush=True)
+    ref = results["parallel_adapter"]
+    ckpt_ref = results["parallel_adapter+ckpt"]
+    report = {
+        "benchmark": "saved_activation_bytes",
+        "machine": platform.machine(), "python": platform.python_version(),
+        "torch": torch.__version__,
+        "config": {"model": args.model, "seq": args.seq, "batch": args.batch, "depth": depth,
+                   "extrapolated_from_layers": args.layers or None,
+                   "reversible": "fp64 exact streams, adapters of width 64, all layers"},
+        "bytes": results,
+        "fraction_of_parallel_adapter": {k: v / ref for k, v in results.items()},
+        "targets": {v: {"<=10% of parallel_adapter": results[v] <= 0.1 * ref,
+                        "< parallel_adapter+ckpt": results[v] < ckpt_ref} for v in VARIANTS},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"rev_memory_{args.model}_s{args.seq}_b{args.batch}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = list(results)
+    ax.barh(labels, [results[k] / 2**20 for k in labels],
+            color=["tab:red" if k in VARIANTS else "tab:gray" for k in labels])
+    ax.set_xscale("log")
+    ax.set_xlabel("saved activations (MiB, log scale)")
+    ax.set_title(f"{args.model}, seq {args.seq}, batch {args.batch}")
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=120)
+    print(json.dumps(report["targets"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

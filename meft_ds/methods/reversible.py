@@ -1,0 +1,47 @@
+"""Reversible adapters MEFT1/2/3 (``--method reversible``): no activations stored."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meft_ds.errors import UserError
+from meft_ds.methods import register
+from meft_ds.methods.base import Method
+from meft_ds.models import arch
+from meft_ds.models.loader import SUPPORTED_TYPES
+from meft_ds.reversible.model import ReversibleLM
+from meft_ds.reversible.options import ReversibleOptions
+
+
+@register
+class Reversible(Method):
+    """A frozen decoder turned into a two-stream reversible network by small adapters."""
+
+    name = "reversible"
+    help = "reversible adapters (MEFT1/2/3): inputs recomputed in backward, no activations"
+    Options = ReversibleOptions
+
+    def check_model(self, model: nn.Module) -> None:
+        """Supported architecture, splittable layers, ``rev_layers`` inside the model."""
+        model_type = getattr(arch.causal_lm(model).config, "model_type", None)
+        if model_type not in SUPPORTED_TYPES:
+            raise UserError(
+                f"reversible: architecture {model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            )
+        n = len(arch.layers(model))
+        k = self.options.rev_layers
+        if k is not None and not 1 <= k <= n:
+            raise UserError(f"reversible: rev_layers={k} is outside the model's 1..{n} layers")
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Freeze the model and wrap it with the reversible adapter stack."""
+        self.check_model(model)
+        return ReversibleLM(model, self.options)
+
+    def forward(
+        self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the reversible model (the engine calls ``ReversibleLM.forward``)."""
+        return module(input_ids=input_ids, attention_mask=attention_mask)

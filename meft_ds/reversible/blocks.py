@@ -1,0 +1,141 @@
+"""F and G of the reversible couplings, built from the parts of a pre-norm decoder layer.
+
+Every block maps a stream tensor to a stream tensor: it casts its input to the frozen
+weights' dtype, computes its branch under :meth:`Precision.compute`, and adds the
+residual back in the stream dtype. The frozen decoder layer is held *unregistered* (it
+is already registered once in the causal LM); the adapters are registered submodules.
+
+Adapters are any ``nn.Module`` mapping the block's normalised input ``[..., d]`` to a
+correction ``[..., d]`` (the dense :class:`~meft_ds.baselines.adapters.BottleneckAdapter`
+or the sparse adapter). An adapter whose forward depends on more than its input and the
+RNG (the sparse adapter's row selection) implements ``rev_capture() -> state`` and
+``rev_replay(state) -> context manager`` so the backward recompute reuses the forward's
+decisions (see :mod:`meft_ds.reversible.coupling`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from meft_ds.reversible.precision import Precision
+
+
+@dataclass
+class LayerContext:
+    """What every layer of one forward shares: masks, rotary embeddings, dtypes."""
+
+    precision: Precision
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    mask_kind: dict[int, str] = field(default_factory=dict)
+
+    def mask(self, layer_index: int) -> torch.Tensor | None:
+        """The attention mask of decoder layer ``layer_index``."""
+        return self.masks[self.mask_kind.get(layer_index, "full_attention")]
+
+
+class RMSNorm(nn.Module):
+    """Trainable RMS norm in front of a stand-alone adapter (raw streams are unscaled)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / rms(x) * weight``, computed in fp32."""
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Base of F/G: ``forward(x, ctx)`` on stream tensors."""
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Parameters of this block that receive gradients."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class _FrozenLayerBlock(Block):
+    """A block using part of a frozen decoder layer (held unregistered)."""
+
+    def __init__(self, layer: nn.Module, index: int, adapter: nn.Module | None) -> None:
+        super().__init__()
+        self._layer = (layer,)
+        self.index = index
+        self.adapter = adapter
+
+    @property
+    def layer(self) -> nn.Module:
+        return self._layer[0]
+
+
+class AttentionBlock(_FrozenLayerBlock):
+    """``x + Attn(LN1(x)) [+ adapter(LN1(x))]``."""
+
+    def branch(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """The attention branch (no residual) in the compute dtype."""
+        layer = self.layer
+        with ctx.precision.compute():
+            h = layer.input_layernorm(x.to(ctx.precision.weights))
+            out, _ = layer.self_attn(
+                hidden_states=h, attention_mask=ctx.mask(self.index),
+                position_embeddings=ctx.position_embeddings,
+            )
+            if self.adapter is not None:
+                out = out + self.adapter(h)
+        return out
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return x + self.branch(x, ctx).to(x.dtype)
+
+
+class FFNBlock(_FrozenLayerBlock):
+    """``x + MLP(LN2(x)) [+ adapter(LN2(x))]`` (the adapter parallel to the FFN)."""
+
+    def branch(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """The FFN branch (no residual) in the compute dtype."""
+        layer = self.layer
+        with ctx.precision.compute():
+            h = layer.post_attention_layernorm(x.to(ctx.precision.weights))
+            out = layer.mlp(h)
+            if self.adapter is not None:
+                out = out + self.adapter(h)
+        return out
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return x + self.branch(x, ctx).to(x.dtype)
+
+
+class LayerBlock(Block):
+    """The whole pre-trained layer with an FFN adapter: ``FFNBlock(AttentionBlock(x))``."""
+
+    def __init__(self, layer: nn.Module, index: int, ffn_adapter: nn.Module | None) -> None:
+        super().__init__()
+        self.attn = AttentionBlock(layer, index, None)
+        self.ffn = FFNBlock(layer, index, ffn_adapter)
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        return self.ffn(self.attn(x, ctx), ctx)
+
+
+class AdapterBlock(Block):
+    """A stand-alone adapter on a stream: ``adapter(norm(x))`` (zero at initialisation)."""
+
+    def __init__(self, adapter: nn.Module, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        with ctx.precision.compute():
+            h = self.norm(x.to(ctx.precision.weights))
+            out = self.adapter(h)
+        return out.to(x.dtype)

@@ -1,0 +1,119 @@
+"""Options of the reversible adapters (``--method reversible``, reusable by other methods)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from meft_ds.baselines.adapters import ACTIVATIONS
+from meft_ds.errors import UserError
+from meft_ds.reversible.variants import VARIANTS
+
+POSITIONS = ("top", "bottom")
+BACKWARDS = ("reversible", "autograd")
+
+
+def _opt(default, help_text: str, **meta):
+    return field(default=default, metadata={"help": help_text, **meta})
+
+
+@dataclass
+class ReversibleOptions:
+    """MEFT1/2/3 reversible adapters on a frozen pre-norm decoder."""
+
+    rev_variant: str = _opt("meft1", "MEFT variant", choices=sorted(VARIANTS))
+    rev_lambda: float | None = _opt(None, "scale λ of x1 (unset: the variant's default)")
+    rev_beta: float | None = _opt(None, "scale β of x2 (unset: the variant's default)")
+    rev_adapter_size: int = _opt(64, "bottleneck width of each adapter")
+    rev_adapter_activation: str = _opt("relu", "adapter activation", choices=sorted(ACTIVATIONS))
+    rev_adapter_dropout: float = _opt(0.0, "dropout inside the adapters")
+    rev_layers: int | None = _opt(None, "number of reversible (trainable) layers (unset: all)")
+    rev_position: str = _opt(
+        "top", "top: reversible top k layers, no graph below; bottom: reversible bottom k "
+        "layers, plain autograd above", choices=POSITIONS,
+    )
+    rev_stream_dtype: str = _opt("fp64", "dtype of the two residual streams",
+                                 choices=("fp64", "fp32"))
+    rev_exact: bool = _opt(
+        True, "fp64 streams as exact fixed point (remainders of λ, β kept: exact inverse at "
+        "any depth); false: plain float arithmetic with restart points",
+    )
+    rev_compute_dtype: str = _opt(
+        "auto", "dtype F and G compute in (auto: the weights' dtype; bf16: autocast inside F/G)",
+        choices=("auto", "fp32", "bf16"),
+    )
+    rev_restart_every: int | None = _opt(
+        None, "save both streams every k layers to bound reconstruction error "
+        "(unset: chosen from λ, β and the dtypes; 0: never)",
+    )
+    rev_backward: str = _opt(
+        "reversible", "reversible: recompute inputs in backward; autograd: store activations "
+        "(reference)", choices=BACKWARDS,
+    )
+    rev_center: bool = _opt(
+        True, "centre the pre-trained blocks: y1 = F(x2) + λ(x1 − x2) (resp. y2 = G(y1) + "
+        "β(x2 − y1)) instead of λx1 + F(x2), so step 0 stays close to the base model",
+    )
+    rev_mix_init: float | None = _opt(
+        None, "initial γ of output = main + γ·other (unset: 0 if centred, else −λ for MEFT1, −β "
+        "otherwise)"
+    )
+
+    def validate(self) -> None:
+        """Reject values that cannot work (checks needing the model are in the method)."""
+        if self.rev_variant not in VARIANTS:
+            raise UserError(
+                f"reversible: unknown rev_variant {self.rev_variant!r}; "
+                f"choose one of {', '.join(sorted(VARIANTS))}"
+            )
+        for name in ("rev_lambda", "rev_beta"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise UserError(f"reversible: {name} must be > 0, got {value}")
+        if self.rev_adapter_size < 1:
+            raise UserError(
+                f"reversible: rev_adapter_size must be >= 1, got {self.rev_adapter_size}"
+            )
+        if self.rev_adapter_activation not in ACTIVATIONS:
+            raise UserError(
+                f"reversible: rev_adapter_activation must be one of {sorted(ACTIVATIONS)}"
+            )
+        if not 0.0 <= self.rev_adapter_dropout < 1.0:
+            raise UserError(
+                f"reversible: rev_adapter_dropout must be in [0, 1), got {self.rev_adapter_dropout}"
+            )
+        if self.rev_layers is not None and self.rev_layers < 1:
+            raise UserError(f"reversible: rev_layers must be >= 1, got {self.rev_layers}")
+        if self.rev_position not in POSITIONS:
+            raise UserError(
+                f"reversible: rev_position must be top or bottom, got {self.rev_position!r}"
+            )
+        if self.rev_stream_dtype not in ("fp64", "fp32"):
+            raise UserError(
+                f"reversible: rev_stream_dtype must be fp64 or fp32, got {self.rev_stream_dtype!r}"
+            )
+        if self.rev_compute_dtype not in ("auto", "fp32", "bf16"):
+            raise UserError(
+                f"reversible: rev_compute_dtype must be auto, fp32 or bf16, "
+                f"got {self.rev_compute_dtype!r}"
+            )
+        for name in ("rev_lambda", "rev_beta"):
+            value = getattr(self, name)
+            if value is not None and not 1 / 255 <= value <= 255:
+                raise UserError(f"reversible: {name} must be in [1/255, 255], got {value}")
+        if self.rev_restart_every is not None and self.rev_restart_every < 0:
+            raise UserError(
+                f"reversible: rev_restart_every must be >= 0, got {self.rev_restart_every}"
+            )
+        if self.rev_backward not in BACKWARDS:
+            raise UserError(f"reversible: rev_backward must be one of {', '.join(BACKWARDS)}")
+
+    @property
+    def lam(self) -> float:
+        """λ in effect."""
+        return VARIANTS[self.rev_variant].lam if self.rev_lambda is None else self.rev_lambda
+
+    @property
+    def beta(self) -> float:
+        """β in effect."""
+        return VARIANTS[self.rev_variant].beta if self.rev_beta is None else self.rev_beta

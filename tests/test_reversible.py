@@ -1,0 +1,282 @@
+"""Reversible adapters (MEFT1/2/3): exact gradients at full depth, step-0 fidelity, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from meft_ds import cli, methods, options
+from meft_ds.errors import UserError
+from meft_ds.memory import SavedTensorMeter
+from meft_ds.reversible.model import ReversibleLM
+from meft_ds.reversible.options import ReversibleOptions
+from meft_ds.reversible.streams import LatticeStreams, RationalScale
+from meft_ds.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = str(ROOT / "ds_configs" / "cpu.json")
+
+
+def _tiny(layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _perturb_adapters(model: ReversibleLM, seed: int = 1) -> None:
+    """Non-zero adapter outputs, so every adapter parameter gets a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and name.endswith("up.weight"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+def _grads(model: ReversibleLM, ids: torch.Tensor, reversible: bool) -> dict[str, torch.Tensor]:
+    model.reversible = reversible
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)  # same dropout masks in both runs
+    logits = model(ids)
+    logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
+    den = sum(b[k].double().pow(2).sum() for k in b)
+    return float((num / den).sqrt())
+
+
+# --- exactness at full depth (SmolLM2, 30 layers, dropout on) ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "compute"), [("meft1", "auto"), ("meft2", "auto"), ("meft3", "auto"),
+                             ("meft3", "bf16")],
+)
+def test_gradients_equal_autograd_at_full_depth(smollm2, variant: str, compute: str) -> None:
+    opts = ReversibleOptions(rev_variant=variant, rev_adapter_dropout=0.1,
+                             rev_compute_dtype=compute, rev_adapter_size=16)
+    model = ReversibleLM(copy.deepcopy(smollm2.model), opts).train()
+    assert len(model.rev_layers) == 30
+    _perturb_adapters(model)
+    model.record_errors = True
+    ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    rev = _grads(model, ids, reversible=True)
+    errors = model.last_run.errors
+    ref = _grads(model, ids, reversible=False)
+    assert set(rev) == set(ref) and len(ref) > 60
+    tol = 1e-5 if compute == "auto" else 1e-3
+    assert _rel(rev, ref) <= tol
+    # Every layer's inputs are reconstructed exactly (fixed-point fp64 streams).
+    assert sorted(errors) == list(range(30))
+    assert max(errors.values()) == 0.0
+    # Dropout was active: another RNG state gives other logits.
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(ids)
+        torch.manual_seed(2)
+        b = model(ids)
+    assert not torch.equal(a, b)
+
+
+def test_float_streams_error_grows_and_restart_points_bound_it() -> None:
+    model = ReversibleLM(_tiny(12), ReversibleOptions(
+        rev_variant="meft3", rev_exact=False, rev_restart_every=0, rev_adapter_size=8))
+    _perturb_adapters(model)
+    model.record_errors = True
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    _grads(model, ids, reversible=True)
+    free = dict(model.last_run.errors)
+    assert free[0] > 1e6 * max(free[11], 1e-16)  # grows ~1/(λβ) per layer going down
+    assert free[0] > 1.0
+    model.options.rev_restart_every = 1
+    _grads(model, ids, reversible=True)
+    assert max(model.last_run.errors.values()) < 1e-5
+
+
+def test_rational_scale_is_exactly_invertible() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-2**54, 2**54, (10000,), generator=gen)
+    c = torch.randint(-2**50, 2**50, (10000,), generator=gen)
+    for value in (0.1, 0.37, 1.0, 2.5):
+        scale = RationalScale(value)
+        y, rem = scale.mul_add(a, c)
+        assert torch.equal(scale.inverse(y, c, rem), a)
+    assert (RationalScale(0.1).p, RationalScale(0.1).q) == (1, 10)
+
+
+def test_lattice_rejects_values_outside_its_range() -> None:
+    streams = LatticeStreams()
+    streams.quantize(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(FloatingPointError, match="rev_exact false"):
+        streams.check()
+
+
+# --- step 0 -------------------------------------------------------------------------
+
+
+def test_step0_output_close_to_base_model(smollm2) -> None:
+    tok = smollm2.tokenizer
+    ids = tok(["The capital of France is Paris. Many tourists visit it every year to see "
+               "the Eiffel Tower."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = smollm2.model(input_ids=ids).logits.log_softmax(-1)
+    kl: dict[tuple[str, bool], float] = {}
+    for variant in ("meft1", "meft2", "meft3"):
+        for center in (True, False):
+            opts = ReversibleOptions(rev_variant=variant, rev_center=center)
+            model = ReversibleLM(copy.deepcopy(smollm2.model), opts).eval()
+            with torch.no_grad():
+                out = model(ids).log_softmax(-1)
+            kl[variant, center] = float((base.exp() * (base - out)).sum(-1).mean())
+            if center:
+                agree = (out.argmax(-1) == base.argmax(-1)).float().mean()
+                assert agree >= 0.8, (variant, float(agree))
+    for variant in ("meft1", "meft2", "meft3"):
+        assert kl[variant, True] < 0.2
+        assert kl[variant, True] < 0.1 * kl[variant, False]
+
+
+def test_tiny_lambda_reproduces_base_model_exactly_enough() -> None:
+    base = _tiny(4)
+    ids = torch.randint(0, 128, (2, 8))
+    model = ReversibleLM(copy.deepcopy(base), ReversibleOptions(
+        rev_variant="meft1", rev_lambda=1 / 255, rev_center=False, rev_mix_init=0.0))
+    with torch.no_grad():
+        want, got = base(input_ids=ids).logits, model(ids)
+    assert float((got - want).norm() / want.norm()) < 0.02
+
+
+# --- layer ranges ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["top", "bottom"])
+def test_partial_stacks_train_only_their_layers(position: str) -> None:
+    model = ReversibleLM(_tiny(6), ReversibleOptions(
+        rev_variant="meft1", rev_layers=2, rev_position=position, rev_adapter_size=8))
+    _perturb_adapters(model)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    rev, ref = _grads(model, ids, True), _grads(model, ids, False)
+    assert _rel(rev, ref) <= 1e-5
+    assert list(model.span) == ([4, 5] if position == "top" else [0, 1])
+    assert all(not p.requires_grad for p in model.lm.parameters())
+    if position == "top":
+        # Layers below the stack keep nothing: each extra MEFT1 layer adds exactly its
+        # one-byte λ remainder per element (β = 1 needs none).
+        saved = []
+        for k in (2, 6):
+            top = ReversibleLM(_tiny(6), ReversibleOptions(rev_variant="meft1", rev_layers=k))
+            meter = SavedTensorMeter()
+            with meter.record():
+                top(ids)
+            saved.append(meter.total_bytes)
+        assert saved[1] - saved[0] == 4 * ids.numel() * 32
+
+
+def test_saved_bytes_do_not_grow_with_depth() -> None:
+    ids = torch.randint(0, 128, (2, 8))
+    sizes = []
+    for depth in (2, 8):
+        model = ReversibleLM(_tiny(depth), ReversibleOptions(rev_variant="meft3"))
+        plain = ReversibleLM(_tiny(depth), ReversibleOptions(rev_variant="meft3",
+                                                             rev_backward="autograd"))
+        for m in (model, plain):
+            meter = SavedTensorMeter()
+            with meter.record():
+                m(ids)
+            sizes.append(meter.total_bytes)
+    rev2, plain2, rev8, plain8 = sizes
+    # Per layer: two one-byte remainders per element for MEFT3, versus full activations.
+    assert (rev8 - rev2) <= 6 * 2 * ids.numel() * 32 * 1.01
+    assert (plain8 - plain2) > 10 * (rev8 - rev2)
+
+
+# --- training -------------------------------------------------------------------------
+
+
+def test_thirty_steps_lower_the_loss(smollm2) -> None:
+    # Top 8 of 30 layers reversible (the 22 below run without a graph) to keep CI short.
+    model = ReversibleLM(copy.deepcopy(smollm2.model), ReversibleOptions(
+        rev_variant="meft1", rev_adapter_dropout=0.1, rev_adapter_size=32, rev_layers=8)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    ids = smollm2.tokenizer(["Q: Who wrote Hamlet? A: William Shakespeare."],
+                            return_tensors="pt").input_ids
+    losses = []
+    for _ in range(30):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+TINY_RUN = ["--train_examples", "8", "--max_seq_len", "40", "--eval_trained", "0",
+            "--eval_heldout", "0", "--progress", "false", "--micro_batch_size", "2"]
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
+def test_variant_runs_under_deepspeed(tmp_path: Path, variant: str) -> None:
+    spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path), *TINY_RUN,
+                      "--method", "reversible", "--rev_variant", variant, "--rev_layers", "6",
+                      "--max_steps", "2", "--lr", "3e-3"])
+    run(spec)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[-1]["grad_norm"] > 0
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rev_variant": "meft4"}, "unknown rev_variant 'meft4'"),
+        ({"rev_lambda": 0.0}, "rev_lambda must be > 0"),
+        ({"rev_beta": -1.0}, "rev_beta must be > 0"),
+        ({"rev_lambda": 1e-4}, r"rev_lambda must be in \[1/255, 255\]"),
+        ({"rev_layers": 0}, "rev_layers must be >= 1"),
+        ({"rev_adapter_dropout": 1.0}, "rev_adapter_dropout must be in"),
+        ({"rev_restart_every": -1}, "rev_restart_every must be >= 0"),
+    ],
+)
+def test_bad_options_raise_one_line(values: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message) as info:
+        options.build(ReversibleOptions, values)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_flags_through_the_cli() -> None:
+    with pytest.raises(UserError, match="rev_lambda must be > 0"):
+        cli.parse(["--deepspeed", CPU, "--method", "reversible", "--rev_lambda", "-0.5"])
+
+
+def test_layers_outside_the_model_and_unsplittable_layers() -> None:
+    cls = methods.get("reversible")
+    model = _tiny(4)
+    method = cls(options.build(cls.Options, {"rev_layers": 5}), model.config)
+    with pytest.raises(UserError, match=r"rev_layers=5 is outside the model's 1..4 layers"):
+        method.check_model(model)
+    broken = _tiny(2)
+    del broken.model.layers[0].mlp
+    method = cls(options.build(cls.Options, {}), broken.config)
+    with pytest.raises(UserError, match="cannot be split into attention and FFN"):
+        method.apply(broken)
+    bf16 = _tiny(2).to(torch.bfloat16)
+    model = ReversibleLM(bf16, ReversibleOptions(rev_compute_dtype="fp32"))
+    with pytest.raises(UserError, match="rev_compute_dtype fp32 needs weights"):
+        model(torch.zeros(1, 4, dtype=torch.long))
