@@ -119,9 +119,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     method = spec.method_cls(spec.method_options, model.config)
     method.check_model(model)
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        enable = enable or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = method.apply(model)
 
     train_examples = load_split(

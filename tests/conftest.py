@@ -33,6 +33,17 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a launcher subprocess: no inherited rank/port (the test process's
+    own process group holds that port), one OpenMP thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (fp32), loaded once per test session.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from meft_ds import cli
 from meft_ds.errors import UserError
@@ -77,7 +77,7 @@ def test_bad_config_files(tmp_path: Path) -> None:
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train.py"), *args],
         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,

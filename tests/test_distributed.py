@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -29,25 +30,18 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run(
         [sys.executable, *COMMON, "--grad_accum", "2", "--output_dir", str(one)],
-        capture_output=True, text=True, env=_env(), timeout=900, cwd=ROOT,
+        capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=ROOT,
     )
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(_port())]
     double = subprocess.run(
         [*torchrun, *COMMON, "--grad_accum", "1", "--output_dir", str(two)],
-        capture_output=True, text=True, env=_env(), timeout=900, cwd=ROOT,
+        capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=ROOT,
     )
     assert double.returncode == 0, double.stderr[-3000:]
     a, b = _losses(one), _losses(two)

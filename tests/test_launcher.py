@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import subprocess_env
 
 from meft_ds import cli
 from meft_ds.evaluate_cli import main as evaluate_main
@@ -18,9 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     """ZeRO-2 + DeepSpeedCPUAdam offload + bf16, started exactly like the main job."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env()
     env["PATH"] = f"{launcher.parent}:{env['PATH']}"
     proc = subprocess.run(
         [str(launcher), "--master_port", "29731", "launch/train.py", "--deepspeed",

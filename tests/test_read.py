@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import subprocess_env
 
 from meft_ds import methods
 from meft_ds.errors import UserError
@@ -275,7 +275,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**subprocess_env(), "HF_HUB_OFFLINE": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run(
