@@ -1,0 +1,167 @@
+"""``--method sparse``: MEFT's sparse adapter with its rows and Adam states in CPU RAM.
+
+Beside every adapted layer's FFN runs ``FFN(h) + act(h K^T) V`` with thousands of
+key/value rows per layer (see :mod:`meft_ds.sparse`). The engine trains only the small
+routers; the rows live in a CPU store with its own row-sparse AdamW, stepped in
+:meth:`SparseMethod.after_engine_step` with the engine's learning rate.
+
+The adapter is attached with a forward hook on each ``layer.mlp`` (so any code that
+calls the FFN block, e.g. a reversible layer, gets it) and registered as
+``layer.sparse_adapter`` (so its router is an engine parameter). A forward pre-hook on
+the model starts a new micro-batch at every call of the whole model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meft_ds.errors import UserError
+from meft_ds.methods import register
+from meft_ds.methods.base import Method
+from meft_ds.models import arch
+from meft_ds.sparse.adapter import SparseAdapter
+from meft_ds.sparse.options import SparseOptions, SparseSizes, resolve_sizes
+from meft_ds.sparse.runtime import SparseRuntime
+
+EXPORT_PREFIX = "sparse_store.layer"
+
+
+class _AddAdapter:
+    """Forward hook of ``layer.mlp``: add the adapter's output to the FFN's.
+
+    A callable object rather than a closure, so ``copy.deepcopy(model)`` hooks the copied
+    FFN to the copied adapter.
+    """
+
+    def __init__(self, adapter: SparseAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + self.adapter(args[0])
+
+
+class _BeginMicroBatch:
+    """Forward pre-hook of the whole model: new selections, padding tokens masked out."""
+
+    def __init__(self, runtime: SparseRuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        self.runtime.begin_micro_batch(mask if isinstance(mask, torch.Tensor) else None)
+
+
+@register
+class SparseMethod(Method):
+    """MEFT sparse adapter with real CPU offload of its rows and optimizer states."""
+
+    name = "sparse"
+    help = "MEFT sparse adapter: wide FFN-parallel adapter, rows + Adam states in CPU RAM"
+    Options = SparseOptions
+
+    def __init__(self, options: SparseOptions, model_config: Any) -> None:
+        super().__init__(options, model_config)
+        self.runtime: SparseRuntime | None = None
+        self.adapters: dict[int, SparseAdapter] = {}
+        self.engine = None
+
+    # --- model construction ---------------------------------------------------------
+    def sizes(self, model: nn.Module) -> SparseSizes:
+        """The resolved adapter sizes for ``model`` (``UserError`` if they do not fit)."""
+        layer_range = arch.check_layer_range(
+            model, self.options.layer_start, self.options.layer_end, "sparse"
+        )
+        model_params = sum(
+            p.numel() for name, p in model.named_parameters() if "sparse_adapter." not in name
+        )
+        return resolve_sizes(self.options, arch.hidden_size(model), layer_range, model_params)
+
+    def check_model(self, model: nn.Module) -> None:
+        self.sizes(model)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        if self.runtime is not None:
+            raise RuntimeError("SparseMethod.apply called twice")
+        sizes = self.sizes(model)
+        # Record the resolved sizes, so exported options rebuild exactly this store.
+        self.options.sparse_rank = sizes.rank
+        self.options.sparse_experts = sizes.num_experts
+        self.options.sparse_experts_per_token = sizes.experts_per_token
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.runtime = SparseRuntime(self.options, sizes)
+        layers = arch.layers(model)
+        reference = next(model.parameters())
+        for index in sizes.layers:
+            adapter = SparseAdapter(self.runtime, index)
+            adapter.to(device=reference.device, dtype=reference.dtype)
+            layer = layers[index]
+            layer.sparse_adapter = adapter
+            layer.mlp.register_forward_hook(_AddAdapter(adapter))
+            self.adapters[index] = adapter
+        model.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
+        return model
+
+    def _runtime(self) -> SparseRuntime:
+        if self.runtime is None:
+            raise RuntimeError("SparseMethod.apply has not been called")
+        return self.runtime
+
+    # --- state outside the engine ---------------------------------------------------
+    def attach_engine(self, engine: Any) -> None:
+        runtime = self._runtime()
+        self.engine = engine
+        runtime.engine = engine
+        runtime.group = getattr(engine, "data_parallel_group", None)
+        runtime.row_optimizer()  # built now, so a failure is reported before training
+
+    def external_grad_sq_norm(self) -> float:
+        return self._runtime().grad_sq_norm()
+
+    def after_engine_step(self, lr: float, clip_coef: float) -> None:
+        applied = getattr(self.engine, "was_step_applied", None)
+        skip = callable(applied) and not applied()
+        self._runtime().step(lr, clip_coef, skip=skip)
+        for adapter in self.adapters.values():
+            adapter.clear_cache()
+
+    def step_metrics(self) -> dict[str, float]:
+        return self._runtime().metrics()
+
+    def save_state(self, directory: Path) -> None:
+        self._runtime().store.save(Path(directory))
+
+    def load_state(self, directory: Path) -> None:
+        self._runtime().store.load(Path(directory))
+
+    # --- trained weights for inference ----------------------------------------------
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        state = super().trainable_state(module)
+        for layer, rows in self._runtime().store.layers.items():
+            state[f"{EXPORT_PREFIX}{layer}.weight"] = rows.weight.clone()
+        return state
+
+    def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        store = self._runtime().store
+        dense = {}
+        for key, value in state.items():
+            if not key.startswith(EXPORT_PREFIX):
+                dense[key] = value
+                continue
+            layer = int(key[len(EXPORT_PREFIX) :].split(".")[0])
+            if layer not in store.layers or store.layers[layer].weight.shape != value.shape:
+                raise UserError(
+                    f"adapter file: {key} {tuple(value.shape)} does not fit this run's sparse "
+                    f"store (layers {sorted(store.layers)}, rows "
+                    f"{tuple(next(iter(store.layers.values())).weight.shape)})"
+                )
+            store.layers[layer].weight.copy_(value)
+        for adapter in self.adapters.values():
+            adapter.clear_cache()
+        super().load_trainable_state(module, dense)

@@ -1,0 +1,236 @@
+"""The sparse parallel adapter beside one FFN: ``FFN(h) + sum_i g_{t,e(i)} act(h.k_i) v_i``.
+
+For token ``t`` the sum runs over its top-K keys ``i`` (chosen on the CPU among the keys
+of the ``E`` experts the router picked). ``g_{t,e}`` is the router's softmax over all ``N``
+experts at the picked expert ``e``, times ``N/E`` (so a uniform router gives 1): as in
+Switch Transformers, this is how the router gets a gradient, also with ``E = 1``.
+
+The adapter's only engine parameter is the router; keys and values are rows of the CPU
+store, fetched per micro-batch as the working set ``W = [K_U | V_U]``:
+
+    S = h K_U^T  (T x U),   G = gates scattered to each token's K columns (0 elsewhere),
+    out = (act(S) * G) V_U
+
+With the values initialised to zero the adapted model starts as the pretrained one.
+
+The working set is no autograd leaf: :class:`_SparseRows` computes ``out`` and, in its
+backward, hands ``dW`` to the store. So the rows' gradient arrives whenever backward
+passes through the adapter towards ``h`` or the router, under ``loss.backward()`` and
+under ``torch.autograd.grad(out, [h, *params])`` (the reversible backward) alike. The
+backward recomputes ``S`` instead of saving it.
+
+Decisions (the router's experts, the selected rows, the working set) are made once per
+layer and micro-batch and reused by a recomputation of it: cached in training mode
+(activation checkpointing), or recorded and replayed explicitly through
+:meth:`SparseAdapter.rev_capture` / :meth:`SparseAdapter.rev_replay` (reversible layers,
+whose recomputed inputs may differ from the forward's in the last bits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meft_ds.sparse.router import Selection
+from meft_ds.sparse.runtime import SparseRuntime
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class _SparseRows(torch.autograd.Function):
+    """``out = (act(x K^T) * G) V`` for the working set ``W = [K | V]``, where ``G`` holds
+    token ``t``'s gates ``gates[t]`` at its columns ``local[t]`` and zeros elsewhere.
+    ``dW`` goes to ``sink`` during backward instead of being returned. Saved for backward:
+    ``x``, the ``[T, K]`` gates and columns (``G`` and ``x K^T`` are rebuilt), ``W``."""
+
+    @staticmethod
+    def forward(ctx, x, gates, local, working, activation: str, sink: Callable):
+        hidden = working.shape[1] // 2
+        keys, values = working[:, :hidden], working[:, hidden:]
+        gate_matrix = _scatter(gates, local, working.shape[0])
+        out = (_ACTIVATIONS[activation](x @ keys.t()) * gate_matrix) @ values
+        ctx.save_for_backward(x, gates, local, working)
+        ctx.activation = activation
+        ctx.sink = sink
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gates, local, working = ctx.saved_tensors
+        hidden = working.shape[1] // 2
+        keys, values = working[:, :hidden], working[:, hidden:]
+        gate_matrix = _scatter(gates, local, working.shape[0])
+        grad_out = grad_out.to(working.dtype)
+        scores = x @ keys.t()
+        if ctx.activation == "relu":
+            act = F.relu(scores)
+        else:
+            with torch.enable_grad():
+                leaf = scores.detach().requires_grad_(True)
+                act_graph = _ACTIVATIONS[ctx.activation](leaf)
+            act = act_graph.detach()
+        grad_act_gated = grad_out @ values.t()
+        grad_values = (act * gate_matrix).t() @ grad_out
+        grad_gates = (grad_act_gated * act).gather(1, local)
+        grad_act = grad_act_gated * gate_matrix
+        if ctx.activation == "relu":
+            grad_scores = grad_act * (scores > 0)
+        else:
+            (grad_scores,) = torch.autograd.grad(act_graph, leaf, grad_act)
+        grad_x = grad_scores @ keys
+        grad_keys = grad_scores.t() @ x
+        ctx.sink(torch.cat([grad_keys, grad_values], dim=1))
+        return grad_x, grad_gates, None, None, None, None
+
+
+def _scatter(gates: torch.Tensor, local: torch.Tensor, columns: int) -> torch.Tensor:
+    """``[T, columns]`` zeros with ``gates[t, j]`` at column ``local[t, j]``."""
+    out = torch.zeros(gates.shape[0], columns, device=gates.device, dtype=gates.dtype)
+    return out.scatter_(1, local, gates)
+
+
+@dataclass
+class Decision:
+    """One layer's choices for one micro-batch (reused by its recomputation)."""
+
+    shape: torch.Size
+    tokens: torch.Tensor | None
+    experts: torch.Tensor
+    selection: Selection
+    working: torch.Tensor
+    generation: int = -1
+
+
+class _Record:
+    """What :meth:`SparseAdapter.rev_capture` returns: filled by the next forward."""
+
+    decision: Decision | None = None
+
+
+class SparseAdapter(nn.Module):
+    """Router (trainable, on the device) + rows from the CPU store (see module docstring)."""
+
+    def __init__(self, runtime: SparseRuntime, layer: int) -> None:
+        super().__init__()
+        sizes = runtime.sizes
+        self.layer = layer
+        self.activation = runtime.options.sparse_activation
+        self.router = nn.Linear(sizes.hidden, sizes.num_experts, bias=False)
+        # Plain attributes (not submodules/buffers): the store must stay on the CPU.
+        object.__setattr__(self, "runtime", runtime)
+        object.__setattr__(self, "_cache", None)
+        object.__setattr__(self, "_record", None)
+        object.__setattr__(self, "_replay", None)
+        self.reset_router()
+
+    @torch.no_grad()
+    def reset_router(self) -> None:
+        """Router row ``e`` = unit centroid of expert ``e``'s keys, so at initialisation a
+        token prefers the experts whose keys it matches on average."""
+        sizes = self.runtime.sizes
+        keys = self.runtime.store.keys(self.layer)
+        centroids = keys.reshape(sizes.num_experts, sizes.rows_per_expert, sizes.hidden).mean(1)
+        centroids = F.normalize(centroids, dim=1) / math.sqrt(sizes.hidden)
+        self.router.weight.copy_(centroids.to(self.router.weight))
+
+    def extra_repr(self) -> str:
+        s = self.runtime.sizes
+        return (
+            f"layer={self.layer}, rank={s.rank}, experts={s.num_experts}x{s.rows_per_expert}, "
+            f"experts_per_token={s.experts_per_token}, top_k={s.top_k}"
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        sizes = self.runtime.sizes
+        record = self._record  # a rev_capture() applies to this call only
+        object.__setattr__(self, "_record", None)
+        flat = hidden.reshape(-1, sizes.hidden)
+        decision = self._reused(hidden)
+        tokens = decision.tokens if decision is not None else self._active_tokens(hidden)
+        x = flat if tokens is None else flat.index_select(0, tokens)
+        if x.shape[0] == 0:
+            return torch.zeros_like(hidden)
+
+        logits = self.router(x)
+        if decision is None:
+            decision = self._decide(hidden, tokens, x, logits)
+        if record is not None:
+            record.decision = decision
+        probs = torch.softmax(logits.float(), dim=-1)
+        gates = probs.gather(1, decision.experts) * (sizes.num_experts / sizes.experts_per_token)
+
+        selection, working = decision.selection, decision.working
+        dtype = working.dtype
+        local = selection.local.to(x.device, non_blocking=True)
+        slot = selection.slot.to(x.device, non_blocking=True)
+        token_gates = gates.gather(1, slot).to(dtype)
+        sink = partial(self.runtime.add_row_grad, self.layer, selection.rows)
+        out = _SparseRows.apply(x.to(dtype), token_gates, local, working, self.activation, sink)
+        out = out.to(hidden.dtype)
+        if tokens is None:
+            return out.reshape(hidden.shape)
+        full = torch.zeros_like(flat)
+        return full.index_copy(0, tokens, out).reshape(hidden.shape)
+
+    def _active_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the non-padding tokens (training only), ``None`` = all tokens."""
+        mask = self.runtime.token_mask
+        if not self.training or mask is None or tuple(mask.shape) != tuple(hidden.shape[:-1]):
+            return None
+        if bool(mask.all()):
+            return None
+        return mask.reshape(-1).nonzero().squeeze(1).to(hidden.device)
+
+    def _reused(self, hidden: torch.Tensor) -> Decision | None:
+        """The decision to reuse for this call: a replayed one, or this micro-batch's."""
+        if self._replay is not None:
+            return self._replay
+        cache = self._cache
+        if (
+            self.training and cache is not None
+            and cache.generation == self.runtime.generation and cache.shape == hidden.shape
+        ):
+            return cache
+        return None
+
+    def _decide(
+        self, hidden: torch.Tensor, tokens: torch.Tensor | None, x: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> Decision:
+        runtime = self.runtime
+        experts = logits.detach().topk(runtime.sizes.experts_per_token, dim=-1).indices
+        selection = runtime.select(self.layer, x, experts, count=self.training)
+        working = runtime.fetch(
+            self.layer, selection.rows, x.device, runtime.working_dtype(x.dtype),
+            count=self.training,
+        )
+        decision = Decision(hidden.shape, tokens, experts, selection, working, runtime.generation)
+        if self.training:
+            object.__setattr__(self, "_cache", decision)
+        return decision
+
+    # --- reversible protocol (see meft_ds.reversible.blocks) -----------------------------
+    def rev_capture(self) -> _Record:
+        """Record the decisions of the next forward call."""
+        record = _Record()
+        object.__setattr__(self, "_record", record)
+        return record
+
+    @contextmanager
+    def rev_replay(self, record: _Record) -> Iterator[None]:
+        """Recompute with the recorded call's experts, rows and working set."""
+        object.__setattr__(self, "_replay", record.decision)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_replay", None)
+
+    def clear_cache(self) -> None:
+        object.__setattr__(self, "_cache", None)

@@ -1,0 +1,161 @@
+"""Options of the sparse adapter (``--method sparse``) and the sizes derived from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from meft_ds.errors import UserError
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+OPTIMIZERS = ("cpu_adam", "torch")
+WORKING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(default, help_text: str, **meta):
+    return field(default=default, metadata={"help": help_text, **meta})
+
+
+@dataclass
+class SparseOptions:
+    """Sparse adapter beside every FFN; its rows and their Adam states live in CPU RAM."""
+
+    sparse_rank: int | None = _opt(
+        None, "adapter width r (key/value rows per layer); unset = param_fraction of the model"
+    )
+    sparse_param_fraction: float = _opt(
+        0.1, "with sparse_rank unset: adapter parameters as a fraction of the model's parameters"
+    )
+    sparse_experts: int | None = _opt(
+        None, "Key-Experts blocks per layer (must divide sparse_rank); unset = about sqrt(rank)"
+    )
+    sparse_experts_per_token: int | None = _opt(
+        None, "experts the router picks per token; unset = enough for 2*top_k candidate keys"
+    )
+    sparse_top_k: int = _opt(64, "keys (rows) each token activates per layer")
+    sparse_activation: str = _opt("relu", "adapter activation", choices=ACTIVATIONS)
+    layer_start: int = _opt(0, "first adapted layer")
+    layer_end: int | None = _opt(None, "adapted layers end before this one (unset = last layer)")
+    sparse_lr_ratio: float = _opt(1.0, "CPU row store learning rate = engine lr * this")
+    sparse_weight_decay: float = _opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
+    sparse_beta1: float = _opt(0.9, "Adam beta1 of the CPU row store")
+    sparse_beta2: float = _opt(0.999, "Adam beta2 of the CPU row store")
+    sparse_eps: float = _opt(1e-8, "Adam epsilon of the CPU row store")
+    sparse_optimizer: str = _opt(
+        "cpu_adam", "row-sparse Adam backend (DeepSpeedCPUAdam kernel or torch)", choices=OPTIMIZERS
+    )
+    sparse_working_dtype: str = _opt(
+        "auto", "dtype of the rows sent to the device (auto = the hidden states' dtype)",
+        choices=WORKING_DTYPES,
+    )
+    sparse_init_seed: int = _opt(0, "seed of the adapter's initial keys (same on every rank)")
+
+    def validate(self) -> None:
+        """Check values that need no model; sizes are checked in :func:`resolve_sizes`."""
+        for name in ("sparse_rank", "sparse_experts", "sparse_experts_per_token", "sparse_top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"sparse: {name} must be >= 1, got {value}")
+        if not 0.0 < self.sparse_param_fraction <= 10.0:
+            raise UserError(
+                f"sparse: sparse_param_fraction must be in (0, 10], got "
+                f"{self.sparse_param_fraction}"
+            )
+        if self.layer_start < 0:
+            raise UserError(f"sparse: layer_start must be >= 0, got {self.layer_start}")
+        if self.layer_end is not None and self.layer_end <= self.layer_start:
+            raise UserError(
+                f"sparse: layer_end ({self.layer_end}) must be > layer_start ({self.layer_start})"
+            )
+        if self.sparse_lr_ratio <= 0 or not math.isfinite(self.sparse_lr_ratio):
+            raise UserError(f"sparse: sparse_lr_ratio must be > 0, got {self.sparse_lr_ratio}")
+        if self.sparse_weight_decay < 0:
+            raise UserError(
+                f"sparse: sparse_weight_decay must be >= 0, got {self.sparse_weight_decay}"
+            )
+        for name in ("sparse_beta1", "sparse_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"sparse: {name} must be in [0, 1), got {value}")
+        if self.sparse_eps <= 0:
+            raise UserError(f"sparse: sparse_eps must be > 0, got {self.sparse_eps}")
+        for name, choices in (
+            ("sparse_activation", ACTIVATIONS), ("sparse_optimizer", OPTIMIZERS),
+            ("sparse_working_dtype", WORKING_DTYPES),
+        ):
+            if getattr(self, name) not in choices:
+                raise UserError(
+                    f"sparse: {name}={getattr(self, name)!r}; choose one of {', '.join(choices)}"
+                )
+
+
+@dataclass(frozen=True)
+class SparseSizes:
+    """Resolved sizes: r rows per layer in ``num_experts`` blocks of ``rows_per_expert``."""
+
+    hidden: int
+    rank: int
+    num_experts: int
+    experts_per_token: int
+    top_k: int
+    layers: tuple[int, ...]
+
+    @property
+    def rows_per_expert(self) -> int:
+        return self.rank // self.num_experts
+
+    @property
+    def candidates(self) -> int:
+        """Keys scored per token (the keys of its chosen experts)."""
+        return self.experts_per_token * self.rows_per_expert
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_sizes(
+    options: SparseOptions, hidden: int, layers: range, model_params: int
+) -> SparseSizes:
+    """Fill the unset sizes and check that they fit together (``UserError`` otherwise)."""
+    n_layers = len(layers)
+    rank = options.sparse_rank
+    num_experts = options.sparse_experts
+    top_k = options.sparse_top_k
+    if rank is None:
+        # Each row holds a key and a value of width ``hidden``.
+        rank = max(
+            1, round(options.sparse_param_fraction * model_params / (2 * hidden * n_layers))
+        )
+        if num_experts is None:
+            num_experts = max(1, round(math.sqrt(rank)))
+        rank = math.ceil(rank / num_experts) * num_experts
+    elif num_experts is None:
+        # The divisor of rank closest to sqrt(rank).
+        num_experts = min(
+            (n for n in range(1, rank + 1) if rank % n == 0),
+            key=lambda n: (abs(math.log(n) - 0.5 * math.log(rank)), n),
+        )
+    if num_experts > rank or rank % num_experts:
+        raise UserError(
+            f"sparse: sparse_experts ({num_experts}) must divide sparse_rank ({rank})"
+        )
+    rows_per_expert = rank // num_experts
+    per_token = options.sparse_experts_per_token
+    if per_token is None:
+        per_token = min(num_experts, max(1, math.ceil(2 * top_k / rows_per_expert)))
+    if per_token > num_experts:
+        raise UserError(
+            f"sparse: sparse_experts_per_token ({per_token}) exceeds sparse_experts "
+            f"({num_experts})"
+        )
+    if top_k > per_token * rows_per_expert:
+        raise UserError(
+            f"sparse: sparse_top_k ({top_k}) exceeds the {per_token * rows_per_expert} keys "
+            f"of the {per_token} chosen experts of {rows_per_expert} rows; lower sparse_top_k "
+            "or raise sparse_experts_per_token / sparse_rank"
+        )
+    return SparseSizes(
+        hidden=hidden, rank=rank, num_experts=num_experts, experts_per_token=per_token,
+        top_k=top_k, layers=tuple(layers),
+    )

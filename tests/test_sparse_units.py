@@ -1,0 +1,309 @@
+"""Sparse adapter parts in isolation: options, Key-Experts selection, row-sparse AdamW,
+the adapter's output and gradients against a dense autograd reference."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from meft_ds import options as opt
+from meft_ds.errors import UserError
+from meft_ds.sparse.adapter import SparseAdapter
+from meft_ds.sparse.optim import RowAdamW
+from meft_ds.sparse.options import SparseOptions, resolve_sizes
+from meft_ds.sparse.router import select_rows
+from meft_ds.sparse.runtime import SparseRuntime
+
+
+# --- options ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"sparse_rank": 0}, "sparse_rank must be >= 1"),
+        ({"sparse_top_k": -3}, "sparse_top_k must be >= 1"),
+        ({"sparse_param_fraction": 0}, "sparse_param_fraction"),
+        ({"layer_start": 4, "layer_end": 2}, "layer_end"),
+        ({"sparse_lr_ratio": 0}, "sparse_lr_ratio"),
+        ({"sparse_beta2": 1.0}, "sparse_beta2"),
+        ({"sparse_eps": 0}, "sparse_eps"),
+        ({"sparse_weight_decay": -1}, "sparse_weight_decay"),
+        ({"sparse_activation": "tanh"}, "sparse_activation"),
+        ({"sparse_optimizer": "sgd"}, "sparse_optimizer"),
+        ({"sparse_rank": "many"}, "not a valid int"),
+    ],
+)
+def test_bad_options_are_user_errors(values, message):
+    with pytest.raises(UserError, match=message):
+        opt.build(SparseOptions, values, context="sparse")
+
+
+def test_options_are_cli_flags():
+    parser = argparse.ArgumentParser()
+    opt.add_dataclass_args(parser, SparseOptions, "sparse")
+    args = parser.parse_args(
+        ["--sparse_rank", "512", "--sparse_top_k", "16", "--sparse_activation", "silu"]
+    )
+    built = opt.build(SparseOptions, vars(args))
+    assert (built.sparse_rank, built.sparse_top_k, built.sparse_activation) == (512, 16, "silu")
+    assert built.sparse_experts is None
+
+
+def test_resolve_sizes_defaults_and_errors():
+    base = SparseOptions()
+    # 10% of a 1M-parameter model, 4 layers of width 64: ~195 rows -> 14 experts x 14.
+    sizes = resolve_sizes(base, 64, range(4), 1_000_000)
+    assert sizes.rank % sizes.num_experts == 0
+    assert abs(sizes.rank - 195) < sizes.num_experts
+    assert sizes.candidates >= 2 * base.sparse_top_k or sizes.experts_per_token == sizes.num_experts
+    sizes = resolve_sizes(SparseOptions(sparse_rank=4096, sparse_top_k=64), 64, range(2), 1)
+    assert (sizes.num_experts, sizes.rows_per_expert, sizes.experts_per_token) == (64, 64, 2)
+    with pytest.raises(UserError, match="must divide"):
+        resolve_sizes(SparseOptions(sparse_rank=100, sparse_experts=7), 64, range(2), 1)
+    with pytest.raises(UserError, match="top_k"):
+        resolve_sizes(SparseOptions(sparse_rank=64, sparse_experts=8, sparse_experts_per_token=1,
+                                    sparse_top_k=16), 64, range(2), 1)
+    with pytest.raises(UserError, match="exceeds sparse_experts"):
+        resolve_sizes(SparseOptions(sparse_rank=64, sparse_experts=8, sparse_experts_per_token=9),
+                      64, range(2), 1)
+
+
+# --- selection -------------------------------------------------------------------------
+def test_select_rows_matches_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    r, n, d, t, e, k = 96, 8, 16, 40, 3, 10
+    m = r // n
+    weight = torch.randn(r, 2 * d, generator=gen)
+    keys = weight[:, :d]  # strided view, as in the store
+    hidden = torch.randn(t, d, generator=gen)
+    experts = torch.stack([torch.randperm(n, generator=gen)[:e] for _ in range(t)])
+    sel = select_rows(keys, hidden, experts, n, k)
+    assert torch.equal(sel.rows, torch.unique(sel.rows))
+    chosen = sel.rows[sel.local]  # [t, k] global row ids
+    for token in range(t):
+        candidates = torch.cat([torch.arange(x * m, (x + 1) * m) for x in experts[token]])
+        scores = hidden[token] @ keys[candidates].t()
+        expected = set(candidates[scores.topk(k).indices].tolist())
+        assert set(chosen[token].tolist()) == expected
+        # slot points at the expert that owns each row
+        assert torch.equal(experts[token][sel.slot[token]], chosen[token] // m)
+    assert set(sel.rows.tolist()) == set(chosen.flatten().tolist())
+
+
+# --- row-sparse AdamW ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "cpu_adam"])
+def test_row_adamw_matches_torch_adamw_per_row(backend):
+    gen = torch.Generator().manual_seed(0)
+    rows, width, lr, wd = 12, 40, 1e-2, 0.1
+    weight = torch.randn(rows, width, generator=gen)
+    m, v = torch.zeros_like(weight), torch.zeros_like(weight)
+    steps = torch.zeros(rows, dtype=torch.int64)
+    reference = [torch.nn.Parameter(weight[i].clone()) for i in range(rows)]
+    ref_opt = [torch.optim.AdamW([p], lr=lr, weight_decay=wd) for p in reference]
+    optimizer = RowAdamW(backend, weight_decay=wd)
+    for _ in range(6):
+        chosen = torch.sort(torch.randperm(rows, generator=gen)[:5]).values
+        grad = torch.randn(len(chosen), width, generator=gen)
+        before = weight.clone(), m.clone(), v.clone()
+        optimizer.step(weight, m, v, steps, chosen, grad, lr)
+        for j, i in enumerate(chosen.tolist()):
+            reference[i].grad = grad[j].clone()
+            ref_opt[i].step()
+        untouched = torch.ones(rows, dtype=torch.bool)
+        untouched[chosen] = False
+        for now, was in zip((weight, m, v), before):
+            assert torch.equal(now[untouched], was[untouched]), "lazy rows must not change"
+    expected = torch.stack([p.detach() for p in reference])
+    torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-6)
+    for i in range(rows):
+        state = ref_opt[i].state.get(reference[i], {})
+        assert int(steps[i]) == int(state.get("step", 0))
+        if state:
+            torch.testing.assert_close(m[i], state["exp_avg"], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(v[i], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+# --- adapter against a dense reference ---------------------------------------------------
+def _runtime(rank=64, experts=8, per_token=2, top_k=6, hidden=16, activation="relu"):
+    options = SparseOptions(
+        sparse_rank=rank, sparse_experts=experts, sparse_experts_per_token=per_token,
+        sparse_top_k=top_k,
+        sparse_activation=activation, sparse_optimizer="torch",
+    )
+    sizes = resolve_sizes(options, hidden, range(1), 1)
+    return SparseRuntime(options, sizes)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_adapter_output_and_grads_match_dense_reference(activation):
+    torch.manual_seed(0)
+    runtime = _runtime(activation=activation)
+    sizes = runtime.sizes
+    store = runtime.store.layers[0]
+    store.weight[:, sizes.hidden :].normal_()  # nonzero values
+    adapter = SparseAdapter(runtime, 0).train()
+    x = torch.randn(3, 5, sizes.hidden, requires_grad=True)
+    runtime.begin_micro_batch(None)
+    out = adapter(x)
+    target = torch.randn_like(out)
+    (out * target).sum().backward()
+
+    # Dense reference: the full store as a parameter, each token's K rows masked in.
+    flat = x.detach().reshape(-1, sizes.hidden).clone().requires_grad_(True)
+    full = store.weight.clone().requires_grad_(True)
+    router = adapter.router.weight.detach().clone().requires_grad_(True)
+    logits = flat @ router.t()
+    experts = logits.topk(sizes.experts_per_token, dim=-1).indices
+    probs = torch.softmax(logits, dim=-1)
+    sel = select_rows(store.weight[:, : sizes.hidden], flat.detach(), experts,
+                      sizes.num_experts, sizes.top_k)
+    chosen = sel.rows[sel.local]
+    gate = torch.zeros(flat.shape[0], sizes.rank).scatter(
+        1, chosen, (probs.gather(1, experts) * sizes.num_experts / sizes.experts_per_token)
+        .gather(1, sel.slot))
+    act = {"relu": torch.relu, "silu": torch.nn.functional.silu}[activation]
+    ref = (act(flat @ full[:, : sizes.hidden].t()) * gate) @ full[:, sizes.hidden :]
+    (ref * target.reshape(ref.shape)).sum().backward()
+
+    torch.testing.assert_close(out.reshape(ref.shape), ref.detach())
+    torch.testing.assert_close(x.grad.reshape(ref.shape), flat.grad)
+    torch.testing.assert_close(adapter.router.weight.grad, router.grad)
+    (rows, grad), = runtime.grads().values()
+    dense_grad = torch.zeros_like(full).index_copy(0, rows, grad)
+    torch.testing.assert_close(dense_grad, full.grad)
+    # only the working set came back, and every other row got exactly zero
+    assert torch.equal(rows, sel.rows)
+    outside = torch.ones(sizes.rank, dtype=torch.bool)
+    outside[rows] = False
+    assert full.grad[outside].abs().max() == 0
+
+
+def test_padding_tokens_select_no_rows_and_do_not_change_real_tokens():
+    torch.manual_seed(0)
+    runtime = _runtime()
+    runtime.store.layers[0].weight[:, runtime.sizes.hidden :].normal_()
+    adapter = SparseAdapter(runtime, 0).train()
+    x = torch.randn(2, 6, runtime.sizes.hidden)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 2:] = 0
+    with torch.no_grad():
+        runtime.begin_micro_batch(None)
+        full = adapter(x)
+        runtime.begin_micro_batch(mask)
+        masked = adapter(x)
+    real = mask.bool()
+    torch.testing.assert_close(masked[real], full[real])
+    assert masked[~real].abs().max() == 0
+    assert adapter._cache.selection.local.shape[0] == int(real.sum())
+
+
+def test_selection_is_reused_within_a_micro_batch_only():
+    runtime = _runtime()
+    adapter = SparseAdapter(runtime, 0).train()
+    x = torch.randn(4, runtime.sizes.hidden)
+    runtime.begin_micro_batch(None)
+    adapter(x)
+    first = adapter._cache
+    adapter(x + 1.0)  # a recomputation of the same micro-batch: same rows, same tensors
+    assert adapter._cache is first
+    runtime.begin_micro_batch(None)
+    adapter(x)
+    assert adapter._cache is not first
+    adapter.eval()
+    runtime.begin_micro_batch(None)
+    cached = adapter._cache
+    adapter(x)
+    assert adapter._cache is cached, "eval calls (generation) never use the cache"
+
+
+def test_coalesce_sums_micro_batches_and_survives_repeated_calls():
+    runtime = _runtime()
+    store = runtime.store
+    width = 2 * runtime.sizes.hidden
+    g1, g2 = torch.ones(3, width), 2 * torch.ones(2, width)
+    store.add_grad(0, torch.tensor([1, 4, 7]), g1)
+    store.add_grad(0, torch.tensor([4, 9]), g2)
+    (rows, grad), = store.coalesce().values()
+    assert rows.tolist() == [1, 4, 7, 9]
+    assert grad[:, 0].tolist() == [1.0, 3.0, 1.0, 2.0]
+    store.add_grad(0, torch.tensor([9]), torch.ones(1, width))  # a later micro-batch
+    (rows, grad), = store.coalesce().values()
+    assert rows.tolist() == [1, 4, 7, 9] and grad[:, 0].tolist() == [1.0, 3.0, 1.0, 3.0]
+    store.clear_grads()
+    (rows, grad), = store.coalesce().values()
+    assert rows.numel() == 0 and grad.shape == (0, width)
+
+
+def test_no_grad_pass_then_grad_recompute_fetches_once():
+    runtime = _runtime()
+    runtime.store.layers[0].weight[:, runtime.sizes.hidden :].normal_()
+    adapter = SparseAdapter(runtime, 0).train()
+    x = torch.randn(5, runtime.sizes.hidden)
+    runtime.begin_micro_batch(None)
+    with torch.no_grad():
+        first = adapter(x)
+    again = adapter(x)  # the recomputation with grad (activation checkpointing)
+    torch.testing.assert_close(again, first)
+    again.sum().backward()
+    (rows, grad), = runtime.grads().values()
+    assert rows.numel() > 0 and grad.abs().sum() > 0
+    runtime.step(1e-3)
+    assert runtime.metrics()["sparse_rows_moved"] == rows.numel()
+
+
+def test_reversible_capture_replay_and_autograd_grad_reach_the_store():
+    """The reversible backward's pattern: a no-grad forward recorded with rev_capture,
+    then a replay on a slightly different input under torch.autograd.grad that asks
+    only for the input's and the parameters' gradients."""
+    torch.manual_seed(0)
+    runtime = _runtime()
+    runtime.store.layers[0].weight[:, runtime.sizes.hidden :].normal_()
+    adapter = SparseAdapter(runtime, 0).train()
+    x = torch.randn(6, runtime.sizes.hidden)
+    runtime.begin_micro_batch(None)
+    record = adapter.rev_capture()
+    with torch.no_grad():
+        first = adapter(x)
+    adapter.clear_cache()  # only the record may carry the decisions over
+    leaf = (x + 1e-3 * torch.randn_like(x)).requires_grad_(True)
+    with adapter.rev_replay(record):
+        again = adapter(leaf)
+        grads = torch.autograd.grad(again.sum(), [leaf, adapter.router.weight])
+    assert record.decision is not None and adapter._replay is None
+    torch.testing.assert_close(again, first, rtol=0.0, atol=1e-2)
+    assert all(g.abs().sum() > 0 for g in grads)
+    (rows, grad), = runtime.grads().values()
+    assert torch.equal(rows, record.decision.selection.rows) and grad.abs().sum() > 0
+    runtime.step(1e-3)
+    assert runtime.metrics()["sparse_rows_moved"] == rows.numel()
+
+
+def test_evaluation_traffic_is_not_counted_in_step_figures():
+    runtime = _runtime()
+    adapter = SparseAdapter(runtime, 0)
+    x = torch.randn(4, runtime.sizes.hidden)
+    adapter.eval()
+    with torch.no_grad():
+        adapter(x)
+    adapter.train()
+    runtime.begin_micro_batch(None)
+    adapter(x).sum().backward()
+    runtime.step(1e-3)
+    assert runtime.metrics()["sparse_tokens"] == 4
+
+
+def test_capture_records_a_cached_decision_and_applies_to_one_call_only():
+    runtime = _runtime()
+    adapter = SparseAdapter(runtime, 0).train()
+    x = torch.randn(4, runtime.sizes.hidden)
+    runtime.begin_micro_batch(None)
+    with torch.no_grad():
+        adapter(x)
+        record = adapter.rev_capture()
+        adapter(x)  # served from this micro-batch's cache
+    assert record.decision is adapter._cache
+    later = adapter.rev_capture()
+    with torch.no_grad():
+        adapter(x[:0])  # no tokens: nothing decided, the capture is used up anyway
+    assert later.decision is None and adapter._record is None
