@@ -66,3 +66,22 @@ def test_parallel_adapter_loss_decreases(tmp_path: Path) -> None:
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.7 * first
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_other_zero_stages_train_and_export(tmp_path: Path, stage: int) -> None:
+    config = json.loads(Path(CPU).read_text())
+    config["zero_optimization"] = {"stage": stage}
+    path = tmp_path / "zero.json"
+    path.write_text(json.dumps(config))
+    spec = cli.parse(["--deepspeed", str(path), "--output_dir", str(tmp_path / "run"), *TINY,
+                      "--max_steps", "3", "--lr", "3e-3"])
+    run(spec)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+    ups = [v for k, v in tensors.items() if k.endswith("adapter.up.weight")]
+    assert len(ups) == 30 and all(u.shape == (576, 256) for u in ups)
+    assert any(float(u.abs().sum()) > 0 for u in ups)  # trained away from the zero init
