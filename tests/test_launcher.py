@@ -43,9 +43,14 @@ def test_exported_adapter_evaluates_like_the_trained_model(tmp_path: Path) -> No
         "--deepspeed", str(ROOT / "ds_configs" / "cpu.json"), "--output_dir", str(tmp_path),
         "--train_examples", "6", "--max_steps", "12", "--lr", "3e-3", "--eval_trained", "6",
         "--eval_heldout", "0", "--eval_before", "false", "--progress", "false",
-        "--micro_batch_size", "3", "--max_new_tokens", "8",
+        "--micro_batch_size", "3", "--max_new_tokens", "8", "--eval_steps", "6",
+        "--eval_periodic", "3",
     ])
     run(spec)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    periodic = [r for r in lines if "periodic_eval" in r]
+    assert [r["step"] for r in periodic] == [6, 12]
+    assert all(0.0 <= r["periodic_eval"] <= 1.0 for r in periodic)
     trained = json.loads((tmp_path / "predictions.json").read_text())["trained"]
     report_path = tmp_path / "report.json"
     code = evaluate_main([
