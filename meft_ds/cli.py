@@ -13,20 +13,13 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from meft_ds import ds_config, methods, options
 from meft_ds.config import TrainConfig
-from meft_ds.errors import UserError
+from meft_ds.errors import OneLineArgumentParser, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = ROOT / "ds_configs" / "24gb.json"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line and exit status 2."""
-        self.exit(2, f"error: {message}\n")
 
 
 def _method_fields() -> dict[str, list[str]]:
@@ -40,7 +33,7 @@ def _method_fields() -> dict[str, list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """All flags: launcher, training, and every method's options."""
-    parser = _Parser(
+    parser = OneLineArgumentParser(
         prog="launch/train.py",
         description="Memory-efficient fine-tuning on DeepSpeed. Methods: "
         + ", ".join(f"{n} ({methods.get(n).help})" for n in methods.available()),

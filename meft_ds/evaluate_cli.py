@@ -6,24 +6,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 from meft_ds.data import load_split
-from meft_ds.errors import UserError
+from meft_ds.errors import OneLineArgumentParser, UserError
 from meft_ds.eval import evaluate_qa
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line and exit status 2."""
-        self.exit(2, f"error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of the evaluator."""
-    p = _Parser(prog="launch/evaluate.py", description=__doc__)
+    p = OneLineArgumentParser(prog="launch/evaluate.py", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="directory written by training (<output_dir>/adapter)")
     src.add_argument("--model", help="evaluate a base model (smollm2-135m or a HF dir)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from meft_ds.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,19 +17,13 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 os.environ.setdefault("MEFT_DS_DATA", str(ROOT.parent / "shared" / "data"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 for key, value in {
     "RANK": "0",
     "LOCAL_RANK": "0",
     "WORLD_SIZE": "1",
     "LOCAL_WORLD_SIZE": "1",
     "MASTER_ADDR": "127.0.0.1",
-    "MASTER_PORT": str(_free_port()),
+    "MASTER_PORT": str(free_port()),
 }.items():
     os.environ.setdefault(key, value)
 

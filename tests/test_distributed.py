@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import subprocess_env
+
+from meft_ds.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -17,12 +18,6 @@ COMMON = [
     "--micro_batch_size", "2", "--max_seq_len", "40", "--eval_trained", "0",
     "--eval_heldout", "0", "--progress", "false", "--lr", "3e-3",
 ]
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _losses(out: Path) -> list[float]:
@@ -38,7 +33,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path) -> None:
     )
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_port())]
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     double = subprocess.run(
         [*torchrun, *COMMON, "--grad_accum", "1", "--output_dir", str(two)],
         capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=ROOT,
