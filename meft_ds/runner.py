@@ -109,6 +109,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     bf16 = ds_config.bf16_enabled(spec.deepspeed)
     hf_config = loader.model_config(cfg.model)
+    spec.method_cls(spec.method_options, hf_config).check_config(hf_config)
     memory.require_ram(
         estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES, cuda),
         f"model {cfg.model} with method {cfg.method}",

@@ -328,6 +328,7 @@ def test_launcher_bad_input_exits_2_with_one_line(tmp_path, flags, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [message]
     assert "Traceback" not in result.stderr
+    assert "Loading weights" not in result.stderr  # refused from the config, before loading
 
 
 def test_gradient_checkpointing_flag_changes_nothing(smollm2):

@@ -43,6 +43,9 @@ class Method:
         self.model_config = model_config
 
     # --- model construction -------------------------------------------------------
+    def check_config(self, config: Any) -> None:
+        """Raise ``UserError`` for options the model's config rules out, before loading."""
+
     def check_model(self, model: nn.Module) -> None:
         """Raise ``UserError`` if this method cannot run on ``model`` (e.g. layer range)."""
 

@@ -7,6 +7,7 @@ states and adds a correction to the final hidden state (see :mod:`meft_ds.read`)
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import nn
 
@@ -54,9 +55,14 @@ class Read(Method):
     help = "READ: recurrent side network across layers, no backprop through the backbone"
     Options = ReadOptions
 
+    def check_config(self, config: Any) -> None:
+        self._check_stride(int(config.num_hidden_layers))
+
     def check_model(self, model: nn.Module) -> None:
-        """The stride must select at least one layer of ``model``."""
-        num_layers = len(arch.layers(model))
+        self._check_stride(len(arch.layers(model)))
+
+    def _check_stride(self, num_layers: int) -> None:
+        """The stride must select at least one layer of the model."""
         if self.options.read_stride > num_layers:
             raise UserError(
                 f"read_stride {self.options.read_stride} is outside the model "
