@@ -151,6 +151,28 @@ def knowledge_injection(name: str, args: argparse.Namespace) -> dict[str, object
     return result
 
 
+def injection_rows(rows: dict[str, dict], args: argparse.Namespace) -> None:
+    """NQ-open runs of LoRA and READ (and READ at ``--read_lr``), added to ``rows``."""
+    for name in ("lora", "read"):
+        rows.setdefault(name, {})["em"] = knowledge_injection(name, args)
+        print(name, "EM", json.dumps(rows[name]["em"]["after"]), flush=True)
+    if args.read_lr:
+        tagged = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "lr")})
+        rows[f"read_lr{args.read_lr:g}"] = {"em": knowledge_injection("read", tagged)}
+
+
+def add_knowledge_injection(args: argparse.Namespace) -> None:
+    """``--em_only``: run the NQ-open comparison and add it to an existing read.json."""
+    path = Path(args.out) / "read.json"
+    report = json.loads(path.read_text())
+    injection_rows(report["methods"], args)
+    for key in ("em_steps", "em_examples", "em_heldout", "read_lr"):
+        report["config"][key] = getattr(args, key)
+    path.write_text(json.dumps(report, indent=2))
+    plot(report, path.with_suffix(".png"))
+    print(f"updated {path}")
+
+
 def machine() -> dict[str, object]:
     import deepspeed
     import peft
@@ -219,8 +241,13 @@ def main() -> None:
     parser.add_argument("--em_heldout", type=int, default=32)
     parser.add_argument("--read_lr", type=float, default=None,
                         help="extra NQ run of READ with this learning rate")
+    parser.add_argument("--em_only", action="store_true",
+                        help="only the NQ-open runs, added to the existing read.json")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
+    if args.em_only:
+        add_knowledge_injection(args)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -257,12 +284,7 @@ def main() -> None:
     del prepared
 
     if args.em_steps:
-        for name in ("lora", "read"):
-            rows[name]["em"] = knowledge_injection(name, args)
-            print(name, "EM", json.dumps(rows[name]["em"]["after"]), flush=True)
-        if args.read_lr:
-            tagged = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "lr")})
-            rows[f"read_lr{args.read_lr:g}"] = {"em": knowledge_injection("read", tagged)}
+        injection_rows(rows, args)
 
     base = rows["lora"]["saved"]["total_activation_mib"]
     for name in names:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,28 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+@contextmanager
+def _without_frozen_aliases(module: torch.nn.Module) -> Iterator[None]:
+    """Drop every state-dict entry that shares storage with a frozen parameter.
+
+    ``exclude_frozen_parameters`` drops frozen parameters by name, but a tied weight
+    (``lm_head.weight`` = ``embed_tokens.weight``) has a second name that
+    ``named_parameters()`` never lists, so the whole embedding would be saved again.
+    """
+    frozen = {p.data_ptr() for p in module.parameters() if not p.requires_grad and p.numel()}
+
+    def hook(_module, state, _prefix, _metadata):
+        for key in [k for k, v in state.items()
+                    if isinstance(v, torch.Tensor) and v.numel() and v.data_ptr() in frozen]:
+            del state[key]
+
+    handle = module._register_state_dict_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def tag_for(step: int) -> str:
     """Directory name of the checkpoint after ``step`` optimizer steps."""
     return f"step_{step:07d}"
@@ -64,10 +88,11 @@ def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, ke
     root.mkdir(parents=True, exist_ok=True)
     tag = tag_for(step)
     partial = tag + ".partial"
-    engine.save_checkpoint(
-        str(root), tag=partial, client_state=client_state, save_latest=False,
-        exclude_frozen_parameters=True,
-    )
+    with _without_frozen_aliases(engine.module):
+        engine.save_checkpoint(
+            str(root), tag=partial, client_state=client_state, save_latest=False,
+            exclude_frozen_parameters=True,
+        )
     method.save_state(root / partial)
     _barrier()
     if _rank() == 0:

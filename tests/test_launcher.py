@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
-    """ZeRO-2 + DeepSpeedCPUAdam offload + bf16, started exactly like the main job."""
+    """The main job's config: ``--method sparse`` (rows + Adam in the CPU store) with the
+    routers under ZeRO-2 + DeepSpeedCPUAdam offload + bf16, started like ``make train``."""
     launcher = Path(sys.executable).parent / "deepspeed"
     env = subprocess_env()
     env["PATH"] = f"{launcher.parent}:{env['PATH']}"
@@ -34,6 +35,8 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["grad_norm"] > 0
+    assert '"method": "sparse"' in proc.stdout
+    assert all(r["sparse_rows_updated"] > 0 for r in records)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["after"]["heldout"]["n"] == 4
 

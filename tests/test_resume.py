@@ -7,15 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+# lora with dropout (RNG state must resume); sparse: the CPU row store, its Adam moments
+# and per-row step counts must resume (a small store on the top layers keeps it quick).
+METHODS = {
+    "lora": ("--method", "lora", "--lora_dropout", "0.1"),
+    # reversible: dropout masks recomputed in backward from the resumed RNG state
+    "reversible": ("--method", "reversible", "--rev_layers", "3", "--rev_adapter_dropout", "0.1"),
+    "sparse": (
+        "--method", "sparse", "--layer_start", "24", "--sparse_rank", "256",
+        "--sparse_experts", "16", "--sparse_top_k", "8",
+    ),
+}
+
+
+def _train(out: Path, method: str, *extra: str) -> subprocess.CompletedProcess:
     argv = [
         sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
-        str(ROOT / "ds_configs" / "cpu.json"), "--method", "lora", "--lora_dropout", "0.1",
+        str(ROOT / "ds_configs" / "cpu.json"), *METHODS[method],
         "--max_steps", "6", "--train_examples", "10", "--micro_batch_size", "2",
         "--grad_accum", "2", "--max_seq_len", "40", "--eval_trained", "0",
         "--eval_heldout", "0", "--progress", "false", "--lr", "2e-3",
@@ -32,14 +46,19 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_resume_reproduces_uninterrupted_losses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, method: str) -> None:
     full, split = tmp_path / "full", tmp_path / "split"
-    _train(full)
-    _train(split, "--save_steps", "3", "--stop_after", "3")
+    _train(full, method)
+    _train(split, method, "--save_steps", "3", "--stop_after", "3")
     assert sorted(_losses(split)) == [1, 2, 3]
     assert (split / "checkpoints" / "latest").read_text() == "step_0000003"
     assert not list((split / "checkpoints").glob("*.partial"))
-    proc = _train(split, "--resume")
+    # Frozen weights stay out of checkpoints, the tied lm_head (= embeddings, 113 MB) too:
+    # what remains is the adapter with its Adam moments (lora: 59 MB, sparse: < 1 MB).
+    saved = sum(f.stat().st_size for f in (split / "checkpoints").rglob("*model_states.pt"))
+    assert 0 < saved < 100 * 2**20, saved
+    proc = _train(split, method, "--resume")
     assert "resumed from step 3" in proc.stdout
     want, got = _losses(full), _losses(split)
     assert sorted(got) == list(range(1, 7))
