@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["full", "lora", "parallel_adapter"]
 
 
-def run_one(method: str, ckpt: bool, args: argparse.Namespace, out: Path) -> list[dict]:
-    """Train ``args.steps`` steps in a fresh process; returns its metric records."""
+def run_one(
+    method: str, ckpt: bool, args: argparse.Namespace, out: Path, extra: tuple[str, ...] = ()
+) -> list[dict]:
+    """Train ``args.steps`` steps in a fresh process (``extra``: more launcher flags);
+    returns its metric records."""
     argv = [
         sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
         str(ROOT / "ds_configs" / "cpu.json"), "--method", method, "--dataset", "gsm8k",
@@ -32,7 +35,7 @@ def run_one(method: str, ckpt: bool, args: argparse.Namespace, out: Path) -> lis
         "--max_steps", str(args.steps), "--train_examples", str(args.batch * args.steps),
         "--eval_trained", "0", "--eval_heldout", "0", "--progress", "false",
         "--lr", "1e-5", "--output_dir", str(out),
-    ] + (["--gradient_checkpointing"] if ckpt else [])
+    ] + (["--gradient_checkpointing"] if ckpt else []) + list(extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:

@@ -128,12 +128,14 @@ def train_step(method, module, optimizer, ids, mask) -> float:
     return time.perf_counter() - start
 
 
-def knowledge_injection(name: str, args: argparse.Namespace) -> dict[str, object]:
+def knowledge_injection(
+    name: str, args: argparse.Namespace, lr: float | None = None, hidden: int | None = None,
+) -> dict[str, object]:
     """Train ``name`` through the launcher on NQ-open and return its results.json."""
-    out = Path(args.out) / "read_em" / name
-    extra = ["--read_hidden", str(args.read_hidden)] if name == "read" else []
-    if name == "read" and args.read_lr:
-        extra += ["--lr", str(args.read_lr)]
+    out = ROOT / "runs" / "bench_read" / Path(args.out).name / name  # run dirs: not committed
+    extra = ["--read_hidden", str(hidden or args.read_hidden)] if name == "read" else []
+    if lr:
+        extra += ["--lr", str(lr)]
     cmd = [
         sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed", "ds_configs/cpu.json",
         "--method", name, "--max_steps", str(args.em_steps),
@@ -158,7 +160,12 @@ def injection_rows(rows: dict[str, dict], args: argparse.Namespace) -> None:
         print(name, "EM", json.dumps(rows[name]["em"]["after"]), flush=True)
     if args.read_lr:
         tagged = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "lr")})
-        rows[f"read_lr{args.read_lr:g}"] = {"em": knowledge_injection("read", tagged)}
+        rows[f"read_lr{args.read_lr:g}"] = {"em": knowledge_injection("read", tagged, args.read_lr)}
+    if args.read_wide:
+        tagged = argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "wide")})
+        rows[f"read_h{args.read_wide}_lr{args.read_lr or 1e-3:g}"] = {
+            "em": knowledge_injection("read", tagged, args.read_lr, args.read_wide)
+        }
 
 
 def add_knowledge_injection(args: argparse.Namespace) -> None:
@@ -166,7 +173,7 @@ def add_knowledge_injection(args: argparse.Namespace) -> None:
     path = Path(args.out) / "read.json"
     report = json.loads(path.read_text())
     injection_rows(report["methods"], args)
-    for key in ("em_steps", "em_examples", "em_heldout", "read_lr"):
+    for key in ("em_steps", "em_examples", "em_heldout", "read_lr", "read_wide"):
         report["config"][key] = getattr(args, key)
     path.write_text(json.dumps(report, indent=2))
     plot(report, path.with_suffix(".png"))
@@ -241,6 +248,8 @@ def main() -> None:
     parser.add_argument("--em_heldout", type=int, default=32)
     parser.add_argument("--read_lr", type=float, default=None,
                         help="extra NQ run of READ with this learning rate")
+    parser.add_argument("--read_wide", type=int, default=0,
+                        help="extra NQ run of READ with this hidden size (at --read_lr)")
     parser.add_argument("--em_only", action="store_true",
                         help="only the NQ-open runs, added to the existing read.json")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))

@@ -40,6 +40,12 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk")
     resume: bool = _opt(False, "resume from the latest checkpoint in output_dir")
     stop_after: int | None = _opt(None, "testing aid: exit abruptly right after step N")
+    stop_rank: int | None = _opt(
+        None, "testing aid: with stop_after, only this global rank exits (status 1)"
+    )
+    dist_timeout: int = _opt(
+        1800, "seconds a collective may wait for other ranks before the run fails"
+    )
     eval_steps: int = _opt(0, "score eval_periodic trained questions every N steps (0 = off)")
     eval_periodic: int = _opt(32, "questions scored by the periodic evaluation")
     eval_before: bool = _opt(True, "score before training")
@@ -55,6 +61,7 @@ class TrainConfig:
             "max_steps": self.max_steps, "keep_checkpoints": self.keep_checkpoints,
             "max_new_tokens": self.max_new_tokens, "eval_batch_size": self.eval_batch_size,
             "log_steps": self.log_steps, "eval_periodic": self.eval_periodic,
+            "dist_timeout": self.dist_timeout,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from meft_ds import dist as mdist
 from meft_ds import ds_config, export, memory
 from meft_ds.config import TrainConfig
 from meft_ds.data import BatchSchedule, encode, load_split
@@ -48,17 +49,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU)."""
+def init_distributed(timeout_s: int = 1800) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU); a collective that
+    waits longer than ``timeout_s`` for another rank fails instead of hanging."""
+    from datetime import timedelta
+
     import deepspeed
 
+    mdist.check_master_address()
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def device() -> torch.device:
@@ -114,7 +119,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
         estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES, cuda),
         f"model {cfg.model} with method {cfg.method}",
     )
-    init_distributed()
+    init_distributed(cfg.dist_timeout)
+    mdist.check_same_config(_config_identity(spec))
     rank, world_size = world()
     dev = device()
     seed_everything(cfg.seed)
@@ -200,6 +206,14 @@ def run(spec: RunSpec) -> dict[str, Any]:
             print("\n" + format_table(before, after), flush=True)
         print(f"adapter exported to {export_dir}", flush=True)
     return results
+
+
+def _config_identity(spec: RunSpec) -> dict[str, Any]:
+    """What every rank must agree on: the resolved options and DeepSpeed config, less
+    per-node paths and display settings."""
+    local = {"data_dir", "output_dir", "progress"}
+    train = {k: v for k, v in spec.train.__dict__.items() if k not in local}
+    return {"train": train, "method": spec.method_options.__dict__, "deepspeed": spec.deepspeed}
 
 
 def _strip(scores: dict[str, Any] | None) -> dict[str, Any] | None:

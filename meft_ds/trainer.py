@@ -97,9 +97,10 @@ class Trainer:
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         pre_norm = self._clip_before_step() if boundary else None
+        lr = self.engine.get_lr()[0]  # this step's; the scheduler moves on in step()
         self.engine.step()
         if boundary:
-            self._finish_step(pre_norm)
+            self._finish_step(pre_norm, lr)
         return float(loss.detach()), int(batch["attention_mask"].sum())
 
     def _plain_fp32(self) -> bool:
@@ -124,14 +125,14 @@ class Trainer:
                 g.mul_(scale)
         return math.sqrt(sq)
 
-    def _finish_step(self, engine_norm: float | None) -> None:
+    def _finish_step(self, engine_norm: float | None, lr: float) -> None:
         if engine_norm is None:
             norm = self.engine.get_global_grad_norm()
             engine_norm = float(norm) if norm is not None else 0.0
         total = math.sqrt(engine_norm**2 + self.method.external_grad_sq_norm())
         coef = min(1.0, self.clip / (total + 1e-6)) if self.clip > 0 else 1.0
         self._grad_norm = total
-        self.method.after_engine_step(self.engine.get_lr()[0], coef)
+        self.method.after_engine_step(lr, coef)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (all its micro-batches); returns the step's metrics."""
@@ -193,7 +194,10 @@ class Trainer:
             if cfg.eval_steps and self.periodic_eval and self.step % cfg.eval_steps == 0:
                 self._log({"step": self.step, "periodic_eval": self.periodic_eval()})
             if cfg.stop_after is not None and self.step >= cfg.stop_after:
-                bar.close()
-                os._exit(0)  # simulate a crash: no final checkpoint, export or evaluation
+                if cfg.stop_rank is None:
+                    bar.close()
+                    os._exit(0)  # simulate a crash: no final checkpoint, export or evaluation
+                if cfg.stop_rank == self.rank:
+                    os._exit(1)  # one rank dies; the others must fail, not hang
         bar.close()
         return history

@@ -280,3 +280,120 @@ def test_layers_outside_the_model_and_unsplittable_layers() -> None:
     model = ReversibleLM(bf16, ReversibleOptions(rev_compute_dtype="fp32"))
     with pytest.raises(UserError, match="rev_compute_dtype fp32 needs weights"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+# --- DeepSpeed engine: ZeRO 1/2, gradient accumulation, checkpoint + resume --------------
+
+
+def _qa_file(path: Path) -> Path:
+    """Sums whose prompts and answers have the same token counts (no padding), so the
+    mean of two one-example micro-batch losses equals the loss of the batch of two."""
+    rows = [{"question": f"What is {a} plus {b}?", "answer": str(a + b)}
+            for a, b in [(1, 2), (3, 4), (2, 5), (4, 4), (1, 7), (3, 3), (2, 2), (5, 1)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _zero_config(path: Path, stage: int) -> str:
+    config = json.loads(Path(CPU).read_text())
+    config["zero_optimization"] = {"stage": stage}
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_zero1_zero2_accumulation_and_resume(tmp_path: Path) -> None:
+    """Top 3 layers reversible. ZeRO-1 with two micro-batches of one equals ZeRO-2 with one
+    batch of two (fp32 tolerance; dropout off, as its masks depend on the micro-batch
+    shape); the ZeRO-2 run is killed after step 2 and resumed from its checkpoint.
+    Bit-exact resume with dropout on is test_resume.py's ``reversible`` case."""
+    from test_resume import _losses, _train
+
+    from meft_ds.data import encode, read_jsonl
+    from meft_ds.models.loader import load_tokenizer
+
+    data = _qa_file(tmp_path / "sums.jsonl")
+    tok = load_tokenizer("smollm2-135m")
+    shapes = {(len(e.input_ids), sum(x != -100 for x in e.labels))
+              for e in (encode(q, tok, 40, 49152) for q in read_jsonl(data, "question", "answer"))}
+    assert len(shapes) == 1, shapes  # the equivalence below needs equal token counts
+    common = ("--data_file", str(data), "--heldout_file", str(data), "--train_examples", "8",
+              "--max_steps", "4", "--rev_adapter_dropout", "0")
+    one, two = tmp_path / "zero1", tmp_path / "zero2"
+    _train(one, "reversible", "--deepspeed", _zero_config(tmp_path / "z1.json", 1),
+           "--micro_batch_size", "1", "--grad_accum", "2", *common)
+    zero2 = ("--deepspeed", _zero_config(tmp_path / "z2.json", 2), "--micro_batch_size", "2",
+             "--grad_accum", "1", *common)
+    _train(two, "reversible", *zero2, "--save_steps", "2", "--stop_after", "2")
+    assert sorted(_losses(two)) == [1, 2]
+    proc = _train(two, "reversible", *zero2, "--resume")
+    assert "resumed from step 2" in proc.stdout
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * max(1.0, abs(a[step])), (a, b)
+    for out in (one, two):  # gradients reached the engine (a lost one would show as 0)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["grad_norm"] > 0 for r in rows if "grad_norm" in r)
+
+
+# --- --method sparse --reversible --------------------------------------------------------
+
+SPARSE_TINY = {"sparse_rank": 64, "sparse_experts": 8, "sparse_top_k": 4,
+               "sparse_optimizer": "torch"}
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_sparse_reversible_gradients_equal_autograd(variant: str) -> None:
+    """Through the method's own model: router, dense adapter and row gradients of the
+    reversible backward equal plain autograd through the same network."""
+    cls = methods.get("sparse")
+    results = []
+    for backward in ("autograd", "reversible"):
+        opts = options.build(cls.Options, {**SPARSE_TINY, "reversible": True, "layer_start": 1,
+                                           "rev_variant": variant, "rev_backward": backward})
+        method = cls(opts, None)
+        module = method.apply(_tiny(4)).train()
+        assert sorted(method.adapters) == [1, 2, 3] and list(module.span) == [1, 2, 3]
+        for rows in method.runtime.store.layers.values():  # nonzero values: live row grads
+            rows.weight[:, 32:].normal_(generator=torch.Generator().manual_seed(4))
+        _perturb_adapters(module)
+        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(5))
+        logits = method.forward(module, ids, torch.ones_like(ids))
+        logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean().backward()
+        dense = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        results.append((dense, method.runtime.grads()))
+    (dense_ref, rows_ref), (dense_rev, rows_rev) = results
+    assert any(n.endswith("router.weight") for n in dense_ref)
+    assert dense_ref.keys() == dense_rev.keys()
+    assert _rel(dense_rev, dense_ref) <= 1e-5
+    assert sorted(rows_ref) == sorted(rows_rev) == [1, 2, 3]
+    for layer, (rows, grad) in rows_ref.items():
+        assert rows.numel() > 0 and torch.equal(rows_rev[layer][0], rows)
+        torch.testing.assert_close(rows_rev[layer][1], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_reversible_runs_under_deepspeed(tmp_path: Path) -> None:
+    spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path), *TINY_RUN,
+                      "--method", "sparse", "--reversible", "--rev_variant", "meft1",
+                      "--layer_start", "27", "--sparse_rank", "256", "--sparse_experts", "16",
+                      "--sparse_top_k", "8", "--max_steps", "2", "--lr", "3e-3"])
+    run(spec)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[-1]["grad_norm"] > 0
+    assert all(r["sparse_rows_updated"] > 0 for r in records)
+    exported = tmp_path / "adapter" / "adapter.safetensors"
+    assert exported.is_file()
+
+
+def test_sparse_reversible_bad_input() -> None:
+    with pytest.raises(UserError, match="--rev_variant needs --reversible"):
+        cli.parse(["--deepspeed", CPU, "--method", "sparse", "--rev_variant", "meft3"])
+    with pytest.raises(UserError, match="not rev_layers/rev_position"):
+        cli.parse(["--deepspeed", CPU, "--method", "sparse", "--reversible", "--rev_layers", "2"])
+    cls = methods.get("sparse")
+    opts = options.build(cls.Options, {**SPARSE_TINY, "reversible": True, "layer_start": 1,
+                                       "layer_end": 3})
+    with pytest.raises(UserError, match=r"layers \[1, 3\) must reach the top"):
+        cls(opts, None).check_model(_tiny(4))

@@ -23,11 +23,13 @@ from meft_ds.errors import UserError
 from meft_ds.methods import register
 from meft_ds.methods.base import Method
 from meft_ds.models import arch
+from meft_ds.reversible import sparse as reversible_sparse
 from meft_ds.sparse.adapter import SparseAdapter
 from meft_ds.sparse.options import SparseOptions, SparseSizes, resolve_sizes
 from meft_ds.sparse.runtime import SparseRuntime
 
 EXPORT_PREFIX = "sparse_store.layer"
+CACHE_FILE = "sparse_cache.pt"
 
 
 class _AddAdapter:
@@ -63,13 +65,19 @@ class SparseMethod(Method):
 
     name = "sparse"
     help = "MEFT sparse adapter: wide FFN-parallel adapter, rows + Adam states in CPU RAM"
-    Options = SparseOptions
+    Options = reversible_sparse.SparseMethodOptions  # SparseOptions + ``--reversible``
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
         super().__init__(options, model_config)
         self.runtime: SparseRuntime | None = None
         self.adapters: dict[int, SparseAdapter] = {}
         self.engine = None
+        self._steps = 0  # optimizer steps of this process (for the replica checks)
+
+    @property
+    def reversible(self) -> bool:
+        """``--reversible``: a reversible stack with the sparse adapter beside each FFN."""
+        return bool(getattr(self.options, "reversible", False))  # plain SparseOptions: no
 
     # --- model construction ---------------------------------------------------------
     def sizes(self, model: nn.Module) -> SparseSizes:
@@ -83,7 +91,10 @@ class SparseMethod(Method):
         return resolve_sizes(self.options, arch.hidden_size(model), layer_range, model_params)
 
     def check_model(self, model: nn.Module) -> None:
-        self.sizes(model)
+        sizes = self.sizes(model)
+        if self.reversible:
+            span = range(sizes.layers[0], sizes.layers[-1] + 1)
+            reversible_sparse.reversible_options(self.options, span, len(arch.layers(model)))
 
     def apply(self, model: nn.Module) -> nn.Module:
         if self.runtime is not None:
@@ -96,6 +107,10 @@ class SparseMethod(Method):
         for param in model.parameters():
             param.requires_grad_(False)
         self.runtime = SparseRuntime(self.options, sizes)
+        if self.reversible:
+            module = reversible_sparse.wrap(model, self.options, self.runtime, self.adapters)
+            module.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
+            return module
         layers = arch.layers(model)
         reference = next(model.parameters())
         for index in sizes.layers:
@@ -107,6 +122,18 @@ class SparseMethod(Method):
             self.adapters[index] = adapter
         model.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
         return model
+
+    def forward(
+        self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        if self.reversible:  # a ReversibleLM returns the logits
+            return module(input_ids=input_ids, attention_mask=attention_mask)
+        return super().forward(module, input_ids, attention_mask)
+
+    def generation_model(self, module: nn.Module) -> nn.Module | None:
+        if self.reversible:
+            return None
+        return module if hasattr(module, "generate") else None
 
     def _runtime(self) -> SparseRuntime:
         if self.runtime is None:
@@ -121,30 +148,72 @@ class SparseMethod(Method):
         runtime.group = getattr(engine, "data_parallel_group", None)
         runtime.row_optimizer()  # built now, so a failure is reported before training
 
+    def before_backward(self) -> None:
+        """Turn the eager row update on for the last micro-batch of a step, where it is
+        exact (see :mod:`meft_ds.sparse.runtime`)."""
+        runtime = self._runtime()
+        runtime.eager_lr = None
+        engine = self.engine
+        if engine is None or not self.options.sparse_eager_update:
+            return
+        if not engine.is_gradient_accumulation_boundary():
+            return
+        if float(engine.gradient_clipping() or 0.0) > 0 or engine.fp16_enabled():
+            return
+        group = runtime.group
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            return
+        runtime.eager_lr = float(engine.get_lr()[0])
+
     def external_grad_sq_norm(self) -> float:
         return self._runtime().grad_sq_norm()
 
     def after_engine_step(self, lr: float, clip_coef: float) -> None:
         applied = getattr(self.engine, "was_step_applied", None)
         skip = callable(applied) and not applied()
-        self._runtime().step(lr, clip_coef, skip=skip)
+        runtime = self._runtime()
+        runtime.step(lr, clip_coef, skip=skip)
         for adapter in self.adapters.values():
             adapter.clear_cache()
+        self._steps += 1
+        every = self.options.sparse_check_every
+        if every and self._steps % every == 0:
+            runtime.store.check_replicas(runtime.group)
 
     def step_metrics(self) -> dict[str, float]:
-        return self._runtime().metrics()
+        store = self._runtime().store
+        sent, store.comm_bytes = store.comm_bytes, 0
+        return {**self._runtime().metrics(), "sparse_comm_bytes": sent,
+                "sparse_store_bytes": store.nbytes()}
 
     def save_state(self, directory: Path) -> None:
-        self._runtime().store.save(Path(directory))
+        runtime = self._runtime()
+        runtime.flush()
+        runtime.store.save(Path(directory))
+        if runtime.caches:
+            dist = torch.distributed
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+                tmp = Path(directory) / (CACHE_FILE + ".tmp")
+                torch.save(runtime.cache_state(), tmp)
+                tmp.replace(Path(directory) / CACHE_FILE)
 
     def load_state(self, directory: Path) -> None:
-        self._runtime().store.load(Path(directory))
+        runtime = self._runtime()
+        runtime.store.load(Path(directory))
+        path = Path(directory) / CACHE_FILE
+        state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        runtime.load_cache_state(state)
+        for adapter in self.adapters.values():
+            adapter.clear_cache()
 
     # --- trained weights for inference ----------------------------------------------
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(module)
-        for layer, rows in self._runtime().store.layers.items():
-            state[f"{EXPORT_PREFIX}{layer}.weight"] = rows.weight.clone()
+        self._runtime().flush()
+        store = self._runtime().store
+        for layer in store.layers:  # all rows (on rank 0 when the store is sharded)
+            state[f"{EXPORT_PREFIX}{layer}.weight"] = store.full_weight(layer).clone()
         return state
 
     def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -155,13 +224,14 @@ class SparseMethod(Method):
                 dense[key] = value
                 continue
             layer = int(key[len(EXPORT_PREFIX) :].split(".")[0])
-            if layer not in store.layers or store.layers[layer].weight.shape != value.shape:
+            shape = (store.sizes.rank, 2 * store.sizes.hidden)
+            if layer not in store.layers or tuple(value.shape) != shape:
                 raise UserError(
                     f"adapter file: {key} {tuple(value.shape)} does not fit this run's sparse "
-                    f"store (layers {sorted(store.layers)}, rows "
-                    f"{tuple(next(iter(store.layers.values())).weight.shape)})"
+                    f"store (layers {sorted(store.layers)}, rows {shape})"
                 )
-            store.layers[layer].weight.copy_(value)
+            store.set_full_weight(layer, value)
+        self._runtime().load_cache_state(None)
         for adapter in self.adapters.values():
             adapter.clear_cache()
         super().load_trainable_state(module, dense)

@@ -32,8 +32,9 @@ from meft_ds.reversible.precision import DTYPES, resolve
 from meft_ds.reversible.streams import streams_for
 from meft_ds.reversible.variants import VARIANTS
 
-AdapterFactory = Callable[[int, str], nn.Module]
-"""``factory(layer_index, place) -> adapter``; place is "ffn", "attention" or "stream"."""
+AdapterFactory = Callable[[int, str], nn.Module | None]
+"""``factory(layer_index, place) -> adapter``; place is "ffn", "attention" or "stream";
+``None``: the default dense bottleneck adapter there."""
 
 # Bits kept between amplified stream rounding and the compute dtype's resolution.
 _MARGIN_BITS = 12.0
@@ -76,7 +77,7 @@ class ReversibleLM(nn.Module):
         self.span = range(n - k, n) if options.rev_position == "top" else range(k)
         dim = arch.hidden_size(model)
         eps = float(getattr(self.lm.config, "rms_norm_eps", 1e-6))
-        make = adapters or self._dense_factory(dim)
+        make = self._dense_factory(dim, adapters)
         self.rev_layers = nn.ModuleList(
             RevLayer(
                 self._block(self.variant.f_kind, blocks[i], i, make, dim, eps),
@@ -94,10 +95,15 @@ class ReversibleLM(nn.Module):
         self.record_errors = False
         self.reversible = options.rev_backward == "reversible"
 
-    def _dense_factory(self, dim: int) -> AdapterFactory:
+    def _dense_factory(
+        self, dim: int, custom: AdapterFactory | None
+    ) -> Callable[[int, str], nn.Module]:
         opts = self.options
 
         def make(index: int, place: str) -> nn.Module:
+            adapter = custom(index, place) if custom is not None else None
+            if adapter is not None:
+                return adapter
             return BottleneckAdapter(
                 dim, opts.rev_adapter_size, opts.rev_adapter_activation, opts.rev_adapter_dropout
             )

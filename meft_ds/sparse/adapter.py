@@ -135,8 +135,7 @@ class SparseAdapter(nn.Module):
         """Router row ``e`` = unit centroid of expert ``e``'s keys, so at initialisation a
         token prefers the experts whose keys it matches on average."""
         sizes = self.runtime.sizes
-        keys = self.runtime.store.keys(self.layer)
-        centroids = keys.reshape(sizes.num_experts, sizes.rows_per_expert, sizes.hidden).mean(1)
+        centroids = self.runtime.store.key_centroids(self.layer)  # [N, d], all experts
         centroids = F.normalize(centroids, dim=1) / math.sqrt(sizes.hidden)
         self.router.weight.copy_(centroids.to(self.router.weight))
 

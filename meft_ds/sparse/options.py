@@ -11,6 +11,7 @@ from meft_ds.errors import UserError
 ACTIVATIONS = ("relu", "gelu", "silu")
 OPTIMIZERS = ("cpu_adam", "torch")
 WORKING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+STORE_MODES = ("replicated", "sharded")
 
 
 def _opt(default, help_text: str, **meta):
@@ -50,6 +51,22 @@ class SparseOptions:
         choices=WORKING_DTYPES,
     )
     sparse_init_seed: int = _opt(0, "seed of the adapter's initial keys (same on every rank)")
+    sparse_store: str = _opt(
+        "replicated", "data-parallel store: a full copy per rank, or rows + Adam state "
+        "sharded across ranks by expert (the world size must divide sparse_experts)",
+        choices=STORE_MODES,
+    )
+    sparse_check_every: int = _opt(
+        100, "replicated store: compare the replicas' checksums every N steps (0 = never)"
+    )
+    sparse_cache_rows: float = _opt(
+        0.0, "device-resident hot rows per layer, updated on the device: >= 1 a row count, "
+        "in (0, 1) a fraction of sparse_rank, 0 = no cache"
+    )
+    sparse_eager_update: bool = _opt(
+        True, "update a layer's rows on a CPU thread as soon as its last micro-batch's "
+        "gradient is complete (only where exact: no clipping, one rank, no fp16)"
+    )
 
     def validate(self) -> None:
         """Check values that need no model; sizes are checked in :func:`resolve_sizes`."""
@@ -78,11 +95,20 @@ class SparseOptions:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise UserError(f"sparse: {name} must be in [0, 1), got {value}")
+        if self.sparse_check_every < 0:
+            raise UserError(
+                f"sparse: sparse_check_every must be >= 0, got {self.sparse_check_every}"
+            )
+        if self.sparse_cache_rows < 0 or not math.isfinite(self.sparse_cache_rows):
+            raise UserError(
+                f"sparse: sparse_cache_rows must be >= 0, got {self.sparse_cache_rows}"
+            )
         if self.sparse_eps <= 0:
             raise UserError(f"sparse: sparse_eps must be > 0, got {self.sparse_eps}")
         for name, choices in (
             ("sparse_activation", ACTIVATIONS), ("sparse_optimizer", OPTIMIZERS),
             ("sparse_working_dtype", WORKING_DTYPES),
+            ("sparse_store", STORE_MODES),
         ):
             if getattr(self, name) not in choices:
                 raise UserError(

@@ -38,28 +38,48 @@ def select_rows(
     ``keys``: ``[r, d]`` (may be a strided view), ``hidden``: ``[T, d]``, ``experts``:
     ``[T, E]`` expert ids per token.
     """
-    tokens, per_token = experts.shape
     m = keys.shape[0] // num_experts
+    scores = candidate_scores(keys, hidden, experts, m)
+    position = scores.topk(top_k, dim=1, sorted=False).indices
+    slot = position // m
+    row_ids = experts.gather(1, slot) * m + position % m
+    rows, local = torch.unique(row_ids, sorted=True, return_inverse=True)
+    return Selection(rows=rows, local=local, slot=slot)
+
+
+@torch.no_grad()
+def candidate_scores(
+    keys: torch.Tensor, hidden: torch.Tensor, experts: torch.Tensor, m: int,
+    first_expert: int = 0,
+) -> torch.Tensor:
+    """``[T, E*m]`` scores ``h_t . k`` of each token's candidate keys: candidate ``j`` is
+    key ``j % m`` of the token's expert in slot ``j // m``.
+
+    ``keys`` holds the consecutive experts ``first_expert, first_expert + 1, ...`` (all of
+    them, or one rank's share in the sharded store); candidates of experts outside it
+    score ``-inf``.
+    """
+    tokens, per_token = experts.shape
+    held = keys.shape[0] // m
     hidden = hidden.to(keys.dtype)
-    flat = experts.reshape(-1)
+    flat = experts.reshape(-1) - first_expert
+    outside = (flat < 0) | (flat >= held)
+    flat = flat.masked_fill(outside, held)  # one extra bucket for experts held elsewhere
     # Group the (token, expert) pairs by expert: one matmul per expert in use.
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    counts = torch.bincount(flat, minlength=held + 1).tolist()
     token_of = order // per_token
     scores = torch.empty(tokens * per_token, m, dtype=keys.dtype)
     start = 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(counts[:held]):
         if count == 0:
             continue
         end = start + count
         block = keys[expert * m : (expert + 1) * m]
         torch.matmul(hidden.index_select(0, token_of[start:end]), block.t(), out=scores[start:end])
         start = end
-    # Back to (token, expert slot) order: candidate j of token t is key j % m of slot j // m.
+    scores[start:] = float("-inf")
+    # Back to (token, expert slot) order.
     unsorted = torch.empty_like(scores)
     unsorted[order] = scores
-    position = unsorted.view(tokens, per_token * m).topk(top_k, dim=1, sorted=False).indices
-    slot = position // m
-    row_ids = experts.gather(1, slot) * m + position % m
-    rows, local = torch.unique(row_ids, sorted=True, return_inverse=True)
-    return Selection(rows=rows, local=local, slot=slot)
+    return unsorted.view(tokens, per_token * m)

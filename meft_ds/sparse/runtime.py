@@ -5,19 +5,42 @@
 device (through a pinned staging buffer when the device is a GPU), takes the rows'
 gradients back from the adapter's backward, and steps the store once per
 optimizer step. It also counts what moved (rows, bytes each way, rows updated).
+
+Optional parts:
+
+- the device-resident hot-row cache (``--sparse_cache_rows``, :mod:`meft_ds.sparse.cache`):
+  hot rows are served, accumulated and updated on the device;
+- the eager row update (``--sparse_eager_update``): in the last micro-batch of a step, a
+  layer's cold rows are updated by a background thread as soon as that layer's row
+  gradients are complete, while backward goes on through the earlier layers; the step
+  then only waits for the thread. The method turns it on per step only when it gives
+  the same result as the end-of-step update: no gradient clipping (its coefficient
+  needs every gradient first), one data-parallel rank (the row gradients of other ranks
+  arrive at the step), no fp16 loss scaling (an overflow skips the whole step). A layer
+  whose gradient is not finite is not updated (the end-of-step path skips all layers).
+  A layer must produce its row gradient once per micro-batch (one adapter call with
+  grad; recomputations reuse the forward's decision, see :mod:`meft_ds.sparse.adapter`).
+
+Ordering of selection and routing relative to the layer's compute: a layer routes and
+selects from its FFN input, i.e. after its attention block, and its rows are fetched
+right then (the fetch is synchronous on the CPU; on a GPU the copy is issued on the
+current stream from a pinned staging buffer). Rows are not prefetched ahead of the
+layer's compute.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from meft_ds.sparse.cache import LayerCache, Moved, cache_capacity
 from meft_ds.sparse.optim import RowAdamW
 from meft_ds.sparse.options import SparseOptions, SparseSizes
-from meft_ds.sparse.router import Selection, select_rows
-from meft_ds.sparse.store import RowStore
+from meft_ds.sparse.router import Selection
+from meft_ds.sparse.sharded import make_store
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,7 +51,7 @@ class SparseRuntime:
     def __init__(self, options: SparseOptions, sizes: SparseSizes) -> None:
         self.options = options
         self.sizes = sizes
-        self.store = RowStore(sizes, seed=options.sparse_init_seed)
+        self.store = make_store(options, sizes)  # replicated or sharded (meft_ds.sparse.sharded)
         self._optimizer: RowAdamW | None = None
         self.generation = 0
         self.token_mask: torch.Tensor | None = None
@@ -39,6 +62,14 @@ class SparseRuntime:
         self._counters: dict[str, float] = defaultdict(float)
         self._last: dict[str, float] = {}
         self._grads: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.caches: dict[int, LayerCache] = {}
+        self._cache_rows = cache_capacity(options.sparse_cache_rows, sizes.rank)
+        self._rows_layer: dict[int, float] = defaultdict(float)
+        self._last_rows_layer: list[float] = []
+        # eager update: lr of this step while active, the worker, the layers it took
+        self.eager_lr: float | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._eager: dict[int, Future] = {}
 
     def row_optimizer(self) -> RowAdamW:
         """The store's AdamW, made on first use (inference never builds its kernel)."""
@@ -71,15 +102,9 @@ class SparseRuntime:
         start = time.perf_counter()
         hidden_cpu = hidden.detach().to("cpu")
         experts_cpu = experts.to("cpu")
-        selection = select_rows(
-            self.store.keys(layer), hidden_cpu, experts_cpu, self.sizes.num_experts,
-            self.sizes.top_k,
-        )
+        selection = self.store.select(layer, hidden_cpu, experts_cpu)
         if count:
-            self._counters["d2h_bytes"] += (
-                hidden_cpu.numel() * hidden_cpu.element_size()
-                + experts_cpu.numel() * experts_cpu.element_size()
-            )
+            self._moved("d2h", Moved.of(hidden_cpu) + Moved.of(experts_cpu))
             self._counters["select_s"] += time.perf_counter() - start
             self._counters["tokens"] += hidden.shape[0]
         return selection
@@ -88,34 +113,156 @@ class SparseRuntime:
         self, layer: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype,
         count: bool = True,
     ) -> torch.Tensor:
-        """The rows ``[U, 2d]`` of ``layer`` on ``device`` (a leaf without grad)."""
+        """The rows ``[U, 2d]`` of ``layer`` on ``device`` (a leaf without grad): hot rows
+        from the cache, the others copied from the store."""
         start = time.perf_counter()
-        if device.type == "cuda":
-            staged = self._stage(layer, rows, dtype)
-            working = staged.to(device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._staging_done[layer] = done
+        cache = self._cache(layer, device)
+        if cache is None or not cache.size:
+            working = self._transfer(layer, rows, device, dtype)
+            cold = rows.numel()
         else:
-            working = self.store.layers[layer].weight.index_select(0, rows).to(dtype)
+            hot_pos, slots, cold_pos = cache.split(rows)
+            cold = cold_pos.numel()
+            working = torch.empty(rows.numel(), 2 * self.sizes.hidden, dtype=dtype, device=device)
+            if cold:
+                moved = self._transfer(layer, rows[cold_pos], device, dtype)
+                working.index_copy_(0, cold_pos.to(device, non_blocking=True), moved)
+            if hot_pos.numel():
+                working.index_copy_(
+                    0, hot_pos.to(device, non_blocking=True), cache.gather(slots, dtype)
+                )
         if count:
-            self._counters["rows_moved"] += rows.numel()
-            self._counters["h2d_bytes"] += working.numel() * working.element_size()
+            if cache is not None:
+                cache.note_selected(rows)
+                self._counters["cache_hits"] += rows.numel() - cold
+                self._counters["cache_misses"] += cold
+            self._rows_layer[layer] += rows.numel()
+            self._counters["rows_moved"] += cold
+            elements = cold * 2 * self.sizes.hidden
+            self._moved("h2d", Moved(elements, elements * working.element_size()))
             self._counters["fetch_s"] += time.perf_counter() - start
         return working
 
+    def _transfer(
+        self, layer: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Copy ``rows`` of the store to ``device`` (pinned staging + async copy on CUDA)."""
+        if device.type == "cuda":
+            staged = self._stage(layer, rows, dtype)
+            stream = self._copy_stream(device)
+            with torch.cuda.stream(stream):
+                working = staged.to(device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            self._staging_done[layer] = done
+            # The compute stream waits for the copy; the allocator keeps ``working`` alive
+            # until the compute stream is done with it.
+            torch.cuda.current_stream(device).wait_event(done)
+            working.record_stream(torch.cuda.current_stream(device))
+            return working
+        return self.store.gather(layer, rows).to(dtype)
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The side CUDA stream of host->device row copies (made on first use)."""
+        if getattr(self, "_h2d_stream", None) is None:
+            self._h2d_stream = torch.cuda.Stream(device)
+        return self._h2d_stream
+
+    def _stage(self, layer: int, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gather ``rows`` into the layer's pinned staging buffer (grown on demand), after
+        the previous copy out of that buffer has finished."""
+        done = self._staging_done.pop(layer, None)
+        if done is not None:
+            done.synchronize()
+        width = 2 * self.sizes.hidden
+        need = rows.numel() * width
+        buffer = self._staging.get(layer)
+        if buffer is None or buffer.numel() < need or buffer.dtype != dtype:
+            buffer = torch.empty(need, dtype=dtype, pin_memory=True)
+            self._staging[layer] = buffer
+        staged = buffer[:need].view(rows.numel(), width)
+        staged.copy_(self.store.gather(layer, rows))
+        return staged
+
+    def _cache(self, layer: int, device: torch.device) -> LayerCache | None:
+        """The layer's hot-row cache (made on first use), ``None`` when it is off."""
+        if not self._cache_rows or _world(self.group) > 1:
+            return None
+        cache = self.caches.get(layer)
+        if cache is None:
+            cache = LayerCache(self._cache_rows, self.sizes.rank, 2 * self.sizes.hidden, device)
+            self.caches[layer] = cache
+        return cache
+
     def add_row_grad(self, layer: int, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """Take ``dW`` of a working set (``[U, 2d]`` on the device) back to the store."""
+        """Take ``dW`` of a working set (``[U, 2d]`` on the device) back to the store;
+        hot rows' part stays in the cache."""
         start = time.perf_counter()
-        host = grad.detach().to("cpu")
-        self._counters["d2h_bytes"] += host.numel() * host.element_size()
+        grad = grad.detach()
+        cache = self.caches.get(layer)
+        if cache is not None and cache.size:
+            hot_pos, slots, cold_pos = cache.split(rows)
+            if hot_pos.numel():
+                hot = grad.index_select(0, hot_pos.to(grad.device, non_blocking=True))
+                scale = self._loss_scale()
+                cache.add_grad(slots, hot.float() / scale if scale != 1.0 else hot)
+            if cold_pos.numel() < rows.numel():
+                rows = rows[cold_pos]
+                grad = grad.index_select(0, cold_pos.to(grad.device, non_blocking=True))
+        if rows.numel():
+            self._add_cold_grad(layer, rows, grad)
+        if self.eager_lr is not None:
+            self._submit_eager(layer)
+        self._counters["grad_s"] += time.perf_counter() - start
+
+    def _add_cold_grad(self, layer: int, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        host = grad.to("cpu")
+        self._moved("d2h", Moved.of(host))
         host = host.float()
         scale = self._loss_scale()
         if scale != 1.0:
             host.div_(scale)
         self.store.add_grad(layer, rows, host)
         self._grads = None
-        self._counters["grad_s"] += time.perf_counter() - start
+
+    def _moved(self, direction: str, moved: Moved) -> None:
+        self._counters[f"{direction}_bytes"] += moved.nbytes
+        self._counters[f"{direction}_elements"] += moved.elements
+
+    # --- eager update (last micro-batch of a step) ------------------------------------
+    def _submit_eager(self, layer: int) -> None:
+        if layer in self._eager:
+            raise RuntimeError(
+                f"sparse layer {layer}: a second row gradient after its eager update; "
+                "the adapter must run backward once per micro-batch"
+            )
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparse-row-adam")
+        self._eager[layer] = self._worker.submit(self._update_layer, layer, self.eager_lr)
+
+    def _update_layer(self, layer: int, lr: float) -> dict[str, float]:
+        """Worker: sum ``layer``'s pending gradients and update its cold rows."""
+        start = time.perf_counter()
+        rows, grad = self.store.coalesce_layer(layer)
+        self.store.layers[layer].pending = []
+        sq = float(grad.double().pow(2).sum()) if grad.numel() else 0.0
+        finite = bool(torch.isfinite(grad).all()) if grad.numel() else True
+        if rows.numel() and finite:
+            state = self.store.layers[layer]
+            self.row_optimizer().step(
+                state.weight, state.exp_avg, state.exp_avg_sq, state.steps, rows, grad,
+                lr * self.options.sparse_lr_ratio,
+            )
+        return {"sq": sq, "rows": rows.numel() if finite else 0, "skipped": float(not finite),
+                "cpu_adam_s": time.perf_counter() - start}
+
+    def _wait_eager(self) -> dict[int, dict[str, float]]:
+        """Results of this step's eager layer updates (waits for the worker)."""
+        start = time.perf_counter()
+        done = {layer: future.result() for layer, future in self._eager.items()}
+        if done:
+            self._counters["wait_s"] += time.perf_counter() - start
+        return done
 
     # --- engine integration -------------------------------------------------------------
     def _loss_scale(self) -> float:
@@ -131,51 +278,132 @@ class SparseRuntime:
         return 1.0
 
     def grads(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The coalesced (and, data-parallel, averaged) gradients of this step."""
+        """The coalesced (and, data-parallel, averaged) gradients of this step's cold
+        rows (layers already updated eagerly have none left)."""
+        self._wait_eager()  # their worker consumes those layers' pending gradients
         if self._grads is None:
             self._grads = self.store.coalesce(self.group)
         return self._grads
 
     def grad_sq_norm(self) -> float:
-        return float(
+        """Squared norm of all row gradients of this step: cold, hot and eager layers."""
+        cold = self.store.total_sq_norm(float(  # sharded: summed over the owners
             sum(g.double().pow(2).sum() for _, g in self.grads().values() if g.numel())
-        )
+        ))
+        hot = sum(cache.grad_sq_norm() for cache in self.caches.values())
+        eager = sum(result["sq"] for result in self._wait_eager().values())
+        return cold + hot + eager
 
     def step(self, lr: float, clip_coef: float = 1.0, skip: bool = False) -> None:
-        """Apply AdamW to the rows that got gradients since the last step."""
+        """Apply AdamW to the rows that got gradients since the last step (cold rows on
+        the CPU, hot rows on the device), then move rows into or out of the cache."""
         start = time.perf_counter()
+        eager = self._wait_eager()
+        self._eager = {}
+        self.eager_lr = None
         grads = self.grads()
         self._grads = None
         self.store.clear_grads()
         finite = all(bool(torch.isfinite(g).all()) for _, g in grads.values() if g.numel())
-        updated = 0
+        finite = finite and all(cache.all_finite() for cache in self.caches.values())
+        updated = sum(result["rows"] for result in eager.values())
+        self._counters["cpu_adam_s"] += sum(result["cpu_adam_s"] for result in eager.values())
+        self._counters["eager_layers"] += len(eager)
+        self._counters["eager_layers_skipped"] += sum(r["skipped"] for r in eager.values())
+        store_lr = lr * self.options.sparse_lr_ratio
         if skip or not finite:
             self._counters["store_steps_skipped"] += 1
         else:
-            store_lr = lr * self.options.sparse_lr_ratio
             for layer, (rows, grad) in grads.items():
                 if not rows.numel():
                     continue
                 if clip_coef < 1.0:
                     grad = grad * clip_coef
                 state = self.store.layers[layer]
+                adam_start = time.perf_counter()
                 self.row_optimizer().step(
                     state.weight, state.exp_avg, state.exp_avg_sq, state.steps, rows, grad,
                     store_lr,
                 )
+                self._counters["cpu_adam_s"] += time.perf_counter() - adam_start
                 updated += rows.numel()
+            for layer, cache in self.caches.items():
+                updated += int(cache.touched.sum())
+                self._moved("d2h", cache.step(
+                    self.row_optimizer(), store_lr, clip_coef, self.store.layers[layer]
+                ))
+        for layer, cache in self.caches.items():
+            cache.clear_grads()
+            promoted, evicted, up, down = cache.rebalance(self.store.layers[layer])
+            self._counters["cache_promoted"] += promoted
+            self._counters["cache_evicted"] += evicted
+            self._moved("h2d", up)
+            self._moved("d2h", down)
+            self._counters["cache_rows"] += cache.size
         self._counters["rows_updated"] += updated
         self._counters["optim_s"] += time.perf_counter() - start
         self._last = dict(self._counters)
+        self._last_rows_layer = [self._rows_layer.get(layer, 0.0) for layer in self.sizes.layers]
         self._counters.clear()
+        self._rows_layer.clear()
         # The rows changed: no cached selection or working set may be reused.
         self.generation += 1
 
     def metrics(self) -> dict[str, float]:
         """Figures of the last completed step, ``sparse_``-prefixed: ``tokens`` routed,
         ``rows_moved`` host->device (sum over layers and micro-batches of the working-set
-        sizes), ``h2d_bytes`` / ``d2h_bytes`` (rows; hidden states, expert ids and row
-        gradients; counted whatever the device, a CPU one included), ``rows_updated``,
+        rows copied), ``h2d_bytes`` / ``d2h_bytes`` and ``h2d_elements`` /
+        ``d2h_elements`` (rows; hidden states, expert ids and row gradients; counted
+        whatever the device, a CPU one included; the [T, K] int64 column/slot indices of
+        the selection are not counted), ``rows_updated``,
         ``store_steps_skipped``, and seconds spent in ``select_s``, ``fetch_s``,
-        ``grad_s``, ``optim_s``."""
-        return {f"sparse_{key}": value for key, value in self._last.items()}
+        ``grad_s``, ``optim_s`` (the whole store step), ``cpu_adam_s`` (the CPU row
+        update, also when a worker ran it), ``wait_s`` (time the step waited for the
+        worker). With the cache: ``cache_hits`` / ``cache_misses`` (rows served from the
+        device / copied), ``cache_promoted``, ``cache_evicted``, ``cache_rows`` (resident
+        after the step, all layers); promotions, evictions and hot keys written back are
+        in the byte counts. ``rows_per_layer``: rows selected per adapted layer (a list,
+        summed over micro-batches, hot and cold)."""
+        out: dict = {f"sparse_{key}": value for key, value in self._last.items()}
+        if self._last_rows_layer:
+            out["sparse_rows_per_layer"] = list(self._last_rows_layer)
+        return out
+
+    # --- cache state for checkpoints --------------------------------------------------
+    def flush(self) -> None:
+        """Write the cached rows' current state into the store (before save / export)."""
+        self._wait_eager()
+        for layer, cache in self.caches.items():
+            cache.flush(self.store.layers[layer])
+
+    def cache_state(self) -> dict:
+        return {layer: cache.state_dict() for layer, cache in self.caches.items()}
+
+    def load_cache_state(self, state: dict | None) -> None:
+        """After the store was loaded: cache ``state``'s rows again (or drop the cache)."""
+        for cache in self.caches.values():
+            cache.reset()
+        for layer, saved in (state or {}).items():
+            if layer not in self.store.layers:
+                continue
+            cache = self._cache(layer, self._cache_device())
+            if cache is not None:
+                cache.load_state_dict(saved, self.store.layers[layer])
+        self.generation += 1
+
+    def _cache_device(self) -> torch.device:
+        for cache in self.caches.values():
+            return cache.device
+        device = getattr(self.engine, "device", None)
+        if isinstance(device, torch.device):
+            return device
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def _world(group) -> int:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)

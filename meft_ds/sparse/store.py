@@ -97,24 +97,28 @@ class RowStore:
         The local sum replaces the pending list (so calling this again, or adding more
         gradients afterwards, stays correct); :meth:`clear_grads` drops it after the step.
         """
-        result: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer, rows in self.layers.items():
-            pending = rows.pending
-            if not pending:
-                idx = torch.empty(0, dtype=torch.int64)
-                grad = torch.empty(0, 2 * self.sizes.hidden, dtype=torch.float32)
-            elif len(pending) == 1:
-                idx, grad = pending[0]
-            else:
-                all_rows = torch.cat([p[0] for p in pending])
-                idx, inverse = torch.unique(all_rows, sorted=True, return_inverse=True)
-                grad = torch.zeros(len(idx), 2 * self.sizes.hidden, dtype=torch.float32)
-                grad.index_add_(0, inverse, torch.cat([p[1] for p in pending]))
-                rows.pending = [(idx, grad)]
-            result[layer] = (idx, grad)
+        result = {layer: self.coalesce_layer(layer) for layer in self.layers}
         if _world_size(group) > 1:
             result = {layer: _allreduce_rows(idx, g, group) for layer, (idx, g) in result.items()}
         return result
+
+    def coalesce_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's pending gradients summed locally (no communication)."""
+        rows = self.layers[layer]
+        pending = rows.pending
+        if not pending:
+            return (
+                torch.empty(0, dtype=torch.int64),
+                torch.empty(0, 2 * self.sizes.hidden, dtype=torch.float32),
+            )
+        if len(pending) == 1:
+            return pending[0]
+        all_rows = torch.cat([p[0] for p in pending])
+        idx, inverse = torch.unique(all_rows, sorted=True, return_inverse=True)
+        grad = torch.zeros(len(idx), 2 * self.sizes.hidden, dtype=torch.float32)
+        grad.index_add_(0, inverse, torch.cat([p[1] for p in pending]))
+        rows.pending = [(idx, grad)]
+        return idx, grad
 
     def clear_grads(self) -> None:
         for rows in self.layers.values():

@@ -1,0 +1,209 @@
+"""The sparse adapter's hot-row cache and eager row update give the same training as
+the plain path: same outputs, same rows, same Adam state, also across checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meft_ds import methods
+from meft_ds import options as opt
+from meft_ds.sparse.adapter import SparseAdapter
+from meft_ds.sparse.cache import cache_capacity
+from meft_ds.sparse.options import SparseOptions, resolve_sizes
+from meft_ds.sparse.runtime import SparseRuntime
+
+SIZES = dict(sparse_rank=64, sparse_experts=8, sparse_experts_per_token=2, sparse_top_k=6)
+
+
+def _runtime(backend: str, cache_rows: float, layers: int = 2) -> SparseRuntime:
+    options = SparseOptions(**SIZES, sparse_optimizer=backend, sparse_cache_rows=cache_rows)
+    return SparseRuntime(options, resolve_sizes(options, 16, range(layers), 1))
+
+
+def _inputs(steps: int, micro: int, hidden: int = 16):
+    """Per step and micro-batch: an input drawn around a few fixed centres (rows repeat
+    across steps, the selection still changes) and a target."""
+    gen = torch.Generator().manual_seed(7)
+    centres = torch.randn(3, hidden, generator=gen)
+    out = []
+    for _ in range(steps):
+        batch = []
+        for _ in range(micro):
+            pick = torch.randint(0, 3, (5,), generator=gen)
+            x = centres[pick] + 0.5 * torch.randn(5, hidden, generator=gen)
+            batch.append((x, torch.randn(5, hidden, generator=gen)))
+        out.append(batch)
+    return out
+
+
+def _train(runtime: SparseRuntime, adapters, data, lr: float = 1e-2):
+    outputs = []
+    for batch in data:
+        for x, target in batch:
+            runtime.begin_micro_batch(None)
+            h = x
+            for adapter in adapters:  # a chain of layers: layer 1's input depends on layer 0
+                h = h + adapter(h)
+            outputs.append(h.detach().clone())
+            (h * target).sum().backward()
+        runtime.step(lr)
+        for adapter in adapters:
+            adapter.clear_cache()
+    return outputs
+
+
+def _adapters(runtime):
+    return [SparseAdapter(runtime, layer).train() for layer in runtime.sizes.layers]
+
+
+def _state(runtime):
+    runtime.flush()
+    return {
+        layer: [t.clone() for t in (rows.weight, rows.exp_avg, rows.exp_avg_sq, rows.steps)]
+        for layer, rows in runtime.store.layers.items()
+    }
+
+
+def test_cache_capacity_setting():
+    assert cache_capacity(0, 64) == 0
+    assert cache_capacity(0.25, 64) == 16
+    assert cache_capacity(10, 64) == 10
+    assert cache_capacity(1000, 64) == 64
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu_adam"])
+def test_cache_on_trains_exactly_like_cache_off(backend):
+    data = _inputs(steps=6, micro=2)
+    results = []
+    for cache_rows in (0, 12):
+        torch.manual_seed(0)
+        runtime = _runtime(backend, cache_rows)
+        adapters = _adapters(runtime)
+        totals: dict[str, float] = {}
+        outputs = []
+        for step_batch in data:
+            outputs += _train(runtime, adapters, [step_batch])
+            for key, value in runtime.metrics().items():
+                if not isinstance(value, list):
+                    totals[key] = totals.get(key, 0.0) + value
+            per_layer = runtime.metrics()["sparse_rows_per_layer"]
+            assert len(per_layer) == 2 and all(n > 0 for n in per_layer)
+        results.append((outputs, _state(runtime), totals))
+    (out_off, state_off, m_off), (out_on, state_on, m_on) = results
+    # the cache was used, rows were evicted, and it saved copies
+    assert m_on["sparse_cache_hits"] > 0 and m_on["sparse_cache_evicted"] > 0
+    assert m_on["sparse_rows_moved"] < m_off["sparse_rows_moved"]
+    assert m_on["sparse_cache_hits"] + m_on["sparse_cache_misses"] == m_off["sparse_rows_moved"]
+    assert m_on["sparse_rows_updated"] == m_off["sparse_rows_updated"]
+    exact = backend == "torch"  # the same arithmetic on both sides: bit-identical
+    for a, b in zip(out_off, out_on):
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for layer in state_off:
+        for a, b in zip(state_off[layer], state_on[layer]):
+            if exact or a.dtype == torch.int64:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_flush_and_restore_resume_bit_exactly():
+    """Save after 3 of 6 steps (flush + membership), load into a fresh runtime and go on:
+    the same weights and moments as an uninterrupted run, with the cpu_adam backend
+    (cached rows use torch arithmetic, so the split must be restored too)."""
+    data = _inputs(steps=6, micro=1)
+    straight = _runtime("cpu_adam", 12)
+    _train(straight, _adapters(straight), data)
+    expected = _state(straight)
+
+    first = _runtime("cpu_adam", 12)
+    _train(first, _adapters(first), data[:3])
+    first.flush()
+    store_state = {k: v for k, v in first.store.state_dict().items()}
+    store_state["layers"] = {
+        layer: {name: t.clone() for name, t in rows.items()}
+        for layer, rows in store_state["layers"].items()
+    }
+    cache_state = first.cache_state()
+    assert all(s["rows"].numel() > 0 for s in cache_state.values())
+
+    second = _runtime("cpu_adam", 12)
+    adapters = _adapters(second)
+    second.store.load_state_dict(store_state)
+    second.load_cache_state(cache_state)
+    _train(second, adapters, data[3:])
+    resumed = _state(second)
+    for layer in expected:
+        for a, b in zip(expected[layer], resumed[layer]):
+            assert torch.equal(a, b)
+
+
+# --- eager update under a real DeepSpeed engine ----------------------------------------
+def _tiny_llama(layers=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def _engine_run(eager: bool, clip: float, cache_rows: float, steps: int = 3):
+    import deepspeed
+
+    cls = methods.get("sparse")
+    values = dict(sparse_rank=128, sparse_experts=8, sparse_top_k=8, sparse_optimizer="torch",
+                  sparse_eager_update=eager, sparse_cache_rows=cache_rows)
+    method = cls(opt.build(cls.Options, values, context="sparse"), None)
+    module = method.apply(_tiny_llama())
+    for rows in method.runtime.store.layers.values():
+        rows.weight[:, 64:].normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=module, model_parameters=params,
+        optimizer=torch.optim.AdamW(params, lr=1e-2),
+        config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                "gradient_clipping": clip, "zero_optimization": {"stage": 0},
+                "steps_per_print": 10**9},
+    )
+    method.attach_engine(engine)
+    gen = torch.Generator().manual_seed(3)
+    metrics = []
+    for _ in range(steps):
+        for _ in range(2):
+            ids = torch.randint(0, 128, (2, 12), generator=gen)
+            mask = torch.ones_like(ids)
+            mask[1, 9:] = 0
+            logits = method.forward(engine, ids, mask)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(),
+                                   ids[:, 1:].reshape(-1))
+            method.before_backward()
+            engine.backward(loss)
+            lr = engine.get_lr()[0]
+            engine.step()
+        norm = method.external_grad_sq_norm()
+        assert norm > 0
+        method.after_engine_step(lr, 1.0)
+        metrics.append(method.step_metrics())
+    return _state(method.runtime), metrics
+
+
+def test_eager_row_update_equals_the_end_of_step_update():
+    reference, m_ref = _engine_run(eager=False, clip=0.0, cache_rows=0)
+    eager, m_eager = _engine_run(eager=True, clip=0.0, cache_rows=0)
+    assert all(m["sparse_eager_layers"] == 3 for m in m_eager)
+    assert all(m["sparse_eager_layers"] == 0 for m in m_ref)
+    both, m_both = _engine_run(eager=True, clip=0.0, cache_rows=16)
+    assert sum(m["sparse_cache_hits"] for m in m_both) > 0
+    for layer in reference:
+        for a, b, c in zip(reference[layer], eager[layer], both[layer]):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    # with clipping the coefficient needs every gradient first: no eager update
+    _, m_clip = _engine_run(eager=True, clip=1.0, cache_rows=0, steps=1)
+    assert m_clip[0]["sparse_eager_layers"] == 0
