@@ -39,6 +39,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 
 import torch  # noqa: E402
 
+from bench.report import write_report  # noqa: E402
 from bench.sparse_offload import machine  # noqa: E402
 from meft_ds.sparse.optim import RowAdamW  # noqa: E402
 
@@ -190,11 +191,7 @@ def main() -> None:
     report = {"benchmark": "sparse_adam", "machine": machine(), "config": vars(args),
               "threads": torch.get_num_threads(), "results": results,
               "note": "min over interleaved repetitions; compare only ratios"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -47,6 +46,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 
 import torch  # noqa: E402
 
+from bench.report import write_report  # noqa: E402
 from bench.sparse_offload import build, lm_loss, machine  # noqa: E402
 from meft_ds.data import encode, load_split  # noqa: E402
 from meft_ds.models.loader import load_model, load_tokenizer, model_config  # noqa: E402
@@ -311,17 +311,13 @@ def main() -> None:
         ),
         "results": results, "curves": curves,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
+    write_report(report, args.out, plot)
     for res in results:
         line = f"{res['model']} r{res['rank']}: no cache " \
                f"{res['no_cache']['mean_elements_over_phi_after_warmup']:.3f} Φ"
         for c in res["cache"]:
             line += f", cache {c['fraction']:g}r {c['mean_elements_over_phi_after_warmup']:.3f} Φ"
         print(line)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

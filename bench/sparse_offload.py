@@ -44,6 +44,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.report import write_report  # noqa: E402
 from meft_ds import memory, methods, options  # noqa: E402
 from meft_ds.data import collate, encode, load_split  # noqa: E402
 from meft_ds.models.loader import load_model  # noqa: E402
@@ -263,11 +264,7 @@ def main() -> None:
         "benchmark": "sparse_offload", "model": "smollm2-135m", "machine": machine(),
         "config": vars(args), "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_baselines import run_one  # noqa: E402
+from bench.report import write_report  # noqa: E402
 from bench.sparse_offload import machine  # noqa: E402
 
 
@@ -79,11 +80,7 @@ def main() -> None:
               "config": vars(args), "ds_config": "ds_configs/cpu.json", "results": results,
               "note": "CPU only: ratios measured side by side (interleaved runs) on a shared "
                       "2-core machine; absolute seconds are not comparable elsewhere"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(report, args.out, plot)
 
 
 def plot(report: dict, path: Path) -> None:

@@ -54,3 +54,16 @@ def smollm2():
 def data_dir() -> Path:
     """The shared data directory (``../shared/data``)."""
     return Path(os.environ["MEFT_DS_DATA"])
+
+
+def tiny_llama(layers: int = 3):
+    """A randomly initialised 64-wide LLaMA (seeded): for unit tests of adapter mechanics."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)

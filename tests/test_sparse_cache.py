@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 
 from meft_ds import methods
 from meft_ds import options as opt
@@ -143,17 +144,6 @@ def test_cache_flush_and_restore_resume_bit_exactly():
 
 
 # --- eager update under a real DeepSpeed engine ----------------------------------------
-def _tiny_llama(layers=3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
-
-
 def _engine_run(eager: bool, clip: float, cache_rows: float, steps: int = 3):
     import deepspeed
 
@@ -161,7 +151,7 @@ def _engine_run(eager: bool, clip: float, cache_rows: float, steps: int = 3):
     values = dict(sparse_rank=128, sparse_experts=8, sparse_top_k=8, sparse_optimizer="torch",
                   sparse_eager_update=eager, sparse_cache_rows=cache_rows)
     method = cls(opt.build(cls.Options, values, context="sparse"), None)
-    module = method.apply(_tiny_llama())
+    module = method.apply(tiny_llama())
     for rows in method.runtime.store.layers.values():
         rows.weight[:, 64:].normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
     params = [p for p in module.parameters() if p.requires_grad]

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 
 from meft_ds import methods
 from meft_ds import options as opt
@@ -150,21 +151,10 @@ def test_deepspeed_training_updates_only_cpu_rows(smollm2, data_dir, tmp_path):
         fresh_method.load_trainable_state(fresh, wrong)
 
 
-def _tiny_llama(layers=3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
-
-
 def test_activation_checkpointing_reuses_the_working_set():
     results = []
     for checkpointing in (False, True):
-        model = _tiny_llama()
+        model = tiny_llama()
         method, module = _method(model, sparse_rank=256, sparse_experts=16, sparse_top_k=8)
         for rows in method.runtime.store.layers.values():
             rows.weight[:, 64:].normal_(generator=torch.Generator().manual_seed(1))
@@ -191,7 +181,7 @@ def test_activation_checkpointing_reuses_the_working_set():
 def test_clip_coefficient_scales_the_row_update():
     updates = []
     for clip in (1.0, 0.25):
-        model = _tiny_llama(layers=1)
+        model = tiny_llama(layers=1)
         method, module = _method(
             model, sparse_rank=64, sparse_experts=8, sparse_top_k=4, sparse_optimizer="torch"
         )
@@ -205,7 +195,7 @@ def test_clip_coefficient_scales_the_row_update():
 
 
 def test_model_checks_are_user_errors():
-    model = _tiny_llama(layers=2)
+    model = tiny_llama(layers=2)
     cls = methods.get("sparse")
     with pytest.raises(UserError, match="layer range"):
         cls(opt.build(SparseOptions, {**SMALL, "layer_end": 5}), model.config).check_model(model)
@@ -255,7 +245,7 @@ def test_sparse_adapters_in_the_reversible_backward_match_autograd(variant):
 
     results = []
     for backward in ("autograd", "reversible"):
-        model = _tiny_llama(layers=2)
+        model = tiny_llama(layers=2)
         options = SparseOptions(
             sparse_rank=128, sparse_experts=8, sparse_top_k=8, sparse_optimizer="torch"
         )
@@ -296,9 +286,9 @@ def test_resolved_sizes_are_written_back_for_export():
 
     cls = methods.get("sparse")
     method = cls(opt.build(SparseOptions, {"sparse_top_k": 4}), None)
-    method.apply(_tiny_llama(layers=2))
+    method.apply(tiny_llama(layers=2))
     sizes = method.runtime.sizes
     written = (method.options.sparse_rank, method.options.sparse_experts)
     assert written == (sizes.rank, sizes.num_experts)
     again = cls(opt.build(SparseOptions, dataclasses.asdict(method.options)), None)
-    assert again.sizes(_tiny_llama(layers=2)) == sizes
+    assert again.sizes(tiny_llama(layers=2)) == sizes
