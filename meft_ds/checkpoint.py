@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from meft_ds import dist as mdist
 from meft_ds.errors import UserError
 
 LATEST = "latest"
@@ -45,15 +45,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 @contextmanager
@@ -94,8 +85,8 @@ def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, ke
             exclude_frozen_parameters=True,
         )
     method.save_state(root / partial)
-    _barrier()
-    if _rank() == 0:
+    mdist.barrier()
+    if mdist.rank() == 0:
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
@@ -104,7 +95,7 @@ def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, ke
         tmp.write_text(tag)
         os.replace(tmp, root / LATEST)
         _prune(root, keep)
-    _barrier()
+    mdist.barrier()
     return root / tag
 
 

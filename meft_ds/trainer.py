@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from meft_ds import checkpoint, memory
+from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
 from meft_ds.data import IGNORE, BatchSchedule
 from meft_ds.methods.base import Method
@@ -32,9 +33,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def world() -> tuple[int, int]:
     """(rank, world size)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return mdist.rank(), mdist.world_size()
 
 
 def mean_across_ranks(value: float) -> float:

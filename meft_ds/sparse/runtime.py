@@ -36,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from meft_ds import dist as mdist
 from meft_ds.sparse.cache import LayerCache, Moved, cache_capacity
 from meft_ds.sparse.optim import RowAdamW
 from meft_ds.sparse.options import SparseOptions, SparseSizes
@@ -186,7 +187,7 @@ class SparseRuntime:
 
     def _cache(self, layer: int, device: torch.device) -> LayerCache | None:
         """The layer's hot-row cache (made on first use), ``None`` when it is off."""
-        if not self._cache_rows or _world(self.group) > 1:
+        if not self._cache_rows or mdist.world_size(self.group) > 1:
             return None
         cache = self.caches.get(layer)
         if cache is None:
@@ -400,10 +401,3 @@ class SparseRuntime:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-
-
-def _world(group) -> int:
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from meft_ds import dist as mdist
 from meft_ds.errors import UserError
 from meft_ds.sparse.options import SparseSizes
 
@@ -98,7 +99,7 @@ class RowStore:
         gradients afterwards, stays correct); :meth:`clear_grads` drops it after the step.
         """
         result = {layer: self.coalesce_layer(layer) for layer in self.layers}
-        if _world_size(group) > 1:
+        if mdist.world_size(group) > 1:
             result = {layer: _allreduce_rows(idx, g, group) for layer, (idx, g) in result.items()}
         return result
 
@@ -172,13 +173,6 @@ class RowStore:
         if not path.is_file():
             raise UserError(f"checkpoint {directory} has no {self.FILE}")
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
-
-
-def _world_size(group) -> int:
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
 
 
 def _comm_device(group) -> torch.device:
