@@ -160,8 +160,7 @@ class RowStore:
     def save(self, directory: Path) -> None:
         """Write the store into ``directory``; data-parallel replicas are identical, so
         only global rank 0 writes."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if mdist.rank() != 0:
             return
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (self.FILE + ".tmp")
