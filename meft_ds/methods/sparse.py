@@ -46,6 +46,17 @@ class _AddAdapter:
         return output + self.adapter(args[0])
 
 
+class _Prefetch:
+    """Forward pre-hook of a layer's input norm (``--sparse_prefetch``): start the
+    adapter's row selection and fetch from the layer's attention input."""
+
+    def __init__(self, adapter: SparseAdapter) -> None:
+        self.adapter = adapter
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.adapter.prefetch(args[0])
+
+
 class _BeginMicroBatch:
     """Forward pre-hook of the whole model: new selections, padding tokens masked out."""
 
@@ -107,21 +118,25 @@ class SparseMethod(Method):
         for param in model.parameters():
             param.requires_grad_(False)
         self.runtime = SparseRuntime(self.options, sizes)
+        layers = arch.layers(model)
         if self.reversible:
             module = reversible_sparse.wrap(model, self.options, self.runtime, self.adapters)
-            module.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
-            return module
-        layers = arch.layers(model)
-        reference = next(model.parameters())
-        for index in sizes.layers:
-            adapter = SparseAdapter(self.runtime, index)
-            adapter.to(device=reference.device, dtype=reference.dtype)
-            layer = layers[index]
-            layer.sparse_adapter = adapter
-            layer.mlp.register_forward_hook(_AddAdapter(adapter))
-            self.adapters[index] = adapter
-        model.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
-        return model
+        else:
+            module = model
+            reference = next(model.parameters())
+            for index in sizes.layers:
+                adapter = SparseAdapter(self.runtime, index)
+                adapter.to(device=reference.device, dtype=reference.dtype)
+                layer = layers[index]
+                layer.sparse_adapter = adapter
+                layer.mlp.register_forward_hook(_AddAdapter(adapter))
+                self.adapters[index] = adapter
+        if self.options.sparse_prefetch:
+            for index, adapter in self.adapters.items():
+                adapter.route_from(layers[index].post_attention_layernorm)
+                layers[index].input_layernorm.register_forward_pre_hook(_Prefetch(adapter))
+        module.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
+        return module
 
     def forward(
         self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor

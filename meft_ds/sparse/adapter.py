@@ -19,6 +19,12 @@ passes through the adapter towards ``h`` or the router, under ``loss.backward()`
 under ``torch.autograd.grad(out, [h, *params])`` (the reversible backward) alike. The
 backward recomputes ``S`` instead of saving it.
 
+With ``--sparse_prefetch`` the decision is started earlier, from the layer's attention
+input (:meth:`SparseAdapter.prefetch`, called by a forward pre-hook of the layer's input
+norm): the router picks the experts from that input put through the FFN norm, and the
+selection and row fetch run on a worker thread while attention computes (see
+:mod:`meft_ds.sparse.runtime`). The gates still come from the router on the FFN input.
+
 Decisions (the router's experts, the selected rows, the working set) are made once per
 layer and micro-batch and reused by a recomputation of it: cached in training mode
 (activation checkpointing), or recorded and replayed explicitly through
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -108,6 +115,18 @@ class Decision:
     generation: int = -1
 
 
+@dataclass
+class _Pending:
+    """A decision started by :meth:`SparseAdapter.prefetch`, not yet taken."""
+
+    shape: torch.Size
+    tokens: torch.Tensor | None
+    experts: torch.Tensor
+    future: Future
+    generation: int
+    counted: bool
+
+
 class _Record:
     """What :meth:`SparseAdapter.rev_capture` returns: filled by the next forward."""
 
@@ -128,6 +147,8 @@ class SparseAdapter(nn.Module):
         object.__setattr__(self, "_cache", None)
         object.__setattr__(self, "_record", None)
         object.__setattr__(self, "_replay", None)
+        object.__setattr__(self, "route_norm", None)  # set for --sparse_prefetch
+        object.__setattr__(self, "_pending", None)
         self.reset_router()
 
     @torch.no_grad()
@@ -158,6 +179,8 @@ class SparseAdapter(nn.Module):
             return torch.zeros_like(hidden)
 
         logits = self.router(x)
+        if decision is None:
+            decision = self._prefetched(hidden)
         if decision is None:
             decision = self._decide(hidden, tokens, x, logits)
         if record is not None:
@@ -210,10 +233,58 @@ class SparseAdapter(nn.Module):
             self.layer, selection.rows, x.device, runtime.working_dtype(x.dtype),
             count=self.training,
         )
-        decision = Decision(hidden.shape, tokens, experts, selection, working, runtime.generation)
+        return self._keep(Decision(
+            hidden.shape, tokens, experts, selection, working, runtime.generation
+        ))
+
+    def _keep(self, decision: Decision) -> Decision:
+        """Cache a new decision for recomputations of this micro-batch (training)."""
         if self.training:
             object.__setattr__(self, "_cache", decision)
         return decision
+
+    # --- prefetch (--sparse_prefetch) ---------------------------------------------------
+    def route_from(self, norm: nn.Module) -> None:
+        """Prefetch from the attention input put through ``norm`` (the layer's FFN norm;
+        kept as a plain attribute, it is already a submodule of the layer)."""
+        object.__setattr__(self, "route_norm", norm)
+
+    @torch.no_grad()
+    def prefetch(self, residual: torch.Tensor) -> None:
+        """Start this call's decision from the layer's attention input ``residual``
+        (same shape as the FFN input), unless the call will reuse one anyway."""
+        if self.route_norm is None or self._reused(residual) is not None:
+            return
+        runtime = self.runtime
+        tokens = self._active_tokens(residual)
+        x = self.route_norm(residual).reshape(-1, runtime.sizes.hidden)
+        if tokens is not None:
+            x = x.index_select(0, tokens)
+        object.__setattr__(self, "_pending", None)
+        if x.shape[0] == 0:
+            return
+        experts = self.router(x).topk(runtime.sizes.experts_per_token, dim=-1).indices
+        future = runtime.prefetch(
+            self.layer, x, experts, runtime.working_dtype(x.dtype), count=self.training
+        )
+        object.__setattr__(self, "_pending", _Pending(
+            residual.shape, tokens, experts, future, runtime.generation, self.training
+        ))
+
+    def _prefetched(self, hidden: torch.Tensor) -> Decision | None:
+        """The prefetched decision for this call, if one was started for it."""
+        pending = self._pending
+        object.__setattr__(self, "_pending", None)
+        if pending is None:
+            return None
+        runtime = self.runtime
+        selection, working = runtime.take(self.layer, pending.future, count=pending.counted)
+        if pending.generation != runtime.generation or pending.shape != hidden.shape:
+            return None  # started for another call (its traffic is counted, nothing else)
+        return self._keep(Decision(
+            hidden.shape, pending.tokens, pending.experts, selection, working,
+            pending.generation,
+        ))
 
     # --- reversible protocol (see meft_ds.reversible.blocks) -----------------------------
     def rev_capture(self) -> _Record:

@@ -67,6 +67,10 @@ class SparseOptions:
         True, "update a layer's rows on a CPU thread as soon as its last micro-batch's "
         "gradient is complete (only where exact: no clipping, one rank, no fp16)"
     )
+    sparse_prefetch: bool = _opt(
+        False, "route each layer from its attention input and select + fetch its rows on a "
+        "CPU thread while attention runs (approximate routing; off = from the FFN input)"
+    )
 
     def validate(self) -> None:
         """Check values that need no model; sizes are checked in :func:`resolve_sizes`."""
@@ -102,6 +106,11 @@ class SparseOptions:
         if self.sparse_cache_rows < 0 or not math.isfinite(self.sparse_cache_rows):
             raise UserError(
                 f"sparse: sparse_cache_rows must be >= 0, got {self.sparse_cache_rows}"
+            )
+        if self.sparse_prefetch and self.sparse_store == "sharded":
+            raise UserError(
+                "sparse: sparse_prefetch needs sparse_store replicated (the sharded store "
+                "selects rows with collectives, which cannot run on a prefetch thread)"
             )
         if self.sparse_eps <= 0:
             raise UserError(f"sparse: sparse_eps must be > 0, got {self.sparse_eps}")

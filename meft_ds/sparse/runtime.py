@@ -21,11 +21,23 @@ Optional parts:
   A layer must produce its row gradient once per micro-batch (one adapter call with
   grad; recomputations reuse the forward's decision, see :mod:`meft_ds.sparse.adapter`).
 
-Ordering of selection and routing relative to the layer's compute: a layer routes and
-selects from its FFN input, i.e. after its attention block, and its rows are fetched
-right then (the fetch is synchronous on the CPU; on a GPU the copy is issued on the
-current stream from a pinned staging buffer). Rows are not prefetched ahead of the
-layer's compute.
+Ordering of selection and routing relative to the layer's compute:
+
+- default: a layer routes and selects from its FFN input, i.e. after its attention
+  block, and its rows are fetched right then (synchronously on the CPU; on a GPU the
+  copy runs on a side stream from a pinned staging buffer, and the compute stream
+  waits for it);
+- ``--sparse_prefetch``: a layer routes and selects from its *attention* input put
+  through its FFN norm (the residual stream changes little across one attention block),
+  before the attention runs. :meth:`SparseRuntime.prefetch` copies the hidden states to
+  the host on the calling thread (a few KB) and hands selection and row fetch to a
+  worker thread, so the CPU's key scoring, the gather of the rows into the staging
+  buffer and their copy to the device overlap the layer's attention; the FFN adapter
+  then waits for the result (``prefetch_wait_s``). The router's gates are still computed
+  from the exact FFN input, so the router gets the same kind of gradient. Only the
+  selection differs from the default (it is approximate), and the working set is the
+  same function of the selection. Not with the sharded store (its selection is
+  collective communication, which must not run beside the main thread's).
 """
 
 from __future__ import annotations
@@ -71,6 +83,7 @@ class SparseRuntime:
         self.eager_lr: float | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._eager: dict[int, Future] = {}
+        self._prefetcher: ThreadPoolExecutor | None = None
 
     def row_optimizer(self) -> RowAdamW:
         """The store's AdamW, made on first use (inference never builds its kernel)."""
@@ -110,12 +123,46 @@ class SparseRuntime:
             self._counters["tokens"] += hidden.shape[0]
         return selection
 
+    def prefetch(
+        self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, dtype: torch.dtype,
+        count: bool = True,
+    ) -> Future:
+        """Select and fetch ``layer``'s rows for ``hidden`` on a worker thread (see the
+        module docstring); :meth:`take` waits for the ``(selection, working)`` result."""
+        device = hidden.device
+        hidden_cpu = hidden.detach().to("cpu")  # on this thread: ordered after its producer
+        experts_cpu = experts.to("cpu")
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefetch")
+
+        def work() -> tuple[Selection, torch.Tensor]:
+            selection = self.select(layer, hidden_cpu, experts_cpu, count=count)
+            working = self.fetch(layer, selection.rows, device, dtype, count=count, wait=False)
+            return selection, working
+
+        if count:
+            self._counters["prefetched_layers"] += 1
+        return self._prefetcher.submit(work)
+
+    def take(
+        self, layer: int, future: Future, count: bool = True
+    ) -> tuple[Selection, torch.Tensor]:
+        """The result of :meth:`prefetch`, ready for this thread's compute stream."""
+        start = time.perf_counter()
+        selection, working = future.result()
+        self._await_copy(layer, working)
+        if count:
+            self._counters["prefetch_wait_s"] += time.perf_counter() - start
+        return selection, working
+
     def fetch(
         self, layer: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype,
-        count: bool = True,
+        count: bool = True, wait: bool = True,
     ) -> torch.Tensor:
         """The rows ``[U, 2d]`` of ``layer`` on ``device`` (a leaf without grad): hot rows
-        from the cache, the others copied from the store."""
+        from the cache, the others copied from the store. ``wait=False`` (a worker
+        thread): the caller's compute stream has not been made to wait for the copy yet
+        (:meth:`take` does that)."""
         start = time.perf_counter()
         cache = self._cache(layer, device)
         if cache is None or not cache.size:
@@ -127,11 +174,16 @@ class SparseRuntime:
             working = torch.empty(rows.numel(), 2 * self.sizes.hidden, dtype=dtype, device=device)
             if cold:
                 moved = self._transfer(layer, rows[cold_pos], device, dtype)
+                self._await_copy(layer, moved)
                 working.index_copy_(0, cold_pos.to(device, non_blocking=True), moved)
             if hot_pos.numel():
                 working.index_copy_(
                     0, hot_pos.to(device, non_blocking=True), cache.gather(slots, dtype)
                 )
+            if device.type == "cuda":  # what _await_copy waits for: the assembled set
+                assembled = torch.cuda.Event()
+                assembled.record(torch.cuda.current_stream(device))
+                self._staging_done[layer] = assembled
         if count:
             if cache is not None:
                 cache.note_selected(rows)
@@ -142,7 +194,19 @@ class SparseRuntime:
             elements = cold * 2 * self.sizes.hidden
             self._moved("h2d", Moved(elements, elements * working.element_size()))
             self._counters["fetch_s"] += time.perf_counter() - start
+        if wait:
+            self._await_copy(layer, working)
         return working
+
+    def _await_copy(self, layer: int, working: torch.Tensor) -> None:
+        """Make the current CUDA stream wait for ``layer``'s last row copy, and keep
+        ``working`` alive until that stream is done with it (nothing on the CPU)."""
+        done = self._staging_done.get(layer)
+        if working.device.type != "cuda" or done is None:
+            return
+        stream = torch.cuda.current_stream(working.device)
+        stream.wait_event(done)
+        working.record_stream(stream)
 
     def _transfer(
         self, layer: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype
@@ -155,11 +219,7 @@ class SparseRuntime:
                 working = staged.to(device, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
-            self._staging_done[layer] = done
-            # The compute stream waits for the copy; the allocator keeps ``working`` alive
-            # until the compute stream is done with it.
-            torch.cuda.current_stream(device).wait_event(done)
-            working.record_stream(torch.cuda.current_stream(device))
+            self._staging_done[layer] = done  # the compute stream waits in _await_copy
             return working
         return self.store.gather(layer, rows).to(dtype)
 
@@ -360,10 +420,13 @@ class SparseRuntime:
         ``store_steps_skipped``, and seconds spent in ``select_s``, ``fetch_s``,
         ``grad_s``, ``optim_s`` (the whole store step), ``cpu_adam_s`` (the CPU row
         update, also when a worker ran it), ``wait_s`` (time the step waited for the
-        worker). With the cache: ``cache_hits`` / ``cache_misses`` (rows served from the
-        device / copied), ``cache_promoted``, ``cache_evicted``, ``cache_rows`` (resident
-        after the step, all layers); promotions, evictions and hot keys written back are
-        in the byte counts. ``rows_per_layer``: rows selected per adapted layer (a list,
+        worker). With ``--sparse_prefetch``: ``prefetched_layers`` (layer calls whose
+        rows were selected and fetched ahead, during attention) and ``prefetch_wait_s``
+        (time the adapters then still waited for them). With the cache: ``cache_hits`` /
+        ``cache_misses`` (rows served from the device / copied), ``cache_promoted``,
+        ``cache_evicted``, ``cache_rows`` (resident after the step, all layers);
+        promotions, evictions and hot keys written back are in the byte counts.
+        ``rows_per_layer``: rows selected per adapted layer (a list,
         summed over micro-batches, hot and cold)."""
         out: dict = {f"sparse_{key}": value for key, value in self._last.items()}
         if self._last_rows_layer:
