@@ -30,8 +30,9 @@ class AdaptedModel:
 
 
 def load_adapted(directory: str | Path, model: str | None = None,
-                 device: str | torch.device = "cpu") -> AdaptedModel:
-    """Load the base model named in the adapter config (or ``model``) plus the adapter."""
+                 device: str | torch.device = "cpu", weights: bool = True) -> AdaptedModel:
+    """Load the base model named in the adapter config (or ``model``) plus the adapter
+    (``weights=False``: the same adapter freshly initialised, as before training)."""
     meta, tensors = export.read_adapter(Path(directory))
     method_cls = methods.get(meta["method"])
     opts = options.build(method_cls.Options, meta["options"], context=f"adapter {directory}")
@@ -39,6 +40,7 @@ def load_adapted(directory: str | Path, model: str | None = None,
     method = method_cls(opts, loaded.model.config)
     method.check_model(loaded.model)
     module = method.apply(loaded.model)
-    method.load_trainable_state(module, tensors)
+    if weights:
+        method.load_trainable_state(module, tensors)
     module.to(device).eval()
     return AdaptedModel(method, module, loaded.tokenizer, meta)
