@@ -7,6 +7,28 @@ same row-sparse AdamW. Every ``--sparse_check_every`` steps a CRC32 of each repl
 (weights, moments, step counts) is all-gathered; different values raise
 :class:`ReplicaDivergenceError`.
 
+*One copy per node.* Where a node runs several ranks, they share one replica in host
+memory (:mod:`meft_ds.sparse.shared`: the node's gloo group and a memory file that its
+local rank 0, the *leader*, creates and the others map; weights, both moments and step
+counts of every layer live in it). Exactly one process per node writes:
+
+- initialisation: the leader draws the keys (the same random stream as an unshared
+  replica) while the others wait;
+- the step: every rank takes part in the gradient exchange (so every rank has the
+  union's averaged gradients and the same squared norm for clipping, which
+  :meth:`ReplicatedStore.total_sq_norm` returns), but :meth:`ReplicatedStore.coalesce`
+  returns them to the leader only; the other local ranks get nothing to update. The
+  leader writes once every local rank has finished reading for this step (they all
+  entered the all_reduce), and the other ranks wait for that write at a node barrier
+  before their next read (select, gather, centroids, export, save): the store marks
+  itself stale at the exchange and the first read after it waits;
+- checkpoint load and a full-weight import: after a node barrier the leader reads the
+  file and writes; its errors are raised on every local rank.
+
+The replica check then compares the leaders' checksums, i.e. one copy per node (the
+local ranks read the same memory). :meth:`RowStore.nbytes` reports this rank's share,
+the copy divided by the ranks that map it.
+
 ``--sparse_store sharded`` (:class:`ShardedStore`): rank ``w`` of ``W`` owns the
 contiguous block of experts ``[w*N/W, (w+1)*N/W)`` (rows ``[w*r/W, (w+1)*r/W)``), i.e.
 their keys, values, both moments and step counts; ``W`` must divide ``N``. Per adapted
@@ -48,7 +70,9 @@ checkpoint directory must be shared (or its files collected) for a resume.
 from __future__ import annotations
 
 import re
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +82,7 @@ from meft_ds import dist as mdist
 from meft_ds.errors import UserError
 from meft_ds.sparse.options import SparseOptions, SparseSizes
 from meft_ds.sparse.router import Selection, candidate_scores, select_rows
+from meft_ds.sparse.shared import Layout, NodeGroup, NodeMemory, node_group
 from meft_ds.sparse.store import LayerRows, RowStore, init_layer_weight
 
 SHARD_PATTERN = re.compile(r"sparse_rows_(\d+)_(\d+)\.pt")
@@ -76,36 +101,95 @@ def make_store(options: SparseOptions, sizes: SparseSizes) -> RowStore:
 
 
 class ReplicatedStore(RowStore):
-    """A full copy of the store on every rank (see the module docstring)."""
+    """A full copy of the store on every rank, or one per node shared by its local ranks
+    (``share_local``, where a node runs several ranks; see the module docstring)."""
 
-    def __init__(self, sizes: SparseSizes, seed: int = 0) -> None:
-        super().__init__(sizes, seed)
+    def __init__(self, sizes: SparseSizes, seed: int = 0, share_local: bool = True) -> None:
         self.comm_bytes = 0
+        self.node: NodeGroup | None = node_group() if share_local else None
+        self.memory: NodeMemory | None = None
+        if self.node is not None:
+            self.memory = NodeMemory.create(_layout(sizes), self.node)
+        if self.memory is None:
+            self.node = None
+            super().__init__(sizes, seed)
+            return
+        self.sizes = sizes
+        tensors = iter(self.memory.tensors)  # fresh pages are zero: moments, step counts
+        self.layers = {layer: LayerRows(*(next(tensors) for _ in STATE_NAMES))
+                       for layer in sizes.layers}
+        self._stale = False  # the leader may be writing: wait before the next read
+        self._lock = threading.Lock()  # reads may come from a prefetch thread
+        self._grad_sq = 0.0
+
+        def init() -> None:
+            generator = torch.Generator().manual_seed(seed)
+            for layer in sizes.layers:
+                self.layers[layer].weight.copy_(
+                    init_layer_weight(sizes.rank, sizes.hidden, generator))
+
+        self.node.leader_only(init)
+
+    # --- one copy per node: who writes, who waits -------------------------------------
+    def _fresh(self) -> None:
+        """Before reading: wait for the leader's write after the last exchange."""
+        if self.node is None:
+            return
+        with self._lock:
+            if self._stale:
+                self.node.barrier()
+                self._stale = False
+
+    def _write(self, fn: Callable[[], None]) -> None:
+        """Run a write of the whole store once per node, when no local rank reads."""
+        if self.node is None:
+            fn()
+            return
+        with self._lock:
+            self.node.barrier()
+            self.node.leader_only(fn)
+            self._stale = False
+
+    def nbytes(self) -> int:
+        """This rank's share of the host bytes (the node's copy over its local ranks)."""
+        return super().nbytes() // (1 if self.node is None else self.node.size)
 
     # --- the runtime's interface ------------------------------------------------------
     def select(self, layer: int, hidden: torch.Tensor, experts: torch.Tensor) -> Selection:
         """Top-K rows per token (:func:`~meft_ds.sparse.router.select_rows`)."""
+        self._fresh()
         sizes = self.sizes
         return select_rows(self.keys(layer), hidden, experts, sizes.num_experts, sizes.top_k)
 
     def gather(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """``[U, 2d]`` fp32 copy of ``rows`` (global ids)."""
+        self._fresh()
         return self.layers[layer].weight.index_select(0, rows)
 
     def key_centroids(self, layer: int) -> torch.Tensor:
         """``[N, d]`` mean key of every expert (the router's initial rows)."""
+        self._fresh()
         return _centroids(self.keys(layer), self.sizes)
 
     def total_sq_norm(self, local: float) -> float:
-        """Squared norm of all row gradients (each replica holds all of them)."""
-        return local
+        """Squared norm of all row gradients (each replica holds all of them; a shared
+        copy's non-leaders got none from :meth:`coalesce`, the value is kept for them)."""
+        return local if self.node is None else self._grad_sq
 
     def coalesce(self, group=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """As :meth:`RowStore.coalesce`; with a shared copy, only the leader gets the rows
+        to update (the others an empty dict) and the next read waits for its update."""
         result = super().coalesce(group)
         world = mdist.world_size(group)
         if world > 1:
             self.comm_bytes += _allreduce_bytes(self, result, world, group)
-        return result
+        if self.node is None:
+            return result
+        # The runtime's expression, so leader and non-leaders clip by the same coefficient.
+        self._grad_sq = float(sum(g.double().pow(2).sum() for _, g in result.values()
+                                  if g.numel()))
+        self._stale = True
+        return result if self.node.leader else {}
 
     # --- consistency ------------------------------------------------------------------
     def checksum(self) -> int:
@@ -118,30 +202,39 @@ class ReplicatedStore(RowStore):
         return crc
 
     def check_replicas(self, group=None) -> None:
-        """Raise :class:`ReplicaDivergenceError` unless every rank's replica is the same."""
+        """Raise :class:`ReplicaDivergenceError` unless every replica is the same (with
+        shared copies: every node's, checksummed by its leader)."""
         world = mdist.world_size(group)
         if world == 1:
             return
-        mine = torch.tensor([self.checksum()], dtype=torch.int64)
-        every = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(every, mine, group=group)
-        values = [int(v.item()) for v in every]
-        if len(set(values)) > 1:
+        mine = self.node is None or self.node.leader
+        value = torch.tensor([self.checksum() if mine else -1], dtype=torch.int64)
+        every = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(every, value, group=group)
+        values = {r: int(v.item()) for r, v in enumerate(every) if int(v.item()) >= 0}
+        if len(set(values.values())) > 1:
             raise ReplicaDivergenceError(
                 "sparse store replicas diverged: CRC32 per rank "
-                + ", ".join(f"{r}:{v:08x}" for r, v in enumerate(values))
+                + ", ".join(f"{r}:{v:08x}" for r, v in values.items())
                 + " (a rank applied a different update or its memory was corrupted)"
             )
 
     # --- whole weights (export) and checkpoints ---------------------------------------
     def full_weight(self, layer: int) -> torch.Tensor:
+        self._fresh()
         return self.layers[layer].weight
 
     def set_full_weight(self, layer: int, value: torch.Tensor) -> None:
-        self.layers[layer].weight.copy_(value)
+        self._write(lambda: self.layers[layer].weight.copy_(value))
+
+    def save(self, directory: Path) -> None:
+        self._fresh()
+        super().save(directory)
 
     def load(self, directory: Path) -> None:
-        self.load_state_dict(read_rows(directory, 0, self.sizes.rank), str(directory))
+        self._write(lambda: self.load_state_dict(
+            read_rows(directory, 0, self.sizes.rank), str(directory)))
+        self.clear_grads()
 
 
 class ShardedStore(RowStore):
@@ -359,6 +452,14 @@ def read_rows(directory: Path, start: int, end: int) -> dict:
         raise UserError(f"checkpoint {directory}: sparse store rows from {first_missing} "
                         f"(of {start}..{end}) are in none of its files")
     return {"sizes": sizes, "layers": layers}
+
+
+def _layout(sizes: SparseSizes) -> Layout:
+    """Shapes and dtypes of every layer's weight, exp_avg, exp_avg_sq and steps, in order
+    (:data:`STATE_NAMES`)."""
+    rows, width = sizes.rank, 2 * sizes.hidden
+    per_layer = [((rows, width), torch.float32)] * 3 + [((rows,), torch.int64)]
+    return per_layer * len(sizes.layers)
 
 
 def _centroids(keys: torch.Tensor, sizes: SparseSizes) -> torch.Tensor:
