@@ -1,5 +1,6 @@
 """Several ranks and simulated nodes on one machine (gloo): the same losses and adapter as
-one process with the same global batch, for ``sparse`` (both stores) and ``lora``; a dead
+one process with the same global batch, for ``sparse`` (both stores, the replicated one
+with a copy per node) and ``lora``; a dead
 rank fails the run; checkpoints of W ranks resume on W' ranks; start-up checks.
 
 Launchers: two ``deepspeed --num_nodes 2 --no_ssh --node_rank i`` invocations with a
@@ -73,6 +74,12 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def _metric(out: Path, key: str) -> float:
+    """``key`` of the last step that logged it."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r][-1]
+
+
 def _same_run(out: Path, ref: Path, steps: slice = slice(None)) -> None:
     """Loss trajectory and exported adapter of ``out`` equal ``ref``'s (fp32 tolerance)."""
     from safetensors.torch import load_file
@@ -103,21 +110,29 @@ def sparse_ref(tmp_path_factory) -> Path:
     return out
 
 
-def test_two_nodes_of_two_ranks_sharded_store(sparse_ref: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sharded", "replicated"])
+def test_two_nodes_of_two_ranks(store: str, sparse_ref: Path, tmp_path: Path) -> None:
+    """Either store on 2 nodes x 2 ranks; the replicated one keeps one copy per node
+    (shared by its two local ranks) and compares the nodes' copies every step."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n127.0.0.1 slots=2\n")
     port = str(free_port())
     launcher = [*PYTHON, "-m", "deepspeed.launcher.runner", "-H", str(hostfile), "--num_nodes",
                 "2", "--num_gpus", "2", "--no_ssh", "--master_addr", "127.0.0.1",
                 "--master_port", port]
-    args = [*COMMON, *SPARSE, "--sparse_store", "sharded", "--grad_accum", "1",
-            "--output_dir", str(tmp_path / "out")]
+    out = tmp_path / "out"
+    args = [*COMMON, *SPARSE, "--sparse_store", store, "--sparse_check_every", "1",
+            "--grad_accum", "1", "--output_dir", str(out)]
     for result in _nodes([[*launcher, "--node_rank", str(n), *args] for n in (0, 1)],
                          tmp_path / "logs"):
         _ok(result)
-    _same_run(tmp_path / "out", sparse_ref)
-    files = sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("step_*/sparse_*"))
-    assert len(files) == 4  # one shard per owner, rows 64 each
+    _same_run(out, sparse_ref)
+    files = sorted(p.name for p in (out / "checkpoints").glob("step_*/sparse_*"))
+    # sharded: one file per owner (rows 64 each); replicated: one file
+    assert len(files) == (4 if store == "sharded" else 1)
+    # Host bytes of the store per rank: a quarter (sharded) or half (a copy per node).
+    share = _metric(out, "sparse_store_bytes") / _metric(sparse_ref, "sparse_store_bytes")
+    assert share == pytest.approx(0.25 if store == "sharded" else 0.5)
 
 
 def test_dead_rank_fails_then_resume_on_one_rank(sparse_ref: Path, tmp_path: Path) -> None:
