@@ -1,10 +1,17 @@
 """Replicated against sharded sparse store at 1, 2, 4 ranks (CPU, gloo, store level).
 
-Each rank routes synthetic hidden states (its own random tokens, random expert choices:
-not the real router's decisions) through select -> gather -> row gradients -> coalesce
--> row-sparse AdamW, for a few steps, and reports bytes sent to other ranks per step
-(the stores' own counters), store bytes per rank, and the step time of sharded over
-replicated measured side by side. Then, on paper from the measured rows per token, the
+Three layouts: ``replicated`` (a copy per rank), ``replicated_shared`` (one copy per node
+shared by its local ranks; all ranks here are one node) and ``sharded``. Each rank routes
+synthetic hidden states (its own random tokens, random expert choices: not the real
+router's decisions) through select -> gather -> row gradients -> coalesce -> row-sparse
+AdamW, for a few steps, and reports bytes sent to other ranks per step (the stores' own
+counters), store bytes per rank (``store_bytes``: what the store accounts to the rank, a
+shared copy divided by its ranks), host memory per rank measured as the growth of the
+process's proportional set size (``pss_bytes``: shared pages divided among the processes
+that map them; the optimizer's gather buffers included; zero pages of a shared copy that
+were never written cost nothing and are not counted, while a private store's zeroed
+moments are), and the step time of each layout over the per-rank replicated one, measured
+side by side. Then, on paper from the measured rows per token, the
 inter-node bytes per step of LLaMA-7B with a 10% sparse adapter at 2-16 nodes against
 ZeRO-Offload's ring all-reduce of the same adapter's gradients (2*Phi*(W-1)/W per rank).
 
@@ -13,12 +20,15 @@ Writes bench/results/dist_store.{json,png}.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -34,55 +44,80 @@ OUT = Path(__file__).resolve().parent / "results"
 SIZES = SparseSizes(hidden=256, rank=4096, num_experts=64, experts_per_token=2, top_k=32,
                     layers=(0, 1, 2, 3))
 TOKENS, STEPS = 128, 4
+MODES = {
+    "replicated": lambda: ReplicatedStore(SIZES, seed=0, share_local=False),
+    "replicated_shared": lambda: ReplicatedStore(SIZES, seed=0, share_local=True),
+    "sharded": lambda: ShardedStore(SIZES, seed=0),
+}
+
+
+def _pss() -> int:
+    gc.collect()
+    return psutil.Process().memory_full_info().pss
 
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
     torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)  # one node
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
+    _run(MODES["replicated"], rank)  # warm-up: first-call allocations, not the store's
     result = {}
-    for name, cls in (("replicated", ReplicatedStore), ("sharded", ShardedStore)):
-        store = cls(SIZES, seed=0)
-        optim = RowAdamW(backend="torch")
-        gen = torch.Generator().manual_seed(rank)
-        rows_seen, elapsed = 0, 0.0
-        store.comm_bytes = 0
-        for _ in range(STEPS):
-            dist.barrier()
-            start = time.perf_counter()
-            for layer in SIZES.layers:
-                hidden = torch.randn(TOKENS, SIZES.hidden, generator=gen)
-                experts = torch.rand(TOKENS, SIZES.num_experts, generator=gen).topk(2).indices
-                sel = store.select(layer, hidden, experts)
-                store.gather(layer, sel.rows)
-                rows_seen += sel.rows.numel()
-                store.add_grad(layer, sel.rows,
-                               torch.randn(sel.rows.numel(), 2 * SIZES.hidden, generator=gen))
-            grads = store.coalesce()
-            for layer, (rows, grad) in grads.items():
-                s = store.layers[layer]
-                optim.step(s.weight, s.exp_avg, s.exp_avg_sq, s.steps, rows, grad, 1e-3)
-            store.clear_grads()
-            elapsed += time.perf_counter() - start
-        result[name] = {"comm_bytes_per_step": store.comm_bytes / STEPS,
-                        "store_bytes": store.nbytes(), "step_s": elapsed / STEPS,
-                        "rows_per_layer": rows_seen / STEPS / len(SIZES.layers)}
+    for name, make in MODES.items():
+        dist.barrier()
+        before = _pss()
+        result[name] = _run(make, rank)  # the store is freed when it returns
+        result[name]["pss_bytes"] -= before
     queue.put((rank, result))
     dist.destroy_process_group()
 
 
+def _run(make, rank: int) -> dict:
+    """A few steps of one layout; its figures, ``pss_bytes`` with the store alive."""
+    store = make()
+    optim = RowAdamW(backend="torch")
+    gen = torch.Generator().manual_seed(rank)
+    rows_seen, elapsed = 0, 0.0
+    store.comm_bytes = 0
+    for _ in range(STEPS):
+        dist.barrier()
+        start = time.perf_counter()
+        for layer in SIZES.layers:
+            hidden = torch.randn(TOKENS, SIZES.hidden, generator=gen)
+            experts = torch.rand(TOKENS, SIZES.num_experts, generator=gen).topk(2).indices
+            sel = store.select(layer, hidden, experts)
+            store.gather(layer, sel.rows)
+            rows_seen += sel.rows.numel()
+            store.add_grad(layer, sel.rows,
+                           torch.randn(sel.rows.numel(), 2 * SIZES.hidden, generator=gen))
+        for layer, (rows, grad) in store.coalesce().items():
+            s = store.layers[layer]
+            optim.step(s.weight, s.exp_avg, s.exp_avg_sq, s.steps, rows, grad, 1e-3)
+        store.clear_grads()
+        elapsed += time.perf_counter() - start
+    store.full_weight(SIZES.layers[0])  # a read: the leader's last update is done
+    dist.barrier()
+    return {"comm_bytes_per_step": store.comm_bytes / STEPS, "store_bytes": store.nbytes(),
+            "pss_bytes": _pss(), "step_s": elapsed / STEPS,
+            "rows_per_layer": rows_seen / STEPS / len(SIZES.layers)}
+
+
 def measure(world: int) -> dict:
+    # Fixed mmap threshold: freed buffers go back to the OS (glibc's adaptive threshold
+    # would keep one layout's freed memory in the heap and hide the next one's growth).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 17)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_worker, args=(world, free_port(), queue), nprocs=world, join=True,
                        start_method="spawn")
     per_rank = dict(queue.get() for _ in range(world))
-    out = {}
-    for mode in ("replicated", "sharded"):
+    out: dict = {}
+    for mode in MODES:
         rows = [per_rank[r][mode] for r in range(world)]
-        out[mode] = {k: sum(r[k] for r in rows) / world for k in rows[0]}
-    out["sharded_over_replicated_step_time"] = (
-        out["sharded"]["step_s"] / out["replicated"]["step_s"])
+        out[mode] = {k: sum(r[k] for r in rows) / world for k in rows[0]}  # per-rank mean
+        out[mode]["node_pss_bytes"] = sum(r["pss_bytes"] for r in rows)
+        out[f"{mode}_over_replicated_step_time"] = (
+            out[mode]["step_s"] / out["replicated"]["step_s"])
     return out
 
 
@@ -124,9 +159,9 @@ def main() -> None:
                    "routing": "synthetic: random hidden states and expert choices"},
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "measured": results,
-        "store_bytes_per_rank_ratio_sharded_over_replicated": {
-            w: r["sharded"]["store_bytes"] / r["replicated"]["store_bytes"]
-            for w, r in results.items()},
+        "store_bytes_per_rank_ratio_over_replicated": {
+            w: {mode: r[mode]["store_bytes"] / r["replicated"]["store_bytes"]
+                for mode in MODES} for w, r in results.items()},
         "unique_rows_over_token_keys": rows_per_token,
         "llama7b_10pct_projection": llama7b_projection(),
     }
@@ -139,11 +174,13 @@ def main() -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ws = [1, 2, 4]
-    for mode in ("replicated", "sharded"):
-        a.plot(ws, [results[str(w)][mode]["comm_bytes_per_step"] / 2**20 for w in ws], "o-",
-               label=f"{mode}: MiB sent/step/rank")
-        a.plot(ws, [results[str(w)][mode]["store_bytes"] / 2**20 for w in ws], "s--",
-               label=f"{mode}: store MiB/rank")
+    for mode in MODES:
+        if mode != "replicated_shared":  # sends what "replicated" sends
+            name = "replicated (both)" if mode == "replicated" else mode
+            a.plot(ws, [results[str(w)][mode]["comm_bytes_per_step"] / 2**20 for w in ws],
+                   "o-", label=f"{name}: MiB sent/step/rank")
+        a.plot(ws, [results[str(w)][mode]["pss_bytes"] / 2**20 for w in ws], "s--",
+               label=f"{mode}: host MiB/rank (PSS)")
     a.set_xlabel("ranks")
     a.set_title("measured (CPU, gloo, store level)")
     a.legend(fontsize=7)
