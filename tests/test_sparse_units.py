@@ -10,6 +10,7 @@ import torch
 
 from meft_ds import options as opt
 from meft_ds.errors import UserError
+from meft_ds.sparse import optim
 from meft_ds.sparse.adapter import SparseAdapter
 from meft_ds.sparse.optim import RowAdamW
 from meft_ds.sparse.options import SparseOptions, resolve_sizes
@@ -92,18 +93,19 @@ def test_select_rows_matches_brute_force():
 
 
 # --- row-sparse AdamW ------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", "cpu_adam"])
-def test_row_adamw_matches_torch_adamw_per_row(backend):
+def _row_adamw_against_torch(backend: str, selections: list[torch.Tensor], rows: int = 12,
+                             width: int = 40) -> None:
+    """RowAdamW over ``selections`` (one tensor of unique rows per step) equals one
+    ``torch.optim.AdamW`` per row stepped only when selected; unselected rows stay as is."""
     gen = torch.Generator().manual_seed(0)
-    rows, width, lr, wd = 12, 40, 1e-2, 0.1
+    lr, wd = 1e-2, 0.1
     weight = torch.randn(rows, width, generator=gen)
     m, v = torch.zeros_like(weight), torch.zeros_like(weight)
     steps = torch.zeros(rows, dtype=torch.int64)
     reference = [torch.nn.Parameter(weight[i].clone()) for i in range(rows)]
     ref_opt = [torch.optim.AdamW([p], lr=lr, weight_decay=wd) for p in reference]
     optimizer = RowAdamW(backend, weight_decay=wd)
-    for _ in range(6):
-        chosen = torch.sort(torch.randperm(rows, generator=gen)[:5]).values
+    for chosen in selections:
         grad = torch.randn(len(chosen), width, generator=gen)
         before = weight.clone(), m.clone(), v.clone()
         optimizer.step(weight, m, v, steps, chosen, grad, lr)
@@ -122,6 +124,64 @@ def test_row_adamw_matches_torch_adamw_per_row(backend):
         if state:
             torch.testing.assert_close(m[i], state["exp_avg"], rtol=1e-4, atol=1e-7)
             torch.testing.assert_close(v[i], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+
+
+# backend, then thresholds of meft_ds.sparse.optim that pick the cpu_adam paths
+ROW_ADAMW_MODES = {
+    "torch": ("torch", {}),
+    "cpu_adam_in_place": ("cpu_adam", {"IN_PLACE_MIN_ELEMENTS": 0}),
+    "cpu_adam_in_place_threads": (  # runs of >= 2 rows take the multi-threaded calls
+        "cpu_adam", {"IN_PLACE_MIN_ELEMENTS": 0, "PARALLEL_MIN_ELEMENTS": 80},
+    ),
+    "cpu_adam_gathered": ("cpu_adam", {"IN_PLACE_MIN_ELEMENTS": 1 << 62}),
+}
+
+
+@pytest.fixture(params=list(ROW_ADAMW_MODES))
+def row_adamw_backend(request, monkeypatch) -> str:
+    backend, thresholds = ROW_ADAMW_MODES[request.param]
+    for name, value in thresholds.items():
+        monkeypatch.setattr(optim, name, value)
+    return backend
+
+
+def test_row_adamw_matches_torch_adamw_per_row(row_adamw_backend):
+    gen = torch.Generator().manual_seed(1)
+    selections = [torch.sort(torch.randperm(12, generator=gen)[:5]).values for _ in range(6)]
+    _row_adamw_against_torch(row_adamw_backend, selections)
+
+
+# Unsorted rows, runs of consecutive rows at one step count (one kernel call on store
+# slices), consecutive rows at different step counts (runs must split), single rows.
+MIXED_SELECTIONS = [
+    [0, 1, 2, 3, 7, 8], [3, 2, 1, 9, 8], list(range(12)), [11, 4, 5, 6, 0], [5],
+    [10, 11, 0, 1], [6, 7, 8, 9, 10, 11, 2], [1, 0, 3, 4, 5],
+]
+
+
+def test_row_adamw_unsorted_rows_mixed_step_counts(row_adamw_backend):
+    selections = [torch.tensor(s) for s in MIXED_SELECTIONS]
+    _row_adamw_against_torch(row_adamw_backend, selections)
+
+
+def test_row_runs_split_on_gaps_order_and_step_counts():
+    rows = torch.tensor([3, 4, 5, 9, 10, 2, 7, 6])
+    row_steps = torch.tensor([1, 1, 2, 2, 2, 2, 1, 1])
+    assert optim.row_runs(rows, row_steps) == [
+        (0, 2, 3, 1), (2, 3, 5, 2), (3, 5, 9, 2), (5, 6, 2, 2), (6, 7, 7, 1), (7, 8, 6, 1),
+    ]
+
+
+def test_row_adamw_cpu_adam_refuses_tensors_it_cannot_update_in_place():
+    optimizer = RowAdamW("cpu_adam")
+    store = torch.zeros(40, 12).t()  # [12, 40], not contiguous
+    m, v = torch.zeros(12, 40), torch.zeros(12, 40)
+    steps = torch.zeros(12, dtype=torch.int64)
+    with pytest.raises(ValueError, match="contiguous"):
+        optimizer.step(store, m, v, steps, torch.tensor([1, 2]), torch.ones(2, 40), 1e-2)
+    with pytest.raises(ValueError, match="grad"):
+        optimizer.step(m, store.contiguous(), v, steps, torch.tensor([1]), torch.ones(2, 40), 1)
+    assert not steps.any(), "a refused step must not count"
 
 
 # --- adapter against a dense reference ---------------------------------------------------
