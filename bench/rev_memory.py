@@ -34,7 +34,7 @@ import math  # noqa: E402
 import torch  # noqa: E402
 
 from meft_ds import methods, options  # noqa: E402
-from meft_ds.memory import SavedTensorMeter  # noqa: E402
+from meft_ds.memory import SavedTensorMeter, rss_bytes  # noqa: E402
 from meft_ds.models import loader  # noqa: E402
 from meft_ds.models.sizes import count_params  # noqa: E402
 
@@ -49,7 +49,8 @@ def measure(model: torch.nn.Module, name: str, extra: dict, ckpt: bool, ids: tor
     method = cls(options.build(cls.Options, extra), model.config)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = method.apply(model).train()
+    # Adapters in the weights' dtype, as the DeepSpeed engine casts them in bf16 mode.
+    module = method.apply(model).to(next(model.parameters()).dtype).train()
     meter = SavedTensorMeter().exclude_module(module)
     with meter.record():
         logits = method.forward(module, ids, torch.ones_like(ids))
@@ -117,7 +118,8 @@ def main() -> None:
             results[label] = got[0] + per_layer * (depth - few[0])
         else:
             results[label] = got[0]
-        print(f"{label:24s} {results[label] / 2**20:10.1f} MiB", flush=True)
+        rss = rss_bytes() / 2**30
+        print(f"{label:24s} {results[label] / 2**20:10.1f} MiB  (RSS {rss:.1f} GiB)", flush=True)
     ref = results["parallel_adapter"]
     ckpt_ref = results["parallel_adapter+ckpt"]
     report = {

@@ -55,14 +55,14 @@ class RationalScale:
         if self.q == 1:
             return t + c, None
         whole = torch.div(t, self.q, rounding_mode="floor")
-        remainder = (t - whole * self.q).to(torch.uint8)
-        return whole + c, remainder
+        remainder = torch.sub(t, whole, alpha=self.q).to(torch.uint8)
+        return whole.add_(c), remainder
 
     def inverse(self, y: torch.Tensor, c: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         """The exact ``a`` of :meth:`mul_add`."""
         t = y - c
         if self.q != 1:
-            t = t * self.q + aux.to(torch.int64)
+            t.mul_(self.q).add_(aux)
         return torch.div(t, self.p, rounding_mode="floor") if self.p != 1 else t
 
 
@@ -82,7 +82,7 @@ class FloatStreams:
         """Float value of a state (the stream dtype)."""
         return state
 
-    def quantize(self, value: torch.Tensor) -> torch.Tensor:
+    def quantize(self, value: torch.Tensor, check: bool = True) -> torch.Tensor:
         """State of a block output (already in the stream dtype)."""
         return value
 
@@ -103,7 +103,7 @@ class LatticeStreams:
     def __init__(self, bits: int = 32, limit_bits: int = 22) -> None:
         self.bits = bits
         self.limit = float(2**limit_bits)
-        self._bad: list[torch.Tensor] = []
+        self._extremes: list[torch.Tensor] = []
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest lattice point of ``x``."""
@@ -111,13 +111,19 @@ class LatticeStreams:
 
     def decode(self, state: torch.Tensor) -> torch.Tensor:
         """The fp64 value of a lattice state (exact below 2**53 lattice units)."""
-        return state.to(torch.float64) * 2.0**-self.bits
+        return state.to(torch.float64).mul_(2.0**-self.bits)
 
-    def quantize(self, value: torch.Tensor) -> torch.Tensor:
-        """Round a block output onto the lattice (deterministic, so recomputes agree)."""
+    def quantize(self, value: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Round a block output onto the lattice (deterministic, so recomputes agree).
+
+        ``check``: record its range for :meth:`check` (off for the backward's recompute of
+        a value the forward already checked).
+        """
         v = value.to(torch.float64)
-        self._bad.append((~torch.isfinite(v) | (v.abs() >= self.limit)).any())
-        return torch.round(v * 2.0**self.bits).to(torch.int64)
+        if check and v.numel():
+            # One pass for the range check; NaN propagates through min/max.
+            self._extremes.append(torch.stack(torch.aminmax(v)))
+        return (v * 2.0**self.bits).round_().to(torch.int64)
 
     def scale(self, value: float) -> RationalScale:
         """Exact rational multiplier for λ or β."""
@@ -125,8 +131,11 @@ class LatticeStreams:
 
     def check(self) -> None:
         """Raise if any quantized value was non-finite or outside the fixed-point range."""
-        bad, self._bad = self._bad, []
-        if bad and bool(torch.stack(bad).any()):
+        extremes, self._extremes = self._extremes, []
+        if not extremes:
+            return
+        low, high = torch.stack(extremes).abs().max(0).values.tolist()
+        if not (low < self.limit and high < self.limit):  # False for NaN
             raise FloatingPointError(
                 f"reversible: a hidden value is non-finite or beyond ±{self.limit:g}, outside "
                 "the exact fp64 streams' range; use --rev_exact false"
