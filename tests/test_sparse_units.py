@@ -126,14 +126,11 @@ def _row_adamw_against_torch(backend: str, selections: list[torch.Tensor], rows:
             torch.testing.assert_close(v[i], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
 
 
-# backend, then thresholds of meft_ds.sparse.optim that pick the cpu_adam paths
+# backend, then thresholds of meft_ds.sparse.optim that pick how the cpu_adam op runs
 ROW_ADAMW_MODES = {
     "torch": ("torch", {}),
-    "cpu_adam_in_place": ("cpu_adam", {"IN_PLACE_MIN_ELEMENTS": 0}),
-    "cpu_adam_in_place_threads": (  # runs of >= 2 rows take the multi-threaded calls
-        "cpu_adam", {"IN_PLACE_MIN_ELEMENTS": 0, "PARALLEL_MIN_ELEMENTS": 80},
-    ),
-    "cpu_adam_gathered": ("cpu_adam", {"IN_PLACE_MIN_ELEMENTS": 1 << 62}),
+    "cpu_adam": ("cpu_adam", {}),
+    "cpu_adam_threads": ("cpu_adam", {"PARALLEL_MIN_ELEMENTS": 0}),  # rows over threads
 }
 
 
@@ -142,7 +139,11 @@ def row_adamw_backend(request, monkeypatch) -> str:
     backend, thresholds = ROW_ADAMW_MODES[request.param]
     for name, value in thresholds.items():
         monkeypatch.setattr(optim, name, value)
-    return backend
+    threads = torch.get_num_threads()
+    if thresholds:
+        torch.set_num_threads(2)  # the op splits rows over torch's intra-op thread count
+    yield backend
+    torch.set_num_threads(threads)
 
 
 def test_row_adamw_matches_torch_adamw_per_row(row_adamw_backend):
@@ -151,25 +152,17 @@ def test_row_adamw_matches_torch_adamw_per_row(row_adamw_backend):
     _row_adamw_against_torch(row_adamw_backend, selections)
 
 
-# Unsorted rows, runs of consecutive rows at one step count (one kernel call on store
-# slices), consecutive rows at different step counts (runs must split), single rows.
+# Unsorted rows, consecutive rows at one and at different step counts, single rows.
 MIXED_SELECTIONS = [
     [0, 1, 2, 3, 7, 8], [3, 2, 1, 9, 8], list(range(12)), [11, 4, 5, 6, 0], [5],
     [10, 11, 0, 1], [6, 7, 8, 9, 10, 11, 2], [1, 0, 3, 4, 5],
 ]
 
 
-def test_row_adamw_unsorted_rows_mixed_step_counts(row_adamw_backend):
+@pytest.mark.parametrize("width", [40, 1157])  # kernel's SIMD tails; a wide row
+def test_row_adamw_unsorted_rows_mixed_step_counts(row_adamw_backend, width):
     selections = [torch.tensor(s) for s in MIXED_SELECTIONS]
-    _row_adamw_against_torch(row_adamw_backend, selections)
-
-
-def test_row_runs_split_on_gaps_order_and_step_counts():
-    rows = torch.tensor([3, 4, 5, 9, 10, 2, 7, 6])
-    row_steps = torch.tensor([1, 1, 2, 2, 2, 2, 1, 1])
-    assert optim.row_runs(rows, row_steps) == [
-        (0, 2, 3, 1), (2, 3, 5, 2), (3, 5, 9, 2), (5, 6, 2, 2), (6, 7, 7, 1), (7, 8, 6, 1),
-    ]
+    _row_adamw_against_torch(row_adamw_backend, selections, width=width)
 
 
 def test_row_adamw_cpu_adam_refuses_tensors_it_cannot_update_in_place():
