@@ -96,7 +96,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--layers", default="", help="e.g. 1,2: measure and extrapolate")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--only", default="", help="comma-separated labels to measure")
+    parser.add_argument("--only", default="",
+                        help="comma-separated labels to measure; the others are kept from "
+                             "this setting's existing JSON (one process per label at 7B shape)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -108,20 +110,30 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, full_config.vocab_size, (args.batch, args.seq))
     sparse = sparse_sizes(full_config)
+    out = Path(args.out)
+    stem = f"rev_memory_{args.model}_s{args.seq}_b{args.batch}"
+    if args.dtype != "fp32":
+        stem += f"_{args.dtype}"
+    previous = out / f"{stem}.json"
     results: dict[str, float] = {}
+    if args.only and previous.exists():
+        results = json.loads(previous.read_text())["bytes"]
     for label, name, extra, ckpt in configs(sparse):
         if args.only and label not in args.only.split(","):
             continue
         got = [measure(model, name, extra, ckpt, ids) for model in models.values()]
         if few:
+            print(f"{label}: {[round(g / 2**20, 1) for g in got]} MiB at {few} layers")
             per_layer = (got[-1] - got[0]) / (few[-1] - few[0])
             results[label] = got[0] + per_layer * (depth - few[0])
         else:
             results[label] = got[0]
         rss = rss_bytes() / 2**30
         print(f"{label:24s} {results[label] / 2**20:10.1f} MiB  (RSS {rss:.1f} GiB)", flush=True)
-    ref = results["parallel_adapter"]
-    ckpt_ref = results["parallel_adapter+ckpt"]
+    ref = results.get("parallel_adapter", math.nan)
+    ckpt_ref = results.get("parallel_adapter+ckpt", math.nan)
+    order = [label for label, *_ in configs(sparse)]
+    results = {k: results[k] for k in order if k in results}
     report = {
         "benchmark": "saved_activation_bytes",
         "machine": platform.machine(), "python": platform.python_version(),
@@ -137,12 +149,8 @@ def main() -> None:
                         "< parallel_adapter+ckpt": results[v] < ckpt_ref}
                     for v in results if v.startswith("meft")},
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"rev_memory_{args.model}_s{args.seq}_b{args.batch}"
-    if args.dtype != "fp32":
-        stem += f"_{args.dtype}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    previous.write_text(json.dumps(report, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")

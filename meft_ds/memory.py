@@ -27,11 +27,18 @@ class SavedTensorMeter:
     count: int = 0
     _seen: set[int] = field(default_factory=set)
     _excluded: set[int] = field(default_factory=set)
+    _pinned: list[torch.UntypedStorage] = field(default_factory=list)
 
     def exclude_module(self, module: torch.nn.Module) -> SavedTensorMeter:
-        """Do not count the storages of ``module``'s parameters and buffers."""
+        """Do not count the storages of ``module``'s parameters and buffers.
+
+        The storages are kept alive: a buffer replaced during the forward would otherwise
+        free its address for an activation, which would then go uncounted.
+        """
         for tensor in list(module.parameters()) + list(module.buffers()):
-            self._excluded.add(tensor.untyped_storage().data_ptr())
+            storage = tensor.untyped_storage()
+            self._excluded.add(storage.data_ptr())
+            self._pinned.append(storage)
         return self
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:

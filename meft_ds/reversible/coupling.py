@@ -200,7 +200,7 @@ class RevStackFunction(torch.autograd.Function):
     """``(x1, x2, *params) -> top streams`` of a reversible stack, storing no activations.
 
     Saved for backward: the top layer's two stream states, the remainders of exact
-    streams (one byte per element per scale < 1) and the restart points, if any.
+    streams (half a byte per element per scale 1/10) and the restart points, if any.
     """
 
     @staticmethod

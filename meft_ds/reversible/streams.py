@@ -9,9 +9,10 @@ depth: stream values are integers times ``2**-bits`` held in int64 (every one is
 an fp64 number: F and G read them as fp64). F's and G's outputs are rounded onto the
 lattice (a deterministic function of exact inputs), additions are exact, and
 ``λ = p/q`` (the nearest fraction with ``p, q <= 255``) multiplies exactly as
-``floor(a·p / q)`` with the remainder ``a·p mod q`` kept as one byte per element — the
-log2(q) bits a scale < 1 destroys (the idea of storing the lost bits follows MacKay et
-al., "Reversible Recurrent Neural Networks", 2018). Nothing else is stored per layer.
+``floor(a·p / q)`` with the remainder ``a·p mod q`` kept, packed two to a byte for
+``q = 10`` (:class:`RationalScale`) — the log2(q) bits a scale < 1 destroys (the idea
+of storing the lost bits follows MacKay et al., "Reversible Recurrent Neural Networks",
+2018). Nothing else is stored per layer.
 
 :class:`FloatStreams` (fp32, or fp64 with ``exact`` off) is plain float arithmetic;
 its error is bounded with restart points instead (see ``coupling.StackRun``).
@@ -42,28 +43,60 @@ class FloatScale:
 
 
 class RationalScale:
-    """Exact multiplication of lattice integers by ``p/q``, keeping the remainder."""
+    """Exact multiplication of lattice integers by ``p/q``, keeping the remainder.
+
+    Remainders (digits base ``q``) are packed ``digits`` to a byte, as many as ``q**k <=
+    256`` allows: two for λ = 1/10, eight for 1/2, one for ``q > 16``.
+    """
 
     def __init__(self, value: float) -> None:
         frac = Fraction(value).limit_denominator(MAX_DENOMINATOR)
         self.p, self.q = frac.numerator, frac.denominator
         self.value = self.p / self.q
+        self.digits = 1
+        while self.q > 1 and self.q ** (self.digits + 1) <= 256:
+            self.digits += 1
 
     def mul_add(self, a: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``floor(a·p/q) + c`` and the remainder ``a·p mod q`` (uint8, None if q = 1)."""
+        """``floor(a·p/q) + c`` and the packed remainders ``a·p mod q`` (None if q = 1)."""
         t = a * self.p if self.p != 1 else a
         if self.q == 1:
             return t + c, None
         whole = torch.div(t, self.q, rounding_mode="floor")
-        remainder = torch.sub(t, whole, alpha=self.q).to(torch.uint8)
-        return whole.add_(c), remainder
+        remainder = torch.sub(t, whole, alpha=self.q)
+        return whole.add_(c), self._pack(remainder)
 
     def inverse(self, y: torch.Tensor, c: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         """The exact ``a`` of :meth:`mul_add`."""
         t = y - c
         if self.q != 1:
-            t.mul_(self.q).add_(aux)
+            t.mul_(self.q).add_(self._unpack(aux, t))
         return torch.div(t, self.p, rounding_mode="floor") if self.p != 1 else t
+
+    def _pack(self, remainder: torch.Tensor) -> torch.Tensor:
+        """uint8 bytes of ``digits`` base-``q`` digits each (the flat tensor, zero-padded)."""
+        if self.digits == 1:
+            return remainder.to(torch.uint8)
+        flat = remainder.reshape(-1)
+        pad = -flat.numel() % self.digits
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        cols = flat.view(-1, self.digits)
+        packed = cols[:, -1].clone()
+        for j in range(self.digits - 2, -1, -1):  # Horner: d0 + q·(d1 + q·(d2 + ...))
+            packed.mul_(self.q).add_(cols[:, j])
+        return packed.to(torch.uint8)
+
+    def _unpack(self, packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The remainders of :meth:`_pack`, shaped as ``like`` (int64)."""
+        if self.digits == 1:
+            return packed.to(torch.int64)
+        rest = packed.to(torch.int64)
+        cols = torch.empty(rest.numel(), self.digits, dtype=torch.int64, device=rest.device)
+        for j in range(self.digits):
+            cols[:, j] = rest % self.q
+            rest = rest.div_(self.q, rounding_mode="floor")
+        return cols.view(-1)[: like.numel()].view(like.shape)
 
 
 class FloatStreams:
