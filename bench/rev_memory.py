@@ -11,14 +11,18 @@ beside each FFN (``--method sparse --reversible``); its rows at the parameter fr
 replay is held outside autograd and not counted (it is the rows moved per step).
 
     python bench/rev_memory.py                       # SmolLM2, seq 512, batch 4
-    python bench/rev_memory.py --model llama2-7b-shape --seq 2048 --batch 1 --layers 1,2 \
-        --dtype bf16
+    for label in parallel_adapter parallel_adapter+ckpt full full+ckpt lora lora+ckpt \
+            meft1 meft2 meft3 sparse meft1+sparse meft2+sparse meft3+sparse; do
+        python bench/rev_memory.py --model llama2-7b-shape --seq 2048 --batch 1 \
+            --layers 1,2 --dtype bf16 --only $label   # one process each: ~6 GiB peak RSS
+    done
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -54,8 +58,11 @@ def measure(model: torch.nn.Module, name: str, extra: dict, ckpt: bool, ids: tor
     meter = SavedTensorMeter().exclude_module(module)
     with meter.record():
         logits = method.forward(module, ids, torch.ones_like(ids))
-    del logits
-    return meter.total_bytes
+    del logits, module, method, model
+    total = meter.total_bytes
+    del meter
+    gc.collect()  # the copy's weights and graph go before the next copy is made
+    return total
 
 
 def sparse_sizes(config) -> dict:

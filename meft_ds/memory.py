@@ -48,7 +48,9 @@ class SavedTensorMeter:
             self._seen.add(key)
             self.total_bytes += storage.nbytes()
             self.count += 1
-        return tensor
+        # Detached: the saved tensor itself would link an output back to its own grad_fn,
+        # a cycle through C++ that keeps a graph never run backward alive (a leak).
+        return tensor.detach()
 
     @contextmanager
     def record(self) -> Iterator[SavedTensorMeter]:
