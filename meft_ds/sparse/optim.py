@@ -9,8 +9,9 @@ Each row (one key and one value of the adapter) is its own little AdamW problem:
   on each row separately and stepped only when the row has a gradient.
 - **In place, in one call (``cpu_adam``).** The op of :mod:`meft_ds.sparse.row_op`
   runs DeepSpeed's CPU Adam kernel on each selected row's own memory in the store (a row
-  of a row-major ``[r, width]`` store is contiguous), rows spread over torch's intra-op threads,
-  each row at its own step count: no gather, no scatter, one Python call per step.
+  of a row-major ``[r, width]`` store is contiguous), rows split over up to torch's
+  thread count, each row at its own step count: no gather, no scatter, one Python call
+  per step.
   (DeepSpeed's Python entry point updates ``param.contiguous()``, so it cannot take
   scattered rows: a fancy-indexed copy would be updated and the update lost, and one
   call per row costs ~8 us of overhead, measured 1.9x the kernel's own time at 7B
@@ -27,9 +28,9 @@ import torch
 
 from meft_ds.errors import UserError
 
-# Each intra-op thread takes rows of at least this many elements (rows x width) in all;
-# smaller steps run on the calling thread (a parallel region costs tens of microseconds
-# on busy cores; one 8192-wide row ~3 us on one core).
+# Each thread takes rows of at least this many elements (rows x width) in all; smaller
+# steps run on the calling thread (starting a thread costs tens of microseconds on busy
+# cores; one 8192-wide row ~3 us on one core).
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 

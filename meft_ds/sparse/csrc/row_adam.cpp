@@ -12,9 +12,10 @@
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+#include <algorithm>
+#include <cstdint>
 #include <thread>
 #include <vector>
-#include <cstdint>
 #include "cpu_adam.h"
 #include "cpu_adam_impl.cpp"  // DeepSpeed: csrc/adam, the kernel's template definitions
 
