@@ -162,6 +162,19 @@ def test_resume_one_rank_checkpoint_on_two_replicated(sparse_ref: Path, tmp_path
     _same_run(out, sparse_ref)
 
 
+def test_prefetch_with_the_shared_replicated_store_on_two_ranks(tmp_path: Path) -> None:
+    """--sparse_prefetch selects on a worker thread from the node's shared store copy:
+    two ranks (replicas compared every step) equal one process with two micro-batches."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    prefetch = [*COMMON, *SPARSE, "--sparse_prefetch"]
+    _ok(_run([*PYTHON, *prefetch, "--grad_accum", "2", "--output_dir", str(ref)]))
+    _ok(_run([*_torchrun(2), *prefetch, "--sparse_store", "replicated",
+              "--sparse_check_every", "1", "--grad_accum", "1", "--output_dir", str(out)]))
+    _same_run(out, ref)
+    assert _metric(out, "sparse_prefetched_layers") == 2  # layers 28 and 29, every step
+    assert _metric(out, "sparse_store_bytes") == _metric(ref, "sparse_store_bytes") / 2
+
+
 def test_lora_on_two_torchrun_nodes(tmp_path: Path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "out"
     _ok(_run([*PYTHON, *COMMON, *LORA, "--grad_accum", "2", "--output_dir", str(ref)]))
