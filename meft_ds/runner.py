@@ -163,7 +163,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     _say(f"engine: ZeRO stage {engine.zero_optimization_stage()}, "
          f"bf16={engine.bfloat16_enabled()}, optimizer {type(inner).__name__} "
          f"(wrapped by {type(engine.optimizer).__name__}), {len(trainable)} trainable tensors, "
-         f"{sum(p.numel() for p in trainable):,} trainable parameters")
+         f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable "
+         "parameters")  # ds_numel: a ZeRO-3 partitioned parameter's full size
 
     evals = {"trained": train_examples[: cfg.eval_trained], "heldout": heldout[: cfg.eval_heldout]}
     evals = {k: v for k, v in evals.items() if v}

@@ -13,6 +13,7 @@ extra nodes available via hostfile"), ``torchrun --nnodes 2 --node_rank i``, and
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,22 @@ def test_multinode_without_master_address_refuses() -> None:
     mdist.check_master_address({**env, "LOCAL_WORLD_SIZE": "4"})  # one node: a default is fine
     with pytest.raises(UserError, match=r"\(3 nodes\)"):
         mdist.check_master_address({"CROSS_SIZE": "3"})  # the deepspeed launcher's variable
+
+
+def test_multinode_config_trains(tmp_path: Path) -> None:
+    """``ds_configs/multinode.json`` as shipped (bf16, ZeRO-3 base, sparse with the sharded
+    store), with small sizes, on one rank: it trains rows and exports."""
+    from meft_ds import cli
+    from meft_ds.runner import run
+
+    out = tmp_path / "out"
+    run(cli.parse([
+        "--deepspeed", str(ROOT / "ds_configs" / "multinode.json"), "--output_dir", str(out),
+        "--layer_start", "28", "--sparse_param_fraction", "0.01", "--sparse_top_k", "8",
+        "--max_steps", "2", "--train_examples", "8", "--micro_batch_size", "2",
+        "--max_seq_len", "32", "--eval_trained", "0", "--eval_heldout", "0",
+        "--progress", "false",
+    ]))
+    assert _metric(out, "sparse_rows_updated") > 0
+    assert all(math.isfinite(x) for x in _losses(out)) and len(_losses(out)) == 2
+    assert (out / "adapter" / "adapter.safetensors").exists()
