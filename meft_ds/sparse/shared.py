@@ -39,6 +39,7 @@ from meft_ds.errors import UserError
 
 Layout = list[tuple[tuple[int, ...], torch.dtype]]  # shapes and dtypes, in order
 
+
 @dataclass
 class NodeGroup:
     """The ranks of this rank's node and their gloo group."""
