@@ -6,7 +6,9 @@ alike; the ratio of medians to ``parallel_adapter`` is reported (absolute times 
 CPU mean nothing elsewhere). Two precisions: fp32 weights, and bf16 weights (MEFT then
 computes F/G in bf16 with fp64 streams; the parallel adapter runs in bf16). Adapters of
 width 64 everywhere; ``meft1_autograd`` is the same two-stream network with stored
-activations, separating the cost of the two-stream structure from the recomputation.
+activations, separating the cost of the two-stream structure from the recomputation;
+``meft1_float64`` / ``meft1_fp32_streams`` use plain float streams (fp64 without the exact
+fixed point, or fp32) with restart points, separating the cost of exactness.
 
     python bench/rev_speed.py [--seq 128 --batch 4 --reps 5]
 """
@@ -39,6 +41,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "meft2": ("reversible", {"rev_variant": "meft2"}),
     "meft3": ("reversible", {"rev_variant": "meft3"}),
     "meft1_autograd": ("reversible", {"rev_variant": "meft1", "rev_backward": "autograd"}),
+    # Float streams instead of the exact fixed point (restart points bound their error).
+    "meft1_float64": ("reversible", {"rev_variant": "meft1", "rev_exact": False}),
+    "meft1_fp32_streams": ("reversible", {"rev_variant": "meft1", "rev_stream_dtype": "fp32"}),
 }
 REFERENCE = "parallel_adapter"
 
@@ -111,7 +116,8 @@ def main() -> None:
         "config": {"model": args.model, "seq": args.seq, "batch": args.batch,
                    "reps": args.reps, "warmup": args.warmup, "configs": CONFIGS,
                    "step": "forward + backward + torch AdamW step, interleaved per repetition",
-                   "reversible": "fp64 exact streams, all layers, adapters of width 64"},
+                   "reversible": "fp64 exact streams unless the config says otherwise, all "
+                                 "layers, adapters of width 64"},
         "target": "ratio <= 1.4",
         "results": results,
         "meets_target": {d: {k: v <= 1.4 for k, v in r["ratio_to_parallel_adapter"].items()}
