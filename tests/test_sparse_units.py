@@ -126,24 +126,25 @@ def _row_adamw_against_torch(backend: str, selections: list[torch.Tensor], rows:
             torch.testing.assert_close(v[i], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
 
 
-# backend, then thresholds of meft_ds.sparse.optim that pick how the cpu_adam op runs
+# backend, thresholds of meft_ds.sparse.optim, torch's thread count (the op splits rows
+# over it; None: as set)
 ROW_ADAMW_MODES = {
-    "torch": ("torch", {}),
-    "cpu_adam": ("cpu_adam", {}),
-    "cpu_adam_threads": ("cpu_adam", {"PARALLEL_MIN_ELEMENTS": 0}),  # rows over threads
+    "torch": ("torch", {}, None),
+    "cpu_adam": ("cpu_adam", {}, None),
+    "cpu_adam_threads": ("cpu_adam", {"PARALLEL_MIN_ELEMENTS": 0}, 2),  # rows over threads
 }
 
 
 @pytest.fixture(params=list(ROW_ADAMW_MODES))
 def row_adamw_backend(request, monkeypatch) -> str:
-    backend, thresholds = ROW_ADAMW_MODES[request.param]
+    backend, thresholds, threads = ROW_ADAMW_MODES[request.param]
     for name, value in thresholds.items():
         monkeypatch.setattr(optim, name, value)
-    threads = torch.get_num_threads()
-    if thresholds:
-        torch.set_num_threads(2)  # the op splits rows over torch's intra-op thread count
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     yield backend
-    torch.set_num_threads(threads)
+    torch.set_num_threads(before)
 
 
 def test_row_adamw_matches_torch_adamw_per_row(row_adamw_backend):
