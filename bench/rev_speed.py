@@ -10,6 +10,12 @@ activations, separating the cost of the two-stream structure from the recomputat
 ``meft1_float64`` / ``meft1_fp32_streams`` use plain float streams (fp64 without the exact
 fixed point, or fp32) with restart points, separating the cost of exactness.
 
+Beside the times, the matmul + attention FLOPs of one step of each config are counted at
+the dispatcher (:mod:`bench.flops`, device-independent): their ratio to
+``parallel_adapter`` is the floor of the time ratio for a matmul-bound step. It is also
+counted at the LLaMA-7B shape (``--flops-model``): models of 1 and 2 layers with random
+weights, extrapolated linearly to the real depth.
+
     python bench/rev_speed.py [--seq 128 --batch 4 --reps 5]
 """
 
@@ -32,6 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.flops import FlopCounter  # noqa: E402
+from bench.rev_memory import build  # noqa: E402
 from meft_ds import methods, options  # noqa: E402
 from meft_ds.models import loader  # noqa: E402
 
@@ -69,6 +77,38 @@ class Runner:
         self.opt.step()
         return time.perf_counter() - start
 
+    def flops(self, ids: torch.Tensor) -> FlopCounter:
+        """FLOPs of one (untimed) step."""
+        with FlopCounter() as counter:
+            self.step(ids)
+        return counter
+
+
+def flop_ratios(counts: dict[str, float]) -> dict[str, float]:
+    return {k: v / counts[REFERENCE] for k, v in counts.items()}
+
+
+def count_flops(base: torch.nn.Module, names: list[str], ids: torch.Tensor) -> dict:
+    """Per-config FLOPs of one step (matmul + attention), built one config at a time."""
+    out = {}
+    for name in names:
+        counter = Runner(base, *CONFIGS[name]).flops(ids)
+        out[name] = {"total": counter.total, **counter.counts, "calls": dict(counter.calls)}
+    return out
+
+
+def flops_at_shape(spec: str, names: list[str], seq: int, batch: int) -> dict:
+    """FLOPs per step at ``spec``'s real depth, extrapolated from 1- and 2-layer models."""
+    depth = loader.model_config(spec).num_hidden_layers
+    ids = torch.randint(0, loader.model_config(spec).vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(0))
+    per = {n: count_flops(build(spec, n, torch.float32), names, ids) for n in (1, 2)}
+    totals = {k: per[1][k]["total"] + (depth - 1) * (per[2][k]["total"] - per[1][k]["total"])
+              for k in names}
+    return {"model": spec, "depth": depth, "seq": seq, "batch": batch,
+            "measured_layers": [1, 2], "total": totals, "ratio_to_parallel_adapter":
+            flop_ratios(totals)}
+
 
 def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, list[float]]:
     """Per-config step times, interleaved over ``args.reps`` repetitions (after warm-up)."""
@@ -96,9 +136,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--flops-model", default="llama2-7b-shape",
+                        help="also count FLOPs at this shape (1 and 2 layers, extrapolated); "
+                             "empty to skip")
+    parser.add_argument("--flops-seq", type=int, default=256)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     torch.manual_seed(0)
+    names = args.configs.split(",")
+    ids = torch.randint(0, loader.model_config(args.model).vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0))
+    flops = count_flops(loader.load_model(args.model).model, names, ids)
+    flops_ratio = flop_ratios({k: v["total"] for k, v in flops.items()})
+    print("flops / parallel_adapter", json.dumps(flops_ratio), flush=True)
+    shape = (flops_at_shape(args.flops_model, [REFERENCE, "meft1", "meft2", "meft3"],
+                            args.flops_seq, 1) if args.flops_model else None)
+    if shape:
+        print(args.flops_model, json.dumps(shape["ratio_to_parallel_adapter"]), flush=True)
     results = {}
     for label in args.dtypes.split(","):
         times = measure({"fp32": torch.float32, "bf16": torch.bfloat16}[label], args)
@@ -119,6 +173,9 @@ def main() -> None:
                    "reversible": "fp64 exact streams unless the config says otherwise, all "
                                  "layers, adapters of width 64"},
         "target": "ratio <= 1.4",
+        "flops": {"per_step": flops, "ratio_to_parallel_adapter": flops_ratio,
+                  "counted": "matmul (mm/addmm/bmm) + attention kernels, fp32, one step",
+                  "at_shape": shape},
         "results": results,
         "meets_target": {d: {k: v <= 1.4 for k, v in r["ratio_to_parallel_adapter"].items()}
                          for d, r in results.items()},
@@ -138,7 +195,14 @@ def main() -> None:
         xs = [j + i * width for j in range(len(names))]
         ax.bar(xs, [res["ratio_to_parallel_adapter"][n] for n in names], width, label=label)
     ax.axhline(1.4, color="red", ls="--", lw=1, label="target 1.4x")
-    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(names))], names)
+    centers = [j + width * (len(results) - 1) / 2 for j in range(len(names))]
+    ax.plot(centers, [flops_ratio[n] for n in names], "k_", markersize=22, mew=2,
+            label="FLOPs / parallel_adapter (floor)")
+    if shape:
+        ax.text(0.01, 0.97, f"FLOP floor at {shape['model']} (seq {shape['seq']}): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in shape["ratio_to_parallel_adapter"].items()
+            if k != REFERENCE), transform=ax.transAxes, va="top", fontsize=7)
+    ax.set_xticks(centers, names)
     ax.set_ylabel("step time / parallel_adapter (median)")
     ax.set_title(f"{args.model}, seq {args.seq}, batch {args.batch}, CPU, side by side")
     ax.legend()

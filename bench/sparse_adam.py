@@ -14,7 +14,11 @@ repetitions of:
 - ``(a) kernel``: the DeepSpeedCPUAdam kernel on U rows already contiguous;
 - ``(b) dense``: ``DeepSpeedCPUAdam.step`` over the whole store;
 - ``(c) torch``: ``torch.optim.AdamW(fused=True)`` (``foreach`` if fused fails on CPU) on
-  U contiguous rows.
+  U contiguous rows;
+- ``copy_rows`` / ``copy_block``: no arithmetic, the memory system alone: copying the U
+  selected rows of the weights and both moments (``index_select`` into buffers) against
+  copying U rows that lie in one block of the same store. Their ratio is the price this
+  machine charges for scattered rows over contiguous ones, a floor for sparse/(a).
 
 Before each timed call a 128 MiB buffer is written, so every variant starts with cold
 caches: otherwise the order of the variants decides which rows are still cached (at 1%
@@ -22,7 +26,8 @@ the same rows fit in the last-level cache, and one variant warms them for the ne
 
 Reported: the minimum over repetitions of each (least disturbed on a shared machine),
 and the ratios sparse/(a) (overhead of updating rows in place; target <= 1.2), (b)/sparse
-(target >= 10 at 5%), (c)/(a). Times are from this machine and only compared side by side.
+(target >= 10 at 5%), (c)/(a), copy_rows/copy_block (the memory floor). Times are from
+this machine and only compared side by side.
 
 Writes ``bench/results/sparse_adam.json`` and ``.png``.
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python bench/sparse_adam.py --threads 1 2``.
@@ -54,11 +59,14 @@ EPS = 1e-8
 FLUSH_BYTES = 128 << 20  # written before each timed call: well over the last-level cache
 TARGET_OVERHEAD = 1.2  # sparse / (a)
 TARGET_DENSE_SPEEDUP = 10.0  # (b) / sparse at 5% of rows
-VARIANTS = ("sparse", "sparse_mixed", "gather_scatter", "kernel", "dense", "torch")
+VARIANTS = ("sparse", "sparse_mixed", "gather_scatter", "kernel", "dense", "torch", "copy_rows",
+            "copy_block")
 LABELS = {
     "sparse": "RowAdamW in place", "sparse_mixed": "RowAdamW in place, mixed step counts",
     "gather_scatter": "gather + kernel + scatter (old)", "kernel": "(a) kernel, contiguous rows",
     "dense": "(b) dense CPU Adam", "torch": "(c) torch AdamW on rows",
+    "copy_rows": "copy the selected rows (memory only)",
+    "copy_block": "copy as many rows from one block",
 }
 
 
@@ -107,6 +115,12 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
         for dst, buf in zip(tensors, buffers):
             dst.index_copy_(0, rows, buf)
 
+    block = torch.arange(count) + (rank - count) // 2
+
+    def copy(index: torch.Tensor):
+        return lambda: [torch.index_select(t, 0, index, out=buf)
+                        for t, buf in zip(tensors, buffers)]
+
     def run_torch() -> None:
         param.grad = grad
         topt.step()
@@ -118,6 +132,8 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
         "kernel": lambda: kernel_step(p, m, v),
         "torch": run_torch,
         "dense": dense.step,
+        "copy_rows": copy(rows),
+        "copy_block": copy(block),
     }
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for _ in range(repeats):
@@ -135,6 +151,7 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
         "dense_over_sparse": best["dense"] / best["sparse"],
         "dense_over_sparse_mixed": best["dense"] / best["sparse_mixed"],
         "torch_over_kernel": best["torch"] / best["kernel"],
+        "memory_floor": best["copy_rows"] / best["copy_block"],
     }
     out["overhead_target_met"] = out["sparse_over_kernel"] <= TARGET_OVERHEAD
     if abs(fraction - 0.05) < 1e-9:
@@ -165,7 +182,8 @@ def plot(report: dict, path: Path) -> None:
                                    ("sparse_mixed_over_kernel", "sparse mixed / (a)", "s"),
                                    ("gather_scatter_over_kernel", "gather+scatter / (a)", "d"),
                                    ("dense_over_sparse", "(b) / sparse", "^"),
-                                   ("torch_over_kernel", "(c) / (a)", "v")):
+                                   ("torch_over_kernel", "(c) / (a)", "v"),
+                                   ("memory_floor", "copy rows / copy block", "x")):
             ratios.plot(x, [r[key] for r in rows], marker + style, label=f"{label}, {n}t")
     ratios.axhline(TARGET_OVERHEAD, color="grey", ls=":", lw=0.8)
     ratios.axhline(TARGET_DENSE_SPEEDUP, color="grey", ls=":", lw=0.8)
