@@ -141,7 +141,13 @@ def main() -> None:
                              "empty to skip")
     parser.add_argument("--flops-seq", type=int, default=256)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the plot from the existing rev_speed.json")
     args = parser.parse_args()
+    if args.plot_only:
+        path = Path(args.out) / "rev_speed.json"
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return
     torch.manual_seed(0)
     names = args.configs.split(",")
     ids = torch.randint(0, loader.model_config(args.model).vocab_size, (args.batch, args.seq),
@@ -183,12 +189,19 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rev_speed.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / "rev_speed.png")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bars of the time ratios per precision, the FLOP floor as black ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    results, flops = report["results"], report["flops"]
+    flops_ratio, shape = flops["ratio_to_parallel_adapter"], flops["at_shape"]
+    fig, ax = plt.subplots(figsize=(9, 4.4))
     names = list(next(iter(results.values()))["ratio_to_parallel_adapter"])
     width = 0.8 / len(results)
     for i, (label, res) in enumerate(results.items()):
@@ -202,13 +215,13 @@ def main() -> None:
         ax.text(0.01, 0.97, f"FLOP floor at {shape['model']} (seq {shape['seq']}): " + ", ".join(
             f"{k} {v:.2f}" for k, v in shape["ratio_to_parallel_adapter"].items()
             if k != REFERENCE), transform=ax.transAxes, va="top", fontsize=7)
-    ax.set_xticks(centers, names)
+    ax.set_xticks(centers, names, rotation=20, ha="right")
     ax.set_ylabel("step time / parallel_adapter (median)")
-    ax.set_title(f"{args.model}, seq {args.seq}, batch {args.batch}, CPU, side by side")
-    ax.legend()
+    cfg = report["config"]
+    ax.set_title(f"{cfg['model']}, seq {cfg['seq']}, batch {cfg['batch']}, CPU, side by side")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "rev_speed.png", dpi=120)
-
+    fig.savefig(path, dpi=120)
 
 if __name__ == "__main__":
     main()
