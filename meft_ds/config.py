@@ -53,6 +53,9 @@ class TrainConfig:
     eval_batch_size: int = _opt(32, "generation batch size")
     progress: bool = _opt(True, "show progress bars")
     log_steps: int = _opt(1, "write metrics every N steps")
+    gpu_memory_gib: float | None = _opt(
+        None, "cap this process's GPU memory at N GiB (check that a run fits a smaller card)"
+    )
 
     def validate(self) -> None:
         """Reject values that cannot work, with one line each."""
@@ -79,6 +82,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be > 0, got {value}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise UserError(f"gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if (self.data_file is None) != (self.heldout_file is None):

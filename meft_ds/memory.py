@@ -85,6 +85,19 @@ def require_ram(needed: int, what: str, headroom: float = 1.1) -> None:
         )
 
 
+def cap_device_memory(gib: float | None, dev: torch.device) -> None:
+    """Let this process allocate at most ``gib`` GiB on ``dev`` (a 24 GB card simulated on a
+    bigger one): beyond it allocations fail with CUDA's out-of-memory error."""
+    if gib is None:
+        return
+    if dev.type != "cuda":
+        raise UserError(f"--gpu_memory_gib needs a CUDA device; this run is on {dev.type}")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if gib * GIB > total:
+        raise UserError(f"--gpu_memory_gib {gib:g} exceeds the device's {total / GIB:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * GIB / total, dev)
+
+
 def device_memory() -> dict[str, float]:
     """CUDA peak allocated / reserved in GiB (empty without CUDA)."""
     if not torch.cuda.is_available():

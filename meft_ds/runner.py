@@ -123,6 +123,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     mdist.check_same_config(_config_identity(spec))
     rank, world_size = world()
     dev = device()
+    memory.cap_device_memory(cfg.gpu_memory_gib, dev)
     seed_everything(cfg.seed)
     dtype = torch.bfloat16 if bf16 and cfg.model in loader.SHAPES else torch.float32
     loaded = loader.load_model(cfg.model, dtype=dtype, seed=cfg.seed)

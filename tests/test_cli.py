@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import subprocess_env
 
 from meft_ds import cli
@@ -91,6 +92,7 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None
         (["--deepspeed", CPU, "--dataset", "gsm8k", "--data_dir", str(tmp_path)], "does not exist"),
         (["--deepspeed", CPU, "--max_steps", "abc"], "invalid int value"),
         (["--deepspeed", CPU, "--micro_batch_size", "0"], "micro_batch_size must be > 0"),
+        (["--deepspeed", CPU, "--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),
     ]
     for argv, message in cases:
         proc = _launch(*argv)
@@ -98,6 +100,14 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for runs without CUDA")
+def test_gpu_memory_cap_without_cuda_is_refused(tmp_path: Path) -> None:
+    proc = _launch("--deepspeed", CPU, "--gpu_memory_gib", "24", "--output_dir", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --gpu_memory_gib needs a CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_ram_check_refuses_before_allocating() -> None:
