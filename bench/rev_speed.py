@@ -59,22 +59,32 @@ REFERENCE = "parallel_adapter"
 class Runner:
     """One config: the method's module, its optimizer, and one timed training step."""
 
-    def __init__(self, base: torch.nn.Module, name: str, extra: dict) -> None:
+    def __init__(self, base: torch.nn.Module, name: str, extra: dict,
+                 device: torch.device | str = "cpu") -> None:
         cls = methods.get(name)
         self.method = cls(options.build(cls.Options, extra), base.config)
         # Adapters in the weights' dtype, as the DeepSpeed engine casts them in bf16 mode.
-        self.module = self.method.apply(copy.deepcopy(base)).to(base.dtype).train()
+        self.module = self.method.apply(copy.deepcopy(base)).to(base.dtype).to(device).train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.cuda = torch.device(device).type == "cuda"
+        self.peak_extra: list[int] = []  # CUDA: step's peak bytes above what was resident
 
     def step(self, ids: torch.Tensor) -> float:
         """Seconds of one forward + backward + optimizer step."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         logits = self.method.forward(self.module, ids, torch.ones_like(ids))
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_extra.append(torch.cuda.max_memory_allocated() - resident)
         return time.perf_counter() - start
 
     def flops(self, ids: torch.Tensor) -> FlopCounter:
@@ -110,12 +120,14 @@ def flops_at_shape(spec: str, names: list[str], seq: int, batch: int) -> dict:
             flop_ratios(totals)}
 
 
-def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Per-config step times, interleaved over ``args.reps`` repetitions (after warm-up)."""
+def measure(dtype: torch.dtype, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Per-config step times, interleaved over ``args.reps`` repetitions (after warm-up),
+    and on CUDA each config's peak step memory above its resident weights (GiB)."""
+    device = torch.device(args.device)
     base = loader.load_model(args.model, dtype=dtype).model
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0))
-    runners = {k: Runner(base, *CONFIGS[k]) for k in args.configs.split(",")}
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    runners = {k: Runner(base, *CONFIGS[k], device=device) for k in args.configs.split(",")}
     del base
     times: dict[str, list[float]] = {k: [] for k in runners}
     for rep in range(args.warmup + args.reps):
@@ -124,7 +136,8 @@ def measure(dtype: torch.dtype, args: argparse.Namespace) -> dict[str, list[floa
             if rep >= args.warmup:
                 times[name].append(seconds)
         print(dtype, rep, {k: round(v[-1], 3) for k, v in times.items() if v}, flush=True)
-    return times
+    peaks = {k: max(r.peak_extra) / 2**30 for k, r in runners.items() if r.peak_extra}
+    return times, peaks
 
 
 def main() -> None:
@@ -140,30 +153,39 @@ def main() -> None:
                         help="also count FLOPs at this shape (1 and 2 layers, extrapolated); "
                              "empty to skip")
     parser.add_argument("--flops-seq", type=int, default=256)
+    parser.add_argument("--no-flops", action="store_true", help="skip all FLOP counting")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (adds peak memory and "
+                        "tokens/s per config)")
+    parser.add_argument("--name", default="rev_speed", help="stem of the JSON and plot")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the plot from the existing rev_speed.json")
     args = parser.parse_args()
     if args.plot_only:
-        path = Path(args.out) / "rev_speed.json"
+        path = Path(args.out) / f"{args.name}.json"
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return
     torch.manual_seed(0)
     names = args.configs.split(",")
     ids = torch.randint(0, loader.model_config(args.model).vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0))
-    flops = count_flops(loader.load_model(args.model).model, names, ids)
-    flops_ratio = flop_ratios({k: v["total"] for k, v in flops.items()})
-    print("flops / parallel_adapter", json.dumps(flops_ratio), flush=True)
-    shape = (flops_at_shape(args.flops_model, [REFERENCE, "meft1", "meft2", "meft3"],
-                            args.flops_seq, 1) if args.flops_model else None)
-    if shape:
-        print(args.flops_model, json.dumps(shape["ratio_to_parallel_adapter"]), flush=True)
+    flops = flops_ratio = shape = None
+    if not args.no_flops:
+        flops = count_flops(loader.load_model(args.model).model, names, ids)
+        flops_ratio = flop_ratios({k: v["total"] for k, v in flops.items()})
+        print("flops / parallel_adapter", json.dumps(flops_ratio), flush=True)
+        if args.flops_model:
+            shape = flops_at_shape(args.flops_model, [REFERENCE, "meft1", "meft2", "meft3"],
+                                   args.flops_seq, 1)
+            print(args.flops_model, json.dumps(shape["ratio_to_parallel_adapter"]), flush=True)
     results = {}
     for label in args.dtypes.split(","):
-        times = measure({"fp32": torch.float32, "bf16": torch.bfloat16}[label], args)
+        times, peaks = measure({"fp32": torch.float32, "bf16": torch.bfloat16}[label], args)
         ref = statistics.median(times[REFERENCE])
         results[label] = {
+            **({"step_peak_gib_above_weights": peaks, "tokens_per_s": {
+                k: args.batch * args.seq / statistics.median(v) for k, v in times.items()}}
+               if peaks else {}),
             "ratio_to_parallel_adapter": {k: statistics.median(v) / ref for k, v in times.items()},
             "ratio_min_to_min": {k: min(v) / min(times[REFERENCE]) for k, v in times.items()},
             "seconds": times,
@@ -172,6 +194,7 @@ def main() -> None:
     report = {
         "benchmark": "reversible_step_time_ratio",
         "machine": platform.machine(), "python": platform.python_version(),
+        "device": (torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "config": {"model": args.model, "seq": args.seq, "batch": args.batch,
                    "reps": args.reps, "warmup": args.warmup, "configs": CONFIGS,
@@ -179,17 +202,18 @@ def main() -> None:
                    "reversible": "fp64 exact streams unless the config says otherwise, all "
                                  "layers, adapters of width 64"},
         "target": "ratio <= 1.4",
-        "flops": {"per_step": flops, "ratio_to_parallel_adapter": flops_ratio,
-                  "counted": "matmul (mm/addmm/bmm) + attention kernels, fp32, one step",
-                  "at_shape": shape},
+        "flops": None if flops is None else {
+            "per_step": flops, "ratio_to_parallel_adapter": flops_ratio,
+            "counted": "matmul (mm/addmm/bmm) + attention kernels, fp32, one step",
+            "at_shape": shape},
         "results": results,
         "meets_target": {d: {k: v <= 1.4 for k, v in r["ratio_to_parallel_adapter"].items()}
                          for d, r in results.items()},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rev_speed.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "rev_speed.png")
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / f"{args.name}.png")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -199,8 +223,8 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results, flops = report["results"], report["flops"]
-    flops_ratio, shape = flops["ratio_to_parallel_adapter"], flops["at_shape"]
+    results, flops = report["results"], report["flops"] or {}
+    flops_ratio, shape = flops.get("ratio_to_parallel_adapter"), flops.get("at_shape")
     fig, ax = plt.subplots(figsize=(9, 4.4))
     names = list(next(iter(results.values()))["ratio_to_parallel_adapter"])
     width = 0.8 / len(results)
@@ -209,8 +233,9 @@ def plot(report: dict, path: Path) -> None:
         ax.bar(xs, [res["ratio_to_parallel_adapter"][n] for n in names], width, label=label)
     ax.axhline(1.4, color="red", ls="--", lw=1, label="target 1.4x")
     centers = [j + width * (len(results) - 1) / 2 for j in range(len(names))]
-    ax.plot(centers, [flops_ratio[n] for n in names], "k_", markersize=22, mew=2,
-            label="FLOPs / parallel_adapter (floor)")
+    if flops_ratio:
+        ax.plot(centers, [flops_ratio[n] for n in names], "k_", markersize=22, mew=2,
+                label="FLOPs / parallel_adapter (floor)")
     if shape:
         ax.text(0.01, 0.97, f"FLOP floor at {shape['model']} (seq {shape['seq']}): " + ", ".join(
             f"{k} {v:.2f}" for k, v in shape["ratio_to_parallel_adapter"].items()
@@ -218,7 +243,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set_xticks(centers, names, rotation=20, ha="right")
     ax.set_ylabel("step time / parallel_adapter (median)")
     cfg = report["config"]
-    ax.set_title(f"{cfg['model']}, seq {cfg['seq']}, batch {cfg['batch']}, CPU, side by side")
+    where = report.get("device", "cpu")
+    ax.set_title(f"{cfg['model']}, seq {cfg['seq']}, batch {cfg['batch']}, {where}, side by side")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
