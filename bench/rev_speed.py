@@ -94,6 +94,11 @@ class Runner:
         return counter
 
 
+def random_ids(vocab: int, batch: int, seq: int) -> torch.Tensor:
+    """The token ids every config steps on (seeded)."""
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
 def flop_ratios(counts: dict[str, float]) -> dict[str, float]:
     return {k: v / counts[REFERENCE] for k, v in counts.items()}
 
@@ -110,8 +115,7 @@ def count_flops(base: torch.nn.Module, names: list[str], ids: torch.Tensor) -> d
 def flops_at_shape(spec: str, names: list[str], seq: int, batch: int) -> dict:
     """FLOPs per step at ``spec``'s real depth, extrapolated from 1- and 2-layer models."""
     depth = loader.model_config(spec).num_hidden_layers
-    ids = torch.randint(0, loader.model_config(spec).vocab_size, (batch, seq),
-                        generator=torch.Generator().manual_seed(0))
+    ids = random_ids(loader.model_config(spec).vocab_size, batch, seq)
     per = {n: count_flops(build(spec, n, torch.float32), names, ids) for n in (1, 2)}
     totals = {k: per[1][k]["total"] + (depth - 1) * (per[2][k]["total"] - per[1][k]["total"])
               for k in names}
@@ -125,8 +129,7 @@ def measure(dtype: torch.dtype, args: argparse.Namespace) -> tuple[dict, dict]:
     and on CUDA each config's peak step memory above its resident weights (GiB)."""
     device = torch.device(args.device)
     base = loader.load_model(args.model, dtype=dtype).model
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = random_ids(base.config.vocab_size, args.batch, args.seq).to(device)
     runners = {k: Runner(base, *CONFIGS[k], device=device) for k in args.configs.split(",")}
     del base
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -167,10 +170,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     names = args.configs.split(",")
-    ids = torch.randint(0, loader.model_config(args.model).vocab_size, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0))
     flops = flops_ratio = shape = None
     if not args.no_flops:
+        ids = random_ids(loader.model_config(args.model).vocab_size, args.batch, args.seq)
         flops = count_flops(loader.load_model(args.model).model, names, ids)
         flops_ratio = flop_ratios({k: v["total"] for k, v in flops.items()})
         print("flops / parallel_adapter", json.dumps(flops_ratio), flush=True)
