@@ -22,7 +22,8 @@ for n in 2_28 2_27 2_17 2014 1; do
   case $n in 2014|1) platforms+=(--platform "manylinux${n}_x86_64");;
              *) platforms+=(--platform "manylinux_${n}_x86_64");; esac
 done
-for pkg in hjson pydantic pydantic_core annotated-types typing-inspection transformers; do
+for pkg in hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions \
+    transformers; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp "${platforms[@]}" -d "$CARRY/whl" "$pkg==$(version "$pkg")"
 done
