@@ -5,7 +5,10 @@ scaled-dot-product attention kernels that run while it is active, including thos
 custom ``autograd.Function``'s backward (the reversible recompute), which module-hook
 counters miss. Attention is priced by its shapes: forward ``4·B·H·Sq·Sk·D`` (QK^T and PV,
 causal masking not discounted), backward 2.5x that (scores recomputed, dV, dP, dQ, dK).
-Elementwise work is not counted: these are the FLOPs that bound a step from below.
+These FLOPs bound a step from below. Everything else is counted as memory traffic:
+``counts['other_bytes']`` is the bytes written by every other op that allocates an output
+(elementwise arithmetic, casts, reductions; views and ``empty`` excluded), a
+device-independent measure of the memory-bound work around the matmuls.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ def _attention_flops(q: torch.Tensor, k: torch.Tensor) -> int:
 
 
 class FlopCounter(TorchDispatchMode):
-    """Counts matmul and attention FLOPs (``counts['matmul']``, ``counts['attention']``)
-    and calls (``calls[op name]``) while active."""
+    """Counts matmul and attention FLOPs (``counts['matmul']``, ``counts['attention']``),
+    the other ops' output bytes (``counts['other_bytes']``) and calls while active."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,4 +61,9 @@ class FlopCounter(TorchDispatchMode):
             # grad_out, q, k, ... : the kernels take the output's gradient first
             self.counts["attention"] += 5 * _attention_flops(args[1], args[2]) // 2
             self.calls["attention_bwd"] += 1
+        elif not func.is_view and not name.startswith("empty"):
+            written = [t for t in (out if isinstance(out, tuple | list) else (out,))
+                       if isinstance(t, torch.Tensor)]
+            self.counts["other_bytes"] += sum(t.numel() * t.element_size() for t in written)
+            self.calls["other"] += 1
         return out

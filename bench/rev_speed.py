@@ -170,12 +170,14 @@ def main() -> None:
         return
     torch.manual_seed(0)
     names = args.configs.split(",")
-    flops = flops_ratio = shape = None
+    flops = flops_ratio = bytes_ratio = shape = None
     if not args.no_flops:
         ids = random_ids(loader.model_config(args.model).vocab_size, args.batch, args.seq)
         flops = count_flops(loader.load_model(args.model).model, names, ids)
         flops_ratio = flop_ratios({k: v["total"] for k, v in flops.items()})
+        bytes_ratio = flop_ratios({k: v["other_bytes"] for k, v in flops.items()})
         print("flops / parallel_adapter", json.dumps(flops_ratio), flush=True)
+        print("other ops' bytes / parallel_adapter", json.dumps(bytes_ratio), flush=True)
         if args.flops_model:
             shape = flops_at_shape(args.flops_model, [REFERENCE, "meft1", "meft2", "meft3"],
                                    args.flops_seq, 1)
@@ -206,7 +208,9 @@ def main() -> None:
         "target": "ratio <= 1.4",
         "flops": None if flops is None else {
             "per_step": flops, "ratio_to_parallel_adapter": flops_ratio,
-            "counted": "matmul (mm/addmm/bmm) + attention kernels, fp32, one step",
+            "other_bytes_ratio_to_parallel_adapter": bytes_ratio,
+            "counted": "matmul (mm/addmm/bmm) + attention kernels, fp32, one step; "
+                       "other_bytes: output bytes of every other op (casts, elementwise)",
             "at_shape": shape},
         "results": results,
         "meets_target": {d: {k: v <= 1.4 for k, v in r["ratio_to_parallel_adapter"].items()}
@@ -238,6 +242,10 @@ def plot(report: dict, path: Path) -> None:
     if flops_ratio:
         ax.plot(centers, [flops_ratio[n] for n in names], "k_", markersize=22, mew=2,
                 label="FLOPs / parallel_adapter (floor)")
+    if flops.get("other_bytes_ratio_to_parallel_adapter"):
+        ax.text(0.01, 0.91, "bytes written outside matmuls / parallel_adapter (fp32): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in flops["other_bytes_ratio_to_parallel_adapter"].items()
+            if k != REFERENCE), transform=ax.transAxes, va="top", fontsize=7)
     if shape:
         ax.text(0.01, 0.97, f"FLOP floor at {shape['model']} (seq {shape['seq']}): " + ", ".join(
             f"{k} {v:.2f}" for k, v in shape["ratio_to_parallel_adapter"].items()

@@ -33,3 +33,12 @@ def test_counts_attention_by_its_shapes():
     with FlopCounter() as counter:
         out.sum().backward()
     assert counter.total == 5 * forward // 2
+
+
+def test_other_ops_count_the_bytes_they_write():
+    x = torch.randn(100, dtype=torch.float32)
+    with FlopCounter() as counter:
+        y = x.to(torch.float64) * 2  # cast: 800 bytes, mul: 800 bytes
+        y.view(10, 10).t()  # views write nothing
+    assert counter.counts["other_bytes"] == 1600 and counter.calls["other"] == 2
+    assert counter.total == 0
