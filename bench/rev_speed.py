@@ -241,13 +241,14 @@ def plot(report: dict, path: Path) -> None:
     centers = [j + width * (len(results) - 1) / 2 for j in range(len(names))]
     if flops_ratio:
         ax.plot(centers, [flops_ratio[n] for n in names], "k_", markersize=22, mew=2,
-                label="FLOPs / parallel_adapter (floor)")
+                label="matmul + attention FLOPs / parallel_adapter")
     if flops.get("other_bytes_ratio_to_parallel_adapter"):
         ax.text(0.01, 0.91, "bytes written outside matmuls / parallel_adapter (fp32): " + ", ".join(
             f"{k} {v:.1f}" for k, v in flops["other_bytes_ratio_to_parallel_adapter"].items()
             if k != REFERENCE), transform=ax.transAxes, va="top", fontsize=7)
     if shape:
-        ax.text(0.01, 0.97, f"FLOP floor at {shape['model']} (seq {shape['seq']}): " + ", ".join(
+        head = f"FLOPs / parallel_adapter at {shape['model']} (seq {shape['seq']}): "
+        ax.text(0.01, 0.97, head + ", ".join(
             f"{k} {v:.2f}" for k, v in shape["ratio_to_parallel_adapter"].items()
             if k != REFERENCE), transform=ax.transAxes, va="top", fontsize=7)
     ax.set_xticks(centers, names, rotation=20, ha="right")
