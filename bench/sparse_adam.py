@@ -108,18 +108,18 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
         dense.ds_opt_adam.adam_update(kernel_id, step[0], LR, *BETAS, EPS, 0.0, True,
                                       params, grad, exp_avg, exp_avg_sq)
 
-    def gather_scatter() -> None:
-        for src, buf in zip(tensors, buffers):
-            torch.index_select(src, 0, rows, out=buf)
-        kernel_step(*buffers)
-        for dst, buf in zip(tensors, buffers):
-            dst.index_copy_(0, rows, buf)
-
     block = torch.arange(count) + (rank - count) // 2
 
     def copy(index: torch.Tensor):
+        """Rows ``index`` of the weights and both moments into ``buffers``."""
         return lambda: [torch.index_select(t, 0, index, out=buf)
                         for t, buf in zip(tensors, buffers)]
+
+    def gather_scatter() -> None:
+        copy(rows)()
+        kernel_step(*buffers)
+        for dst, buf in zip(tensors, buffers):
+            dst.index_copy_(0, rows, buf)
 
     def run_torch() -> None:
         param.grad = grad

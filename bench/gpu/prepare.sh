@@ -6,7 +6,7 @@
 #           transformers at this project's pinned version;
 #   cache/  SmolLM2's tokenizer and config only (the 7B-shape models use its tokenizer; no
 #           weights travel);
-#   data/   NQ-open from ../shared/data (which does not travel).
+#   data/   NQ-open and GSM8K from ../shared/data (which does not travel).
 # Then: run(command="bash bench/gpu/checks.sh", carry=[".gpu_carry"], timeout_s=600).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
