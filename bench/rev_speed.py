@@ -49,6 +49,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "meft2": ("reversible", {"rev_variant": "meft2"}),
     "meft3": ("reversible", {"rev_variant": "meft3"}),
     "meft1_autograd": ("reversible", {"rev_variant": "meft1", "rev_backward": "autograd"}),
+    # The exact streams' arithmetic as eager torch ops instead of compiled kernels.
+    "meft1_eager_streams": ("reversible", {"rev_variant": "meft1", "rev_fused": False}),
     # Float streams instead of the exact fixed point (restart points bound their error).
     "meft1_float64": ("reversible", {"rev_variant": "meft1", "rev_exact": False}),
     "meft1_fp32_streams": ("reversible", {"rev_variant": "meft1", "rev_stream_dtype": "fp32"}),

@@ -91,11 +91,11 @@ class RevLayer(nn.Module):
         """Next layer's stream states (no graph); records call states and remainders."""
         lam, beta = scales
         states.append(_capture(self.f, s2.device))
-        f_q = streams.quantize(self.f(streams.decode(s2), ctx))
-        y1, r1 = lam.mul_add(s1 - s2 if self.center[0] else s1, f_q)
+        f = self.f(streams.decode(s2), ctx)
+        y1, r1 = streams.couple(lam, s1, f, s2 if self.center[0] else None)
         states.append(_capture(self.g, y1.device))
-        g_q = streams.quantize(self.g(streams.decode(y1), ctx))
-        y2, r2 = beta.mul_add(s2 - y1 if self.center[1] else s2, g_q)
+        g = self.g(streams.decode(y1), ctx)
+        y2, r2 = streams.couple(beta, s2, g, y1 if self.center[1] else None)
         aux.append((r1, r2))
         return (y2, y1) if self.swap else (y1, y2)
 
@@ -110,11 +110,11 @@ class RevLayer(nn.Module):
         """
         lam, beta = scales
         f = self.f(x2, ctx)
-        y1_s, _ = lam.mul_add(s1 - s2 if self.center[0] else s1, streams.quantize(f.detach()))
+        y1_s, _ = streams.couple(lam, s1, f.detach(), s2 if self.center[0] else None)
         y1 = lam.value * (x1 - x2 if self.center[0] else x1) + f
         y1 = _through(y1, streams.decode(y1_s))
         g = self.g(y1, ctx)
-        y2_s, _ = beta.mul_add(s2 - y1_s if self.center[1] else s2, streams.quantize(g.detach()))
+        y2_s, _ = streams.couple(beta, s2, g.detach(), y1_s if self.center[1] else None)
         y2 = beta.value * (x2 - y1 if self.center[1] else x2) + g
         y2 = _through(y2, streams.decode(y2_s))
         return (y2, y1, y2_s, y1_s) if self.swap else (y1, y2, y1_s, y2_s)
@@ -137,27 +137,21 @@ class RevLayer(nn.Module):
         with torch.enable_grad(), _replay(g_state):
             y1_leaf = streams.decode(y1).detach().requires_grad_(True)
             g = self.g(y1_leaf, ctx)
-            g_q = streams.quantize(g.detach(), check=False)
             g_total = g - beta.value * y1_leaf if self.center[1] else g
             grads = torch.autograd.grad(g_total, [y1_leaf, *g_params], gy2, allow_unused=True)
         _accumulate(param_grads, g_params, grads[1:])
         gy1_total = gy1 + grads[0]
-        x2 = beta.inverse(y2, g_q, aux[1])
-        if self.center[1]:
-            x2 = x2 + y1
+        x2 = streams.uncouple(beta, y2, g.detach(), aux[1], y1 if self.center[1] else None)
         f_params = self.f.trainable()
         with torch.enable_grad(), _replay(f_state):
             x2_leaf = streams.decode(x2).detach().requires_grad_(True)
             f = self.f(x2_leaf, ctx)
-            f_q = streams.quantize(f.detach(), check=False)
             f_total = f - lam.value * x2_leaf if self.center[0] else f
             grads = torch.autograd.grad(
                 f_total, [x2_leaf, *f_params], gy1_total, allow_unused=True
             )
         _accumulate(param_grads, f_params, grads[1:])
-        x1 = lam.inverse(y1, f_q, aux[0])
-        if self.center[0]:
-            x1 = x1 + x2
+        x1 = streams.uncouple(lam, y1, f.detach(), aux[0], x2 if self.center[0] else None)
         return x1, x2, lam.value * gy1_total, beta.value * gy2 + grads[0]
 
 

@@ -188,7 +188,9 @@ class ReversibleLM(nn.Module):
         if self.span.start > 0:
             with torch.no_grad():
                 hidden = self._plain(range(self.span.start), hidden, ctx, position_ids)
-        streams = streams_for(ctx.precision.stream, self.options.rev_exact)
+        streams = streams_for(
+            ctx.precision.stream, self.options.rev_exact, self.options.rev_fused
+        )
         run = StackRun(
             list(self.rev_layers), ctx, streams,
             self.restart_every(ctx.precision.compute_dtype, streams.exact), self.record_errors,

@@ -24,6 +24,8 @@ from fractions import Fraction
 
 import torch
 
+from meft_ds.reversible import fused
+
 MAX_DENOMINATOR = 255
 
 
@@ -74,32 +76,53 @@ class RationalScale:
         return torch.div(t, self.p, rounding_mode="floor") if self.p != 1 else t
 
     def _pack(self, remainder: torch.Tensor) -> torch.Tensor:
-        """uint8 bytes of ``digits`` base-``q`` digits each (the flat tensor, zero-padded)."""
+        """uint8 bytes of ``digits`` base-``q`` digits each.
+
+        Digit ``i`` of a byte comes from the ``i``-th of ``digits`` equal chunks of the
+        last dimension (as :func:`fused.pack`); if it does not divide, of the flat tensor
+        zero-padded.
+        """
         if self.digits == 1:
             return remainder.to(torch.uint8)
+        if remainder.shape[-1] % self.digits == 0:
+            return fused.pack(remainder, self.q, self.digits)
         flat = remainder.reshape(-1)
         pad = -flat.numel() % self.digits
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        cols = flat.view(-1, self.digits)
-        packed = cols[:, -1].clone()
-        for j in range(self.digits - 2, -1, -1):  # Horner: d0 + q·(d1 + q·(d2 + ...))
-            packed.mul_(self.q).add_(cols[:, j])
-        return packed.to(torch.uint8)
+        return fused.pack(torch.cat([flat, flat.new_zeros(pad)]), self.q, self.digits)
 
     def _unpack(self, packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The remainders of :meth:`_pack`, shaped as ``like`` (int64)."""
         if self.digits == 1:
             return packed.to(torch.int64)
-        rest = packed.to(torch.int64)
-        cols = torch.empty(rest.numel(), self.digits, dtype=torch.int64, device=rest.device)
-        for j in range(self.digits):
-            cols[:, j] = rest % self.q
-            rest = rest.div_(self.q, rounding_mode="floor")
-        return cols.view(-1)[: like.numel()].view(like.shape)
+        rest = fused.unpack(packed, self.q, self.digits)
+        if like.shape[-1] % self.digits == 0:
+            return rest
+        return rest[: like.numel()].view(like.shape)
 
 
-class FloatStreams:
+class _Coupling:
+    """One coupling's stream arithmetic, from the primitives every stream kind defines."""
+
+    def quantize(self, value: torch.Tensor, check: bool = True) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def couple(
+        self, scale: FloatScale | RationalScale, a: torch.Tensor, value: torch.Tensor,
+        base: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """State ``scale·(a − base) + value`` (``base`` optional) and what the inverse needs."""
+        return scale.mul_add(a - base if base is not None else a, self.quantize(value))
+
+    def uncouple(
+        self, scale: FloatScale | RationalScale, y: torch.Tensor, value: torch.Tensor,
+        aux: torch.Tensor | None, base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The ``a`` of :meth:`couple` from its output and the same ``value`` and ``base``."""
+        a = scale.inverse(y, self.quantize(value, check=False), aux)
+        return a + base if base is not None else a
+
+
+class FloatStreams(_Coupling):
     """Streams as plain floats of ``dtype``."""
 
     exact = False
@@ -127,16 +150,54 @@ class FloatStreams:
         """Nothing to check."""
 
 
-class LatticeStreams:
-    """Streams as int64 multiples of ``2**-bits``, read as fp64 (exactly invertible)."""
+class LatticeStreams(_Coupling):
+    """Streams as int64 multiples of ``2**-bits``, read as fp64 (exactly invertible).
+
+    ``fused``: run :meth:`couple` and :meth:`uncouple` as compiled kernels
+    (:mod:`~meft_ds.reversible.fused`; bit-identical to the eager ops, which remain the
+    fallback).
+    """
 
     exact = True
     dtype = torch.float64
 
-    def __init__(self, bits: int = 32, limit_bits: int = 22) -> None:
+    def __init__(self, bits: int = 32, limit_bits: int = 22, fused: bool = False) -> None:
         self.bits = bits
+        self.unit = 2.0**bits
         self.limit = float(2**limit_bits)
+        self.fused = fused
         self._extremes: list[torch.Tensor] = []
+
+    def _fusable(self, scale: RationalScale, *tensors: torch.Tensor | None) -> bool:
+        first = tensors[0]
+        return (
+            self.fused and fused.enabled() and first.numel() > 0
+            and first.shape[-1] % scale.digits == 0
+            and all(t is None or t.shape == first.shape for t in tensors)
+        )
+
+    def couple(
+        self, scale: RationalScale, a: torch.Tensor, value: torch.Tensor,
+        base: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._fusable(scale, a, value, base):
+            out = fused.run_couple(a, value, base, scale.p, scale.q, scale.digits, self.unit)
+            if out is not None:
+                y, packed, extremes = out
+                self._extremes.append(extremes)
+                return y, packed
+        return super().couple(scale, a, value, base)
+
+    def uncouple(
+        self, scale: RationalScale, y: torch.Tensor, value: torch.Tensor,
+        aux: torch.Tensor | None, base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self._fusable(scale, y, value, base):
+            out = fused.run_uncouple(y, value, aux, base, scale.p, scale.q, scale.digits,
+                                     self.unit)
+            if out is not None:
+                return out
+        return super().uncouple(scale, y, value, aux, base)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest lattice point of ``x``."""
@@ -156,7 +217,7 @@ class LatticeStreams:
         if check and v.numel():
             # One pass for the range check; NaN propagates through min/max.
             self._extremes.append(torch.stack(torch.aminmax(v)))
-        return (v * 2.0**self.bits).round_().to(torch.int64)
+        return (v * self.unit).round_().to(torch.int64)
 
     def scale(self, value: float) -> RationalScale:
         """Exact rational multiplier for λ or β."""
@@ -175,8 +236,11 @@ class LatticeStreams:
             )
 
 
-def streams_for(stream: torch.dtype, exact: bool) -> FloatStreams | LatticeStreams:
-    """The stream arithmetic for a stream dtype (exact lattice only for fp64)."""
+def streams_for(
+    stream: torch.dtype, exact: bool, fused: bool = False
+) -> FloatStreams | LatticeStreams:
+    """The stream arithmetic for a stream dtype (exact lattice only for fp64; ``fused``:
+    its compiled kernels)."""
     if stream == torch.float64 and exact:
-        return LatticeStreams()
+        return LatticeStreams(fused=fused)
     return FloatStreams(stream)
