@@ -5,9 +5,13 @@ below the top has its inputs reconstructed through ``d`` inverses, so its gradie
 relative error against plain autograd through the same two-stream network is the error
 of a ``d``-layer reversible stack. Settings: stream arithmetic (fp32 floats, fp64 floats,
 fp64 exact fixed point), compute dtype (fp32, bf16), λ in {0.1, 0.5, 1}; no restart
-points, dropout 0.1.
+points, dropout 0.1. Beside each curve, the largest relative error of any layer's
+reconstructed inputs (0 for the exact streams wherever the recompute reproduces the
+forward bit for bit, which is what a run on a new device checks).
 
     python bench/rev_grad_error.py [--seq 16 --batch 2]
+    python bench/rev_grad_error.py --device cuda --model smollm2-135m-shape \
+        --name rev_grad_error_gpu
 """
 
 from __future__ import annotations
@@ -59,13 +63,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m-shape: the same architecture, random weights")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default="rev_grad_error", help="stem of the JSON and plot")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
-    base = load_model("smollm2-135m").model
+    base = load_model(args.model, device=args.device).model
     n = base.config.num_hidden_layers
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
     curves: dict[str, list[float]] = {}
+    reconstruction: dict[str, float] = {}
     for stream, (dtype, exact) in STREAMS.items():
         for compute in ("fp32", "bf16"):
             for lam in (0.1, 0.5, 1.0):
@@ -74,7 +83,8 @@ def main() -> None:
                     rev_compute_dtype=compute, rev_restart_every=0, rev_adapter_dropout=0.1,
                     rev_adapter_size=16,
                 )
-                model = ReversibleLM(copy.deepcopy(base), opts).train()
+                model = ReversibleLM(copy.deepcopy(base), opts).to(args.device).train()
+                model.record_errors = True
                 gen = torch.Generator().manual_seed(1)
                 with torch.no_grad():
                     for name, p in model.named_parameters():
@@ -82,26 +92,30 @@ def main() -> None:
                             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
                 try:
                     rev = grads(model, ids, True)
+                    worst = max(model.last_run.errors.values())
                     ref = grads(model, ids, False)
                     curve = per_depth(rev, ref, n)
                 except FloatingPointError:
-                    curve = [float("nan")] * n
+                    curve, worst = [float("nan")] * n, float("nan")
                 label = f"{stream} streams, {compute} compute, λ={lam}"
                 curves[label] = curve
-                print(f"{label:40s} d=1 {curve[0]:.1e} d=8 {curve[7]:.1e} d=30 {curve[-1]:.1e}",
-                      flush=True)
+                reconstruction[label] = worst
+                print(f"{label:40s} d=1 {curve[0]:.1e} d=8 {curve[7]:.1e} d={n} {curve[-1]:.1e}"
+                      f" inputs {worst:.1e}", flush=True)
     report = {
         "benchmark": "reversible_gradient_error_vs_depth",
         "machine": platform.machine(), "python": platform.python_version(),
         "torch": torch.__version__,
-        "config": {"model": "smollm2-135m", "variant": "meft1", "seq": args.seq,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "config": {"model": args.model, "variant": "meft1", "seq": args.seq,
                    "batch": args.batch, "restart_points": "none", "dropout": 0.1,
                    "depth": "layers reconstructed through (1 = top layer)"},
         "relative_error": curves,
+        "max_input_reconstruction_error": reconstruction,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rev_grad_error.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +133,7 @@ def main() -> None:
     axes[0].set_ylabel("adapter gradient relative error (floor 1e-18 = exact)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "rev_grad_error.png", dpi=120)
+    fig.savefig(out / f"{args.name}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "meft2": ("reversible", {"rev_variant": "meft2"}),
     "meft3": ("reversible", {"rev_variant": "meft3"}),
     "meft1_autograd": ("reversible", {"rev_variant": "meft1", "rev_backward": "autograd"}),
-    # The exact streams' arithmetic as eager torch ops instead of compiled kernels.
-    "meft1_eager_streams": ("reversible", {"rev_variant": "meft1", "rev_fused": False}),
+    # The exact streams' arithmetic as compiled kernels (the default on CUDA only).
+    "meft1_fused": ("reversible", {"rev_variant": "meft1", "rev_fused": True}),
     # Float streams instead of the exact fixed point (restart points bound their error).
     "meft1_float64": ("reversible", {"rev_variant": "meft1", "rev_exact": False}),
     "meft1_fp32_streams": ("reversible", {"rev_variant": "meft1", "rev_stream_dtype": "fp32"}),
@@ -130,7 +130,7 @@ def measure(dtype: torch.dtype, args: argparse.Namespace) -> tuple[dict, dict]:
     """Per-config step times, interleaved over ``args.reps`` repetitions (after warm-up),
     and on CUDA each config's peak step memory above its resident weights (GiB)."""
     device = torch.device(args.device)
-    base = loader.load_model(args.model, dtype=dtype).model
+    base = loader.load_model(args.model, dtype=dtype, device=device).model
     ids = random_ids(base.config.vocab_size, args.batch, args.seq).to(device)
     runners = {k: Runner(base, *CONFIGS[k], device=device) for k in args.configs.split(",")}
     del base

@@ -38,6 +38,10 @@ class TrainConfig:
     output_dir: str = _opt("runs/latest", "metrics, checkpoints and the exported adapter")
     save_steps: int = _opt(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk")
+    save_final: bool = _opt(
+        True, "checkpoint at the end of training (false: skip it, e.g. for benchmark runs; "
+        "the adapter is exported either way)"
+    )
     resume: bool = _opt(False, "resume from the latest checkpoint in output_dir")
     stop_after: int | None = _opt(None, "testing aid: exit abruptly right after step N")
     stop_rank: int | None = _opt(

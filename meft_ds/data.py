@@ -2,7 +2,7 @@
 
 Question/answer JSONL files (NQ-open, GSM8K, or any file with ``--question_field`` /
 ``--answer_field``) are validated line by line (a malformed line is reported with file
-and line number), loaded into a ``datasets.Dataset``, and turned into micro-batches in a
+and line number) and turned into micro-batches in a
 deterministic order that depends only on (seed, global micro-batch index): a resumed or
 data-parallel run sees exactly the batches of an uninterrupted single-process run.
 """
@@ -116,13 +116,7 @@ def load_split(
         path = (data_dir or default_data_dir()) / name
         qf, af = question_field or spec.question_field, answer_field or spec.answer_field
     examples = read_jsonl(path, qf, af)
-    from datasets import Dataset
-
-    rows = [{"question": e.question, "answers": list(e.answers)} for e in examples]
-    table = Dataset.from_list(rows)
-    if limit is not None:
-        table = table.select(range(min(limit, len(table))))
-    return [QAExample(r["question"], tuple(r["answers"])) for r in table]
+    return examples if limit is None else examples[:limit]
 
 
 @dataclass

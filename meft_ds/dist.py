@@ -28,6 +28,14 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if initialized() else 1
 
 
+def comm_device(group=None) -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces device tensors only; gloo
+    (and the CPU accelerator) host tensors."""
+    if initialized() and "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier(group=None) -> None:
     if initialized():
         dist.barrier(group=group)
@@ -72,12 +80,13 @@ def check_same_config(config: Any) -> None:
     size = world_size()
     if size == 1:
         return
-    digest = torch.tensor(list(bytes.fromhex(config_digest(config))), dtype=torch.int64)
+    digest = torch.tensor(list(bytes.fromhex(config_digest(config))), dtype=torch.int64,
+                          device=comm_device())
     gathered = [torch.empty_like(digest) for _ in range(size)]
     dist.all_gather(gathered, digest)
     ranks_by_digest: dict[bytes, list[int]] = {}
     for index, value in enumerate(gathered):
-        ranks_by_digest.setdefault(bytes(value.tolist()), []).append(index)
+        ranks_by_digest.setdefault(bytes(value.cpu().tolist()), []).append(index)
     if len(ranks_by_digest) > 1:
         groups = "; ".join(
             f"ranks {','.join(map(str, ranks))}: {key.hex()}"

@@ -187,7 +187,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     elif cfg.eval_before and evals:
         before = score_all()
     history = trainer.fit()
-    if not cfg.save_steps or trainer.step % cfg.save_steps:
+    if cfg.save_final and (not cfg.save_steps or trainer.step % cfg.save_steps):
         trainer.save()
     export_dir = Path(cfg.output_dir) / "adapter"
     export.save_adapter(method, engine, export_dir, cfg, spec.method_options)

@@ -41,7 +41,7 @@ def mean_across_ranks(value: float) -> float:
     rank, size = world()
     if size == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=mdist.comm_device())
     dist.all_reduce(tensor)
     return float(tensor.item()) / size
 

@@ -93,6 +93,7 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None
         (["--deepspeed", CPU, "--max_steps", "abc"], "invalid int value"),
         (["--deepspeed", CPU, "--micro_batch_size", "0"], "micro_batch_size must be > 0"),
         (["--deepspeed", CPU, "--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),
+        (["--deepspeed", CPU, "--save_final", "maybe"], "expected true/false, got 'maybe'"),
     ]
     for argv, message in cases:
         proc = _launch(*argv)

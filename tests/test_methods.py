@@ -40,8 +40,13 @@ def test_method_trains_under_deepspeed(tmp_path: Path, method: str, checkpointin
 
 def test_checkpointing_saves_fewer_activation_bytes(tmp_path: Path) -> None:
     plain = _run(tmp_path / "a", "--max_steps", "1")
-    ckpt = _run(tmp_path / "b", "--max_steps", "1", "--gradient_checkpointing")
+    ckpt = _run(tmp_path / "b", "--max_steps", "1", "--gradient_checkpointing",
+                "--save_final", "false")
     assert ckpt[0]["saved_activation_bytes"] < 0.5 * plain[0]["saved_activation_bytes"]
+    # --save_final false: no final checkpoint, the adapter still exported.
+    assert (tmp_path / "a" / "checkpoints" / "latest").is_file()
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    assert (tmp_path / "b" / "adapter" / "adapter.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", ["parallel_adapter", "lora"])

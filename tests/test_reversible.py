@@ -246,6 +246,24 @@ def test_variant_runs_under_deepspeed(tmp_path: Path, variant: str) -> None:
     assert [r["step"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["grad_norm"] > 0
+    assert all(r["rev_inexact_backwards"] == 0 for r in records)
+
+
+def test_a_recompute_that_differs_from_the_forward_is_detected(caplog) -> None:
+    """Exact streams checksum the stack's inputs: weights changed between forward and
+    backward (as a non-deterministic kernel would) make the reconstruction inexact."""
+    model = ReversibleLM(_tiny(4), ReversibleOptions(rev_variant="meft1", rev_adapter_size=8))
+    _perturb_adapters(model)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids).float().mean().backward()
+    assert model.stats.get("inexact_backwards", 0) == 0
+    loss = model(ids).float().mean()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("up.weight")).mul_(1.5)
+    with caplog.at_level("WARNING", logger="meft_ds.reversible.coupling"):
+        loss.backward()
+    assert model.stats["inexact_backwards"] == 1
+    assert any("did not reproduce the forward exactly" in r.getMessage() for r in caplog.records)
 
 
 # --- bad input ------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3 and 4, as one command for a lent GPU machine (prepare.sh first,
 # here; then run(command="bash bench/gpu/checks.sh", carry=[".gpu_carry"], timeout_s=600)).
+#  0. exact (issue 4): bench/rev_grad_error.py on CUDA (SmolLM2's architecture, random
+#     weights): do the exact streams reconstruct every layer's inputs bit for bit there
+#     (the recompute must reproduce the forward), and the gradient errors per depth;
 #  1. reversible (issue 4): bench/rev_speed.py on CUDA at the LLaMA-7B shape, bf16, seq
 #     2048, batch 1: step-time ratios, tokens/s and each config's peak step memory;
 #  2. sparse (issue 3): launch/train.py with ds_configs/24gb.json, LLaMA-7B shape, a 10%
 #     sparse adapter, GSM8K at up to 256 tokens, micro-batch 4, capped at 24 GiB
 #     (--gpu_memory_gib), then parallel_adapter of the same width held on the GPU
 #     (24gb.json without optimizer offload), uncapped; bench/gpu/summary.py compares them.
-# GPU_CHECKS_PARTS="rev sparse" (default) picks the parts: at the 7B shape each takes several
-# minutes (model init on the host, the CPU Adam builds, the store's final checkpoint), so
-# run them as two calls if one would pass the 600 s limit.
+# GPU_CHECKS_PARTS="exact rev sparse" (default) picks the parts: at the 7B shape "sparse"
+# alone takes several minutes (two 7B models initialised on the host, the CPU Adam
+# builds), so run it in its own call: GPU_CHECKS_PARTS="sparse", then "exact rev".
 # Results land in $OUT (the device tool's output folder). A dry run on a CPU machine checks
 # the plumbing with small settings:
 #   OUT=/tmp/gpu_out GPU_CHECKS_MODEL=smollm2-135m GPU_CHECKS_STEPS=3 GPU_CHECKS_SEQ=64 \
@@ -24,8 +27,10 @@ MODEL=${GPU_CHECKS_MODEL:-llama2-7b-shape}
 STEPS=${GPU_CHECKS_STEPS:-8}
 SEQ=${GPU_CHECKS_SEQ:-2048}
 CAP=${GPU_CHECKS_CAP:-24}
-PARTS=${GPU_CHECKS_PARTS:-rev sparse}
+PARTS=${GPU_CHECKS_PARTS:-exact rev sparse}
 mkdir -p "$OUT" "$RUNS"
+rm -rf "$RUNS/sparse" "$RUNS/dense" "$RUNS/dense.json"  # a rerun on a warm machine
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if ! "$PY" -c "import deepspeed" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$CARRY"/whl/*.whl || exit 1
@@ -39,8 +44,15 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 device=cpu && [ "$cuda" = 1 ] && device=cuda
 cap=() && [ "$cuda" = 1 ] && cap=(--gpu_memory_gib "$CAP")
-"$PY" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'ds',
-deepspeed.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+"$PY" -c "import torch, deepspeed, transformers, peft, safetensors, psutil, matplotlib, tqdm
+print('torch', torch.__version__, 'ds', deepspeed.__version__, 'transformers',
+      transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+
+if [[ " $PARTS " == *" exact "* ]]; then
+echo "== 0. reversible exactness and gradient error on $device =="
+"$PY" bench/rev_grad_error.py --device "$device" --model smollm2-135m-shape \
+  --name rev_grad_error_$device --out "$OUT" 2>&1 | grep -v Warning | tail -n 20
+fi
 
 if [[ " $PARTS " == *" rev "* ]]; then
 echo "== 1. reversible step time, tokens/s, peak memory ($MODEL, seq $SEQ) =="
@@ -52,7 +64,7 @@ fi
 
 common=(--model "$MODEL" --dataset gsm8k --max_seq_len 256 --micro_batch_size 4 --grad_accum 1
         --max_steps "$STEPS" --train_examples 64 --eval_trained 0 --eval_heldout 0
-        --eval_before false --eval_steps 0 --save_steps 0 --progress false)
+        --eval_before false --eval_steps 0 --save_steps 0 --save_final false --progress false)
 echo "== 2a. sparse adapter, 10%, capped at ${CAP} GiB =="
 "$PY" launch/train.py --deepspeed ds_configs/24gb.json --method sparse \
   --sparse_param_fraction 0.1 "${common[@]}" "${cap[@]}" --output_dir "$RUNS/sparse" \
@@ -64,6 +76,7 @@ rank=$("$PY" -c "import json; print(json.load(open('$RUNS/sparse/adapter/adapter
 import json, sys
 cfg = json.load(open("ds_configs/24gb.json"))
 cfg["zero_optimization"].pop("offload_optimizer")  # the dense adapter's Adam on the GPU
+cfg["optimizer"]["params"]["torch_adam"] = True  # torch's AdamW: no FusedAdam nvcc build
 cfg.pop("meft")
 json.dump(cfg, open(sys.argv[1], "w"))
 PY

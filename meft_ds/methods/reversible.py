@@ -38,7 +38,14 @@ class Reversible(Method):
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze the model and wrap it with the reversible adapter stack."""
         self.check_model(model)
-        return ReversibleLM(model, self.options)
+        self.model = ReversibleLM(model, self.options)
+        return self.model
+
+    def step_metrics(self) -> dict[str, float]:
+        """Backwards so far whose exact-stream reconstruction was not exact (expected 0)."""
+        model = getattr(self, "model", None)
+        return {} if model is None else {
+            "rev_inexact_backwards": model.stats.get("inexact_backwards", 0)}
 
     def forward(
         self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor

