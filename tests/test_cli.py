@@ -124,3 +124,14 @@ def test_ram_check_refuses_before_allocating() -> None:
         memory.require_ram(need, "llama2-7b-shape full")
     proc = _launch("--deepspeed", CPU, "--model", "llama2-7b-shape", "--method", "full")
     assert proc.returncode == 2 and "GiB of RAM" in proc.stderr
+
+
+def test_smollm2_shape_has_the_real_architecture(smollm2) -> None:
+    from meft_ds.models import loader
+
+    shape, real = loader.model_config("smollm2-135m-shape"), smollm2.model.config
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "max_position_embeddings", "tie_word_embeddings", "rope_parameters"):
+        assert getattr(shape, key) == getattr(real, key), key
+    assert abs(shape.rms_norm_eps - real.rms_norm_eps) < 1e-9

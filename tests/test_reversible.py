@@ -279,6 +279,7 @@ def test_a_recompute_that_differs_from_the_forward_is_detected(caplog) -> None:
         ({"rev_layers": 0}, "rev_layers must be >= 1"),
         ({"rev_adapter_dropout": 1.0}, "rev_adapter_dropout must be in"),
         ({"rev_restart_every": -1}, "rev_restart_every must be >= 0"),
+        ({"rev_fused": "maybe"}, "rev_fused='maybe' is not a valid bool"),
     ],
 )
 def test_bad_options_raise_one_line(values: dict, message: str) -> None:

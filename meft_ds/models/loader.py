@@ -178,7 +178,7 @@ def load_model(
     where = resolve(spec)
     if isinstance(where, str):
         torch.manual_seed(seed)
-        config.torch_dtype = dtype
+        config.dtype = dtype
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         source = f"random weights, {where}"
