@@ -23,6 +23,7 @@ reach the parameters (and the DeepSpeed engine's hooks) like any other gradient.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -289,18 +290,15 @@ def _checksum(*states: torch.Tensor) -> torch.Tensor:
     ])
 
 
-_warned: set[str] = set()
-
-
+@functools.cache
 def _warn_inexact() -> None:
-    if "inexact" not in _warned:
-        _warned.add("inexact")
-        log.warning(
-            "reversible: the backward's recompute did not reproduce the forward exactly "
-            "(the stack's inputs were reconstructed with an error), so gradients are "
-            "approximate; look for non-determinism in F/G (kernels, RNG, weights changed "
-            "between forward and backward)"
-        )
+    """Warn once per process."""
+    log.warning(
+        "reversible: the backward's recompute did not reproduce the forward exactly "
+        "(the stack's inputs were reconstructed with an error), so gradients are "
+        "approximate; look for non-determinism in F/G (kernels, RNG, weights changed "
+        "between forward and backward)"
+    )
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
