@@ -1,7 +1,7 @@
 """The row-sparse CPU Adam op: DeepSpeed's CPU Adam kernel over selected store rows.
 
 ``csrc/row_adam.cpp`` loops over the selected rows (torch's intra-op threads) and calls DeepSpeed's
-``Adam_Optimizer::Step_8`` on each row's own memory in the store, with that row's bias
+``Adam_Optimizer::Step_4`` on each row's own memory in the store, with that row's bias
 correction. The kernel is compiled from the installed DeepSpeed's own source
 (``csrc/adam/cpu_adam_impl.cpp``, with DeepSpeed's cpu_adam compiler flags), JIT-built
 on first use like DeepSpeed's ops and cached under ``TORCH_EXTENSIONS_DIR``.
