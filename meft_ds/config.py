@@ -30,7 +30,8 @@ class TrainConfig:
     max_seq_len: int = _opt(128, "truncate prompt+answer to this many tokens")
     max_steps: int = _opt(200, "optimizer steps")
     lr: float | None = _opt(None, "learning rate (overrides the DeepSpeed config's)")
-    warmup_ratio: float = _opt(0.05, "warmup steps as a fraction of max_steps (for 'auto')")
+    warmup_ratio: float = _opt(0.05, "warmup steps as a fraction of max_steps (for 'auto'; at "
+                               "least 2, DeepSpeed's WarmupLR minimum)")
     micro_batch_size: int | None = _opt(None, "override train_micro_batch_size_per_gpu")
     grad_accum: int | None = _opt(None, "override gradient_accumulation_steps")
     seed: int = _opt(42, "seed for weights, data order and dropout")

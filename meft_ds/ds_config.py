@@ -64,6 +64,27 @@ def _check_positive_int(ds: dict[str, Any], key: str) -> None:
         raise UserError(f"DeepSpeed config: {key} must be a positive integer or 'auto'")
 
 
+def _accumulation(total: int | str, micro: int, accum: int | str, world_size: int) -> int:
+    """Gradient accumulation steps from the three batch sizes, as DeepSpeed relates them
+    (``train_batch_size = micro x accumulation x ranks``); a contradiction is refused."""
+    if total == "auto":
+        return 1 if accum == "auto" else accum
+    if accum == "auto":
+        if total % (micro * world_size):
+            raise UserError(
+                f"DeepSpeed config: train_batch_size {total} is not a multiple of "
+                f"train_micro_batch_size_per_gpu {micro} x {world_size} rank(s)"
+            )
+        return total // (micro * world_size)
+    if total != micro * accum * world_size:
+        raise UserError(
+            f"DeepSpeed config: train_batch_size {total} != train_micro_batch_size_per_gpu "
+            f"{micro} x gradient_accumulation_steps {accum} x {world_size} rank(s); "
+            "set two of them (or 'auto')"
+        )
+    return accum
+
+
 def finalize(
     ds: dict[str, Any],
     *,
@@ -90,7 +111,7 @@ def finalize(
         raise UserError(
             "DeepSpeed config: set train_micro_batch_size_per_gpu (or --micro_batch_size)"
         )
-    gas = 1 if gas == "auto" else gas
+    gas = _accumulation(ds.get("train_batch_size", "auto"), mb, gas, world_size)
     ds["train_micro_batch_size_per_gpu"] = mb
     ds["gradient_accumulation_steps"] = gas
     ds["train_batch_size"] = mb * gas * world_size
@@ -109,8 +130,11 @@ def finalize(
     if sched is not None:
         sp = sched.setdefault("params", {})
         fills = {
-            "total_num_steps": max_steps,
-            "warmup_num_steps": max(1, int(max_steps * warmup_ratio)),
+            # +1: see start_schedule (step k runs at iteration k, so the last step's rate
+            # is not zero)
+            "total_num_steps": max_steps + 1,
+            # DeepSpeed's WarmupLR raises anything below 2 to 2
+            "warmup_num_steps": max(2, int(max_steps * warmup_ratio)),
             "warmup_max_lr": params["lr"],
             "warmup_min_lr": 0.0,
         }
@@ -125,3 +149,21 @@ def finalize(
 def bf16_enabled(ds: dict[str, Any]) -> bool:
     """Whether the engine computes in bf16."""
     return bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("bfloat16", {}).get("enabled"))
+
+
+def start_schedule(engine: Any) -> bool:
+    """Make optimizer step k run at DeepSpeed WarmupLR/WarmupDecayLR iteration k.
+
+    Fresh, those schedulers sit at iteration -1 with the minimum rate and move to
+    iteration 0, again the minimum (warm-up gamma 0), after the first step: the first
+    two steps would change nothing. Moving a fresh scheduler to iteration 1 makes step 1
+    run at max_lr/warmup_num_steps. Resuming loads the scheduler's iteration from the
+    checkpoint afterwards. Returns whether the scheduler was moved.
+    """
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    sched = getattr(engine, "lr_scheduler", None)
+    if not isinstance(sched, WarmupLR) or sched.last_batch_iteration != -1:
+        return False
+    sched.step(1)
+    return True

@@ -159,6 +159,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     ))
     trainable = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds)
+    ds_config.start_schedule(engine)
     method.attach_engine(engine)
     inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
     _say(f"engine: ZeRO stage {engine.zero_optimization_stage()}, "

@@ -99,6 +99,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # this step's; the scheduler moves on in step()
         self.engine.step()
         if boundary:
+            self._step_lr = lr
             self._finish_step(pre_norm, lr)
         return float(loss.detach()), int(batch["attention_mask"].sum())
 
@@ -145,7 +146,7 @@ class Trainer:
             losses.append(loss)
             tokens += n
         elapsed = time.perf_counter() - start
-        lr = self.engine.get_lr()[0]
+        lr = self._step_lr  # the rate this step applied (get_lr() is now the next step's)
         self.step += 1
         record: dict[str, Any] = {
             "step": self.step,

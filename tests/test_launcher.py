@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import subprocess_env
 
 from meft_ds import cli
@@ -34,6 +35,9 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     assert "evaluation" in proc.stdout and "trained exact_match (n=4)" in proc.stdout
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+    # the rate each step applied: 2 warm-up steps (DeepSpeed's minimum), then linear decay
+    # to total_num_steps 4; step 1 already trains
+    assert [r["lr"] for r in records] == pytest.approx([1.5e-3, 3e-3, 1.5e-3])
     assert records[-1]["grad_norm"] > 0
     assert '"method": "sparse"' in proc.stdout
     assert all(r["sparse_rows_updated"] > 0 for r in records)
