@@ -12,7 +12,8 @@ setup:
 	@bash scripts/setup.sh
 
 train: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launch/train.py --deepspeed ds_configs/24gb.json
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed launch/train.py --deepspeed ds_configs/24gb.json \
+		--overwrite_output_dir true
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from meft_ds import dist as mdist
+from meft_ds import run_dir
 from meft_ds.errors import UserError
 
 LATEST = "latest"
@@ -74,8 +75,11 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, keep: int) -> Path:
-    """Write a checkpoint atomically and prune old ones; returns its directory."""
+def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, keep: int,
+         identity: dict | None = None) -> Path:
+    """Write a checkpoint atomically and prune old ones; returns its directory.
+
+    ``identity``: what shaped the run, stored as ``run.json`` for resume checks."""
     root.mkdir(parents=True, exist_ok=True)
     tag = tag_for(step)
     partial = tag + ".partial"
@@ -87,6 +91,8 @@ def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, ke
     method.save_state(root / partial)
     mdist.barrier()
     if mdist.rank() == 0:
+        if identity is not None:
+            run_dir.write_identity(root / partial, identity)
         final = root / tag
         if final.exists():
             shutil.rmtree(final)

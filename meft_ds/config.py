@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from meft_ds.errors import UserError
 
@@ -44,6 +45,10 @@ class TrainConfig:
         "the adapter is exported either way)"
     )
     resume: bool = _opt(False, "resume from the latest checkpoint in output_dir")
+    overwrite_output_dir: bool = _opt(
+        False, "start over in an output_dir that holds an earlier run (its metrics, "
+        "checkpoints, adapter and results are removed first)"
+    )
     stop_after: int | None = _opt(None, "testing aid: exit abruptly right after step N")
     stop_rank: int | None = _opt(
         None, "testing aid: with stop_after, only this global rank exits (status 1)"
@@ -93,3 +98,7 @@ class TrainConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if (self.data_file is None) != (self.heldout_file is None):
             raise UserError("--data_file and --heldout_file go together")
+        if self.resume and self.overwrite_output_dir:
+            raise UserError("--resume and --overwrite_output_dir exclude each other")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise UserError(f"--output_dir {self.output_dir} is a file, not a directory")

@@ -94,3 +94,15 @@ def check_same_config(config: Any) -> None:
         )
         raise UserError(f"ranks resolved different configurations ({groups}); launch every "
                         "node with the same flags and config files")
+
+
+def refuse_if_any(problem: str | None) -> None:
+    """Raise ``problem`` on every rank when any rank has one (a rank that refused alone
+    would leave the others waiting in their next collective)."""
+    if world_size() > 1:
+        flag = torch.tensor([0 if problem is None else 1], device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()) and problem is None:
+            problem = "another rank refused to start (see its error)"
+    if problem is not None:
+        raise UserError(problem)

@@ -64,6 +64,36 @@ def _check_positive_int(ds: dict[str, Any], key: str) -> None:
         raise UserError(f"DeepSpeed config: {key} must be a positive integer or 'auto'")
 
 
+def _check_optimizer_type(name: Any) -> None:
+    """DeepSpeed takes its own optimizers (any case) or a ``torch.optim`` class name."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS
+                                  or getattr(torch.optim, name, None) is not None):
+        return
+    raise UserError(
+        f"DeepSpeed config: optimizer.type {name!r} is neither a DeepSpeed optimizer "
+        f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor a torch.optim class"
+    )
+
+
+def initialize(**kwargs: Any) -> tuple:
+    """``deepspeed.initialize``; a config DeepSpeed's schema rejects is a one-line error."""
+    import deepspeed
+    import pydantic
+
+    try:
+        return deepspeed.initialize(**kwargs)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UserError(
+            f"DeepSpeed config: {exc.title} {where}: {first.get('msg', exc)}{more}"
+        ) from None
+
+
 def _accumulation(total: int | str, micro: int, accum: int | str, world_size: int) -> int:
     """Gradient accumulation steps from the three batch sizes, as DeepSpeed relates them
     (``train_batch_size = micro x accumulation x ranks``); a contradiction is refused."""
@@ -123,6 +153,7 @@ def finalize(
     opt = ds.get("optimizer")
     if opt is None:
         raise UserError("DeepSpeed config: an 'optimizer' section is required")
+    _check_optimizer_type(opt.get("type"))
     params = opt.setdefault("params", {})
     if lr is not None or params.get("lr", "auto") == "auto":
         params["lr"] = lr if lr is not None else 1e-4

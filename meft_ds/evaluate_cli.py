@@ -16,21 +16,31 @@ from meft_ds.eval import evaluate_qa
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of the evaluator."""
-    p = OneLineArgumentParser(prog="launch/evaluate.py", description=__doc__)
+    p = OneLineArgumentParser(
+        prog="launch/evaluate.py",
+        description="Score a base model or an exported adapter on question answering.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="directory written by training (<output_dir>/adapter)")
     src.add_argument("--model", help="evaluate a base model (smollm2-135m or a HF dir)")
     p.add_argument("--dataset", default="nq_open", help="nq_open or gsm8k")
-    p.add_argument("--data_dir", default=None, help="data directory (default ../shared/data)")
+    p.add_argument("--data_dir", default=None,
+                   help="data directory (default $MEFT_DS_DATA, else ../shared/data)")
     p.add_argument("--data_file", default=None, help="custom JSONL instead of --dataset")
-    p.add_argument("--question_field", default=None)
-    p.add_argument("--answer_field", default=None)
-    p.add_argument("--split", choices=("train", "heldout"), default="heldout")
-    p.add_argument("--limit", type=int, default=128, help="first N examples")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=24)
-    p.add_argument("--output", default=None, help="write the JSON report here")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--question_field", default=None,
+                   help="question field of --data_file (default: question)")
+    p.add_argument("--answer_field", default=None,
+                   help="answer field of --data_file (default: answer)")
+    p.add_argument("--split", choices=("train", "heldout"), default="heldout",
+                   help="which split to score (default: heldout)")
+    p.add_argument("--limit", type=int, default=128, help="first N examples (default: 128)")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="generation batch size (default: 32)")
+    p.add_argument("--max_new_tokens", type=int, default=24,
+                   help="generation length (default: 24)")
+    p.add_argument("--output", default=None,
+                   help="write the JSON report (with predictions) here; parent dirs are created")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -39,6 +49,8 @@ def run(args: argparse.Namespace) -> dict:
     for name in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be > 0")
+    if args.output:  # before the generation, not after it
+        _prepare_output(Path(args.output))
     examples = load_split(
         args.dataset, args.split, Path(args.data_dir) if args.data_dir else None,
         args.data_file, args.question_field, args.answer_field, args.limit,
@@ -66,6 +78,16 @@ def run(args: argparse.Namespace) -> dict:
     report["source"] = args.adapter or args.model
     report["split"] = args.split
     return report
+
+
+def _prepare_output(path: Path) -> None:
+    """Create the report's directory; refuse a path that cannot be written."""
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output {path}: cannot create {path.parent} ({exc.strerror})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from meft_ds import checkpoint, ds_config, export, memory, run_dir
 from meft_ds import dist as mdist
-from meft_ds import ds_config, export, memory
 from meft_ds.config import TrainConfig
 from meft_ds.data import BatchSchedule, encode, load_split
+from meft_ds.errors import UserError
 from meft_ds.eval import evaluate_qa
 from meft_ds.methods.base import Method
 from meft_ds.models import loader
@@ -108,8 +109,6 @@ def format_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
 
 def run(spec: RunSpec) -> dict[str, Any]:
     """Train and evaluate; returns the results written to ``results.json``."""
-    import deepspeed
-
     cfg = spec.train
     cuda = torch.cuda.is_available()
     bf16 = ds_config.bf16_enabled(spec.deepspeed)
@@ -122,6 +121,12 @@ def run(spec: RunSpec) -> dict[str, Any]:
     init_distributed(cfg.dist_timeout)
     mdist.check_same_config(_config_identity(spec))
     rank, world_size = world()
+    out = Path(cfg.output_dir)
+    identity = _run_identity(spec)
+    mdist.refuse_if_any(_start_problem(out, cfg, identity))
+    if cfg.overwrite_output_dir and rank == 0:
+        run_dir.clear(out)
+    mdist.barrier()
     dev = device()
     memory.cap_device_memory(cfg.gpu_memory_gib, dev)
     seed_everything(cfg.seed)
@@ -158,7 +163,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
         indent=2, default=str,
     ))
     trainable = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds)
+    engine, *_ = ds_config.initialize(model=module, model_parameters=trainable, config=ds)
     ds_config.start_schedule(engine)
     method.attach_engine(engine)
     inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
@@ -180,13 +185,16 @@ def run(spec: RunSpec) -> dict[str, Any]:
                         cfg, dev, vocab)
         return res["score"]
 
-    trainer = Trainer(cfg, engine, method, schedule, dev, periodic)
+    trainer = Trainer(cfg, engine, method, schedule, dev, periodic, identity)
     before = None
     if cfg.resume:
         trainer.resume()
+        before = run_dir.load_before(out)
         _say(f"resumed from step {trainer.step}")
     elif cfg.eval_before and evals:
         before = score_all()
+        if rank == 0:
+            run_dir.save_before(out, before)
     history = trainer.fit()
     if cfg.save_final and (not cfg.save_steps or trainer.step % cfg.save_steps):
         trainer.save()
@@ -202,13 +210,30 @@ def run(spec: RunSpec) -> dict[str, Any]:
         if history else None,
     }
     if rank == 0:
-        out = Path(cfg.output_dir)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "predictions.json").write_text(json.dumps(after, indent=2))
         if after:
             print("\n" + format_table(before, after), flush=True)
         print(f"adapter exported to {export_dir}", flush=True)
     return results
+
+
+def _run_identity(spec: RunSpec) -> dict[str, Any]:
+    """What shapes a checkpoint: a resume must use the same (see :mod:`run_dir`)."""
+    return {"model": spec.train.model, "method": spec.train.method,
+            "options": spec.method_options.__dict__}
+
+
+def _start_problem(out: Path, cfg: TrainConfig, identity: dict[str, Any]) -> str | None:
+    """Why this rank cannot start in ``out`` (None: it can)."""
+    problem = run_dir.check_fresh(out, cfg.resume, cfg.overwrite_output_dir)
+    tag = checkpoint.latest_tag(out / "checkpoints") if cfg.resume else None
+    if problem is None and tag is not None:
+        try:
+            run_dir.check_identity(out / "checkpoints" / tag, identity)
+        except UserError as exc:
+            problem = str(exc)
+    return problem
 
 
 def _config_identity(spec: RunSpec) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from meft_ds import checkpoint, memory
+from meft_ds import checkpoint, memory, run_dir
 from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
 from meft_ds.data import IGNORE, BatchSchedule
@@ -51,7 +51,7 @@ class Trainer:
 
     def __init__(
         self, cfg: TrainConfig, engine: Any, method: Method, schedule: BatchSchedule,
-        device: torch.device, periodic_eval: Any = None,
+        device: torch.device, periodic_eval: Any = None, identity: dict | None = None,
     ) -> None:
         self.cfg = cfg
         self.engine = engine
@@ -59,6 +59,7 @@ class Trainer:
         self.schedule = schedule
         self.device = device
         self.periodic_eval = periodic_eval
+        self.identity = identity  # written with each checkpoint (run_dir.check_identity)
         self.rank, self.world_size = world()
         self.accum = engine.gradient_accumulation_steps()
         self.out = Path(cfg.output_dir)
@@ -77,12 +78,14 @@ class Trainer:
         state = checkpoint.load(self.engine, self.method, self.ckpt_root)
         self.step = int(state["step"])
         checkpoint.set_rng_state(state["rng"])
+        if self.rank == 0:
+            run_dir.truncate_metrics(self.metrics_path, self.step)
 
     def save(self) -> Path:
         """Checkpoint now."""
         return checkpoint.save(
             self.engine, self.method, self.ckpt_root, self.step, self.client_state(),
-            self.cfg.keep_checkpoints,
+            self.cfg.keep_checkpoints, self.identity,
         )
 
     # --- one step ----------------------------------------------------------------

@@ -86,3 +86,27 @@ def test_auto_schedule_fills_and_first_step_trains() -> None:
     expected = [5e-3] + [1e-2 * (11 - k) / 9 for k in range(2, 11)]
     assert rates == pytest.approx(expected)
     assert rates[-1] > 0
+
+
+@pytest.mark.parametrize("name", ["Foo", 3, None])
+def test_unknown_optimizer_type_is_refused(name) -> None:
+    ds = {**SCHEDULED, "optimizer": {"type": name, "params": {}}}
+    with pytest.raises(UserError, match="optimizer.type .* is neither a DeepSpeed optimizer"):
+        _finalize(ds)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "adam", "Lamb", "SGD", "RMSprop"])
+def test_deepspeed_and_torch_optimizer_names_pass(name: str) -> None:
+    _finalize({**SCHEDULED, "optimizer": {"type": name, "params": {}}})
+
+
+def test_schema_errors_are_one_line() -> None:
+    """DeepSpeed's own config schema (pydantic) rejects an unknown ZeRO key: one line."""
+    ds = _finalize({**SCHEDULED, "zero_optimization": {"stage": 0, "bogus_key": 1}})
+    module = torch.nn.Linear(4, 1)
+    with pytest.raises(UserError) as info:
+        ds_config.initialize(model=module, model_parameters=list(module.parameters()),
+                             config=ds)
+    text = str(info.value)
+    assert "bogus_key" in text and "Extra inputs are not permitted" in text
+    assert "\n" not in text

@@ -59,7 +59,7 @@ def test_exported_adapter_evaluates_like_the_trained_model(tmp_path: Path) -> No
     assert [r["step"] for r in periodic] == [6, 12]
     assert all(0.0 <= r["periodic_eval"] <= 1.0 for r in periodic)
     trained = json.loads((tmp_path / "predictions.json").read_text())["trained"]
-    report_path = tmp_path / "report.json"
+    report_path = tmp_path / "reports" / "new" / "report.json"  # parents are created
     code = evaluate_main([
         "--adapter", str(tmp_path / "adapter"), "--split", "train", "--limit", "6",
         "--max_new_tokens", "8", "--no_progress", "--output", str(report_path),
@@ -76,3 +76,11 @@ def test_evaluate_rejects_bad_input(tmp_path: Path, capsys) -> None:
     assert evaluate_main(["--adapter", str(tmp_path)]) == 2
     assert "is not an exported adapter" in capsys.readouterr().err
     assert evaluate_main(["--model", "smollm2-135m", "--limit", "0"]) == 2
+    capsys.readouterr()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for output, message in ((tmp_path, "is a directory"),
+                            (blocker / "r.json", "cannot create")):
+        assert evaluate_main(["--model", "smollm2-135m", "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

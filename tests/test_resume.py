@@ -26,7 +26,13 @@ METHODS = {
 }
 
 
-def _train(out: Path, method: str, *extra: str) -> subprocess.CompletedProcess:
+# One method option changed: a resume with it must be refused before anything loads.
+OTHER = {"lora": ("--lora_r", "4"), "reversible": ("--rev_adapter_size", "32"),
+         "sparse": ("--sparse_top_k", "4")}
+EVAL = ("--eval_trained", "2", "--max_new_tokens", "4")
+
+
+def _train(out: Path, method: str, *extra: str, code: int = 0) -> subprocess.CompletedProcess:
     argv = [
         sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
         str(ROOT / "ds_configs" / "cpu.json"), *METHODS[method],
@@ -37,30 +43,42 @@ def _train(out: Path, method: str, *extra: str) -> subprocess.CompletedProcess:
     ]
     env = subprocess_env()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stderr[-3000:]
     return proc
 
 
 def _losses(out: Path) -> dict[int, float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, method: str) -> None:
     full, split = tmp_path / "full", tmp_path / "split"
-    _train(full, method)
-    _train(split, method, "--save_steps", "3", "--stop_after", "3")
-    assert sorted(_losses(split)) == [1, 2, 3]
+    _train(full, method, *EVAL)
+    # crash after step 4: step 4's metrics were logged after the last checkpoint (3)
+    _train(split, method, *EVAL, "--save_steps", "3", "--stop_after", "4")
+    assert sorted(_losses(split)) == [1, 2, 3, 4]
     assert (split / "checkpoints" / "latest").read_text() == "step_0000003"
     assert not list((split / "checkpoints").glob("*.partial"))
     # Frozen weights stay out of checkpoints, the tied lm_head (= embeddings, 113 MB) too:
     # what remains is the adapter with its Adam moments (lora: 59 MB, sparse: < 1 MB).
     saved = sum(f.stat().st_size for f in (split / "checkpoints").rglob("*model_states.pt"))
     assert 0 < saved < 100 * 2**20, saved
-    proc = _train(split, method, "--resume")
+    refused = _train(split, method, *OTHER[method], "--resume", code=2)
+    assert "was written by another configuration" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    refused = _train(split, method, code=2)  # a fresh run into it would mix two runs
+    assert "already holds a run" in refused.stderr
+    proc = _train(split, method, *EVAL, "--resume")
     assert "resumed from step 3" in proc.stdout
     want, got = _losses(full), _losses(split)
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
         assert got[step] == want[step], (step, got[step], want[step])
+    # the scores before training, measured by the first start, are still reported
+    before = json.loads((split / "results.json").read_text())["before"]
+    assert before is not None
+    assert before == json.loads((full / "results.json").read_text())["before"]

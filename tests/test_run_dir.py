@@ -1,0 +1,87 @@
+"""The output directory: no mixed runs, starting over, consistent resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meft_ds import cli, run_dir
+from meft_ds.errors import UserError
+from meft_ds.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = str(ROOT / "ds_configs" / "cpu.json")
+
+
+def _earlier_run(out: Path) -> None:
+    (out / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (out / "adapter").mkdir()
+    (out / "adapter" / "weights.pt").write_text("x")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "notes.txt").write_text("mine")
+
+
+def test_check_fresh_and_clear(tmp_path: Path) -> None:
+    assert run_dir.check_fresh(tmp_path / "new", resume=False, overwrite=False) is None
+    _earlier_run(tmp_path)
+    problem = run_dir.check_fresh(tmp_path, resume=False, overwrite=False)
+    assert "already holds a run (metrics.jsonl, checkpoints, adapter)" in problem
+    assert "--resume" in problem and "--overwrite_output_dir" in problem
+    assert run_dir.check_fresh(tmp_path, resume=True, overwrite=False) is None
+    assert run_dir.check_fresh(tmp_path, resume=False, overwrite=True) is None
+    run_dir.clear(tmp_path)
+    assert run_dir.earlier_run(tmp_path) == []
+    assert (tmp_path / "notes.txt").read_text() == "mine", "other files stay"
+    afile = tmp_path / "notes.txt"
+    assert "is a file" in run_dir.check_fresh(afile, resume=False, overwrite=False)
+
+
+def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5},
+               {"step": 2, "periodic_eval": 0.5}, {"step": 3, "loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_dir.truncate_metrics(path, 2) == 1
+    assert [json.loads(x) for x in path.read_text().splitlines()] == records[:3]
+    assert run_dir.truncate_metrics(path, 2) == 0
+    assert run_dir.truncate_metrics(tmp_path / "missing.jsonl", 2) == 0
+
+
+def test_identity_mismatch_names_the_differences(tmp_path: Path) -> None:
+    identity = {"model": "smollm2-135m", "method": "sparse",
+                "options": {"sparse_rank": 400, "sparse_top_k": 8}}
+    run_dir.write_identity(tmp_path, identity)
+    run_dir.check_identity(tmp_path, identity)
+    run_dir.check_identity(tmp_path / "old", identity)  # no run.json: not checked
+    other = {**identity, "options": {"sparse_rank": 200, "sparse_top_k": 8}}
+    with pytest.raises(UserError, match=r"options.sparse_rank 400 -> 200"):
+        run_dir.check_identity(tmp_path, other)
+    with pytest.raises(UserError, match=r"method 'sparse' -> 'lora'"):
+        run_dir.check_identity(tmp_path, {"model": "smollm2-135m", "method": "lora",
+                                          "options": {}})
+
+
+def test_before_scores_round_trip(tmp_path: Path) -> None:
+    assert run_dir.load_before(tmp_path) is None
+    scores = {"trained": {"score": 0.25, "n": 4, "metric": "exact_match"}}
+    run_dir.save_before(tmp_path, scores)
+    assert run_dir.load_before(tmp_path) == scores
+
+
+def test_run_refuses_an_output_dir_with_an_earlier_run(tmp_path: Path, capsys) -> None:
+    """Refused before the model is loaded; the option pair is refused at parse time."""
+    _earlier_run(tmp_path)
+    spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path), "--progress", "false"])
+    with pytest.raises(UserError, match="already holds a run"):
+        run(spec)
+    with pytest.raises(UserError, match="exclude each other"):
+        cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path), "--resume",
+                   "--overwrite_output_dir", "true"])
+    with pytest.raises(UserError, match="is a file"):
+        cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path / "notes.txt")])
+    with pytest.raises(SystemExit) as info:
+        cli.parse(["--deepspeed", CPU, "--overwrite_output_dir", "sure"])
+    assert info.value.code == 2
+    assert "expected true/false, got 'sure'" in capsys.readouterr().err
