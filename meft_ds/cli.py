@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 from pathlib import Path
 
@@ -58,7 +59,36 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.__module__ = cls.__module__
         options.add_dataclass_args(parser, sub, f"method {name}")
+    _annotate_shared_and_choices(parser)
     return parser
+
+
+def _annotate_shared_and_choices(parser: argparse.ArgumentParser) -> None:
+    """List the methods in --method's help; mark options several methods share."""
+    actions = parser._option_string_actions
+    actions["--method"].help = "fine-tuning method: " + ", ".join(methods.available())
+    for name, owners in _method_fields().items():
+        action = actions.get(f"--{name}")
+        if action is not None and len(owners) > 1:
+            action.help = f"{action.help} [methods: {', '.join(owners)}]"
+
+
+def _unknown_hint(name: str, known: set[str], source: str) -> str:
+    """A close option name, or where a DeepSpeed key belongs."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    if source.startswith("config file") and name in DEEPSPEED_TOP_KEYS:
+        return f" ({name} is a DeepSpeed key: put it in the --deepspeed file)"
+    return ""
+
+
+# Top-level keys of a DeepSpeed config that users may put in --config by mistake.
+DEEPSPEED_TOP_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "zero_optimization", "optimizer", "scheduler", "bf16", "fp16",
+    "steps_per_print", "wall_clock_breakdown", "activation_checkpointing",
+})
 
 
 def parse(argv: list[str] | None = None):
@@ -78,10 +108,12 @@ def parse(argv: list[str] | None = None):
     flags = {k: v for k, v in vars(args).items() if v is not None}
     owners = _method_fields()
     known = {f.name for f in dataclasses.fields(TrainConfig)} | set(owners)
-    for source, data in (("DeepSpeed config 'meft' section", meft), ("config file", file_opts)):
+    for source, data in ((f"{ds_path}: 'meft' section", meft), (f"config file {args.config}",
+                                                                 file_opts)):
         bad = sorted(k for k in data if k not in known)
         if bad:
-            raise UserError(f"{source}: unknown option(s) {', '.join(bad)}")
+            raise UserError(f"{source}: unknown option(s) {', '.join(bad)}"
+                            f"{_unknown_hint(bad[0], known, source)}")
     train = options.build(TrainConfig, meft, file_opts, flags, context="options")
     method_cls = methods.get(train.method)
     own = {f.name for f in dataclasses.fields(method_cls.Options)}

@@ -139,6 +139,18 @@ def encode(example: QAExample, tokenizer: Any, max_len: int, vocab_size: int) ->
     return Encoded(ids, labels)
 
 
+def check_answers_kept(encoded: list[Encoded], max_len: int) -> int:
+    """How many examples lose their whole answer to truncation at ``max_len`` (they add
+    no loss); refused when that is all of them (every step's loss would be undefined)."""
+    lost = sum(1 for e in encoded if all(t == IGNORE for t in e.labels))
+    if encoded and lost == len(encoded):
+        raise UserError(
+            f"--max_seq_len {max_len} truncates the answer of every training example "
+            "(prompt + answer must fit); raise it"
+        )
+    return lost
+
+
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch."""
     width = max(len(x.input_ids) for x in items)

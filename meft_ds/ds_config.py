@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,10 @@ def initialize(**kwargs: Any) -> tuple:
     """``deepspeed.initialize``; a config DeepSpeed's schema rejects is a one-line error."""
     import deepspeed
     import pydantic
+    from deepspeed.utils import logger
 
+    quiet = _DropMessage("Attempting to get learning rate from scheduler before it has started")
+    logger.addFilter(quiet)  # WarmupLR's own start-up, which start_schedule then moves on
     try:
         return deepspeed.initialize(**kwargs)
     except pydantic.ValidationError as exc:
@@ -92,6 +96,19 @@ def initialize(**kwargs: Any) -> tuple:
         raise UserError(
             f"DeepSpeed config: {exc.title} {where}: {first.get('msg', exc)}{more}"
         ) from None
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records that start with one text."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def _accumulation(total: int | str, micro: int, accum: int | str, world_size: int) -> int:

@@ -48,13 +48,14 @@ def clear(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def _normal(value: Any) -> Any:
+def snapshot(value: Any) -> Any:
+    """A JSON copy of ``value`` (later changes to it do not show)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def write_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
     """Record what shaped a checkpoint (next to DeepSpeed's files)."""
-    (checkpoint_dir / IDENTITY_FILE).write_text(json.dumps(_normal(identity), indent=2))
+    (checkpoint_dir / IDENTITY_FILE).write_text(json.dumps(snapshot(identity), indent=2))
 
 
 def check_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
@@ -65,7 +66,7 @@ def check_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
     path = checkpoint_dir / IDENTITY_FILE
     if not path.is_file():
         return
-    saved, now = _flatten(json.loads(path.read_text())), _flatten(_normal(identity))
+    saved, now = _flatten(json.loads(path.read_text())), _flatten(snapshot(identity))
     differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])

@@ -15,7 +15,7 @@ import torch
 from meft_ds import checkpoint, ds_config, export, memory, run_dir
 from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
-from meft_ds.data import BatchSchedule, encode, load_split
+from meft_ds.data import BatchSchedule, check_answers_kept, encode, load_split
 from meft_ds.errors import UserError
 from meft_ds.eval import evaluate_qa
 from meft_ds.methods.base import Method
@@ -150,6 +150,10 @@ def run(spec: RunSpec) -> dict[str, Any]:
     )
     metric = "gsm8k_accuracy" if cfg.dataset == "gsm8k" and cfg.data_file is None else "exact_match"
     encoded = [encode(e, tokenizer, cfg.max_seq_len, vocab) for e in train_examples]
+    lost = check_answers_kept(encoded, cfg.max_seq_len)
+    if lost:
+        _say(f"warning: {lost} of {len(encoded)} training examples lose their whole answer "
+             f"at --max_seq_len {cfg.max_seq_len} and add no loss")
     ds = ds_config.finalize(
         spec.deepspeed, world_size=world_size, max_steps=cfg.max_steps,
         warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,
@@ -171,7 +175,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
          f"bf16={engine.bfloat16_enabled()}, optimizer {type(inner).__name__} "
          f"(wrapped by {type(engine.optimizer).__name__}), {len(trainable)} trainable tensors, "
          f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable "
-         "parameters")  # ds_numel: a ZeRO-3 partitioned parameter's full size
+         "parameters" + (f" (+ {method.external_parameters():,} in the CPU row store)"
+                         if method.external_parameters() else ""))
+    # ds_numel: a ZeRO-3 partitioned parameter's full size
 
     evals = {"trained": train_examples[: cfg.eval_trained], "heldout": heldout[: cfg.eval_heldout]}
     evals = {k: v for k, v in evals.items() if v}
@@ -219,9 +225,12 @@ def run(spec: RunSpec) -> dict[str, Any]:
 
 
 def _run_identity(spec: RunSpec) -> dict[str, Any]:
-    """What shapes a checkpoint: a resume must use the same (see :mod:`run_dir`)."""
-    return {"model": spec.train.model, "method": spec.train.method,
-            "options": spec.method_options.__dict__}
+    """What shapes a checkpoint: a resume must use the same (see :mod:`run_dir`). A
+    snapshot of the options as given: methods fill some of theirs in later."""
+    options = {k: v for k, v in spec.method_options.__dict__.items()
+               if k not in spec.method_cls.resume_free}
+    return run_dir.snapshot({"model": spec.train.model, "method": spec.train.method,
+                             "options": options})
 
 
 def _start_problem(out: Path, cfg: TrainConfig, identity: dict[str, Any]) -> str | None:

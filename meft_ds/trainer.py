@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,17 @@ from meft_ds.methods.base import Method
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over answer tokens (labels != -100), in fp32."""
+    """Mean next-token cross-entropy over answer tokens (labels != -100), in fp32.
+
+    A micro-batch without answer tokens (all truncated away) gives 0 with zero
+    gradients, not NaN."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
-    return F.cross_entropy(
+    total = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE,
+        ignore_index=IGNORE, reduction="sum",
     )
+    return total / (shift_labels != IGNORE).sum().clamp(min=1)
 
 
 def world() -> tuple[int, int]:
@@ -185,6 +190,10 @@ class Trainer:
             history.append(record)
             if self.step % cfg.log_steps == 0 or self.step == cfg.max_steps:
                 self._log(record)
+                if not cfg.progress and self.rank == 0:  # plain lines for non-interactive logs
+                    print(f"step {self.step}/{cfg.max_steps} loss {record['loss']:.4f} "
+                          f"lr {record['lr']:.3g} tok/s {record['tokens_per_s']:.0f} "
+                          f"rss {record['rss_gib']:.1f}G", flush=True)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -199,6 +208,8 @@ class Trainer:
             if cfg.stop_after is not None and self.step >= cfg.stop_after:
                 if cfg.stop_rank is None:
                     bar.close()
+                    print(f"stopped after step {self.step} (--stop_after: no final checkpoint, "
+                          "export or evaluation)", file=sys.stderr, flush=True)
                     os._exit(0)  # simulate a crash: no final checkpoint, export or evaluation
                 if cfg.stop_rank == self.rank:
                     os._exit(1)  # one rank dies; the others must fail, not hang

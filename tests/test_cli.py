@@ -73,8 +73,14 @@ def test_bad_config_files(tmp_path: Path) -> None:
         cli.parse(["--deepspeed", str(tmp_path / "missing.json")])
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "meft": {"max_stpes": 3}}))
-    with pytest.raises(UserError, match="unknown option.*max_stpes"):
+    with pytest.raises(UserError, match=r"unknown.json: 'meft' section: unknown option\(s\) "
+                       r"max_stpes \(did you mean max_steps\?\)"):
         cli.parse(["--deepspeed", str(unknown)])
+    extra = tmp_path / "opts.json"
+    extra.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(UserError, match=r"opts.json: unknown option\(s\) zero_optimization "
+                       r"\(zero_optimization is a DeepSpeed key: put it in the --deepspeed"):
+        cli.parse(["--deepspeed", CPU, "--config", str(extra)])
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
@@ -89,7 +95,8 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None
     cases = [
         (["--deepspeed", CPU, "--max_steps", "-3"], "max_steps must be > 0"),
         (["--deepspeed", CPU, "--model", str(tmp_path / "nomodel")], "neither a known name"),
-        (["--deepspeed", CPU, "--dataset", "gsm8k", "--data_dir", str(tmp_path)], "does not exist"),
+        (["--deepspeed", CPU, "--dataset", "gsm8k", "--data_dir", str(tmp_path),
+          "--output_dir", str(tmp_path / "out")], "does not exist"),
         (["--deepspeed", CPU, "--max_steps", "abc"], "invalid int value"),
         (["--deepspeed", CPU, "--micro_batch_size", "0"], "micro_batch_size must be > 0"),
         (["--deepspeed", CPU, "--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),
@@ -135,3 +142,27 @@ def test_smollm2_shape_has_the_real_architecture(smollm2) -> None:
                 "max_position_embeddings", "tie_word_embeddings", "rope_parameters"):
         assert getattr(shape, key) == getattr(real, key), key
     assert abs(shape.rms_norm_eps - real.rms_norm_eps) < 1e-9
+
+
+def test_help_lists_methods_and_marks_shared_options(capsys) -> None:
+    from meft_ds import methods
+
+    with pytest.raises(SystemExit) as info:
+        cli.parse(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "fine-tuning method: " + ", ".join(methods.available()) in text
+    assert "[methods: parallel_adapter, sparse]" in text  # --layer_start, --layer_end
+
+
+def test_empty_layer_range_says_so() -> None:
+    from conftest import tiny_llama
+
+    from meft_ds.models import arch
+
+    model = tiny_llama(3)
+    with pytest.raises(UserError, match=r"layer range \[2, 1\) is empty"):
+        arch.check_layer_range(model, 2, 1, "adapter")
+    with pytest.raises(UserError, match=r"\[1, 5\) is outside the model's 0..3"):
+        arch.check_layer_range(model, 1, 5, "adapter")
+    assert arch.check_layer_range(model, 1, None, "adapter") == range(1, 3)

@@ -6,9 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from meft_ds.data import IGNORE, BatchSchedule, Encoded, encode, load_split, read_jsonl
+from meft_ds.data import (
+    IGNORE,
+    BatchSchedule,
+    Encoded,
+    check_answers_kept,
+    encode,
+    load_split,
+    read_jsonl,
+)
 from meft_ds.errors import UserError
+from meft_ds.trainer import lm_loss
 
 
 def test_nq_open_loads_with_all_answers(data_dir: Path) -> None:
@@ -59,6 +69,30 @@ def test_loss_only_on_answer_tokens(smollm2) -> None:
     assert decoded.strip() == ex.answers[0].strip()
     assert enc.labels[-1] == tok.eos_token_id
     assert len(encode(ex, tok, 5, len(tok)).input_ids) == 5
+
+
+def test_truncated_answers_are_counted_and_all_truncated_is_refused(smollm2) -> None:
+    tok = smollm2.tokenizer
+    examples = load_split("nq_open", "train", limit=3)
+    full = [encode(e, tok, 128, len(tok)) for e in examples]
+    assert check_answers_kept(full, 128) == 0
+    cut = [encode(e, tok, 4, len(tok)) for e in examples]  # inside every prompt
+    with pytest.raises(UserError, match="--max_seq_len 4 truncates the answer of every"):
+        check_answers_kept(cut, 4)
+    assert check_answers_kept([full[0], cut[1], cut[2]], 4) == 2
+
+
+def test_loss_of_a_batch_without_answer_tokens_is_zero_not_nan() -> None:
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE)
+    loss = lm_loss(logits, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    labels[0, 3] = 2
+    labels[1, 4] = 5
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7),
+                                                 labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(lm_loss(logits, labels), expected)
 
 
 def test_schedule_same_global_batch_for_accumulation_and_ranks() -> None:

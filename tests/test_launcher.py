@@ -32,6 +32,9 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "engine: ZeRO stage 2, bf16=True, optimizer DeepSpeedCPUAdam" in proc.stdout
+    assert "in the CPU row store)" in proc.stdout  # the rows are counted too
+    assert "step 3/3 loss" in proc.stdout  # --progress false: plain lines instead of bars
+    assert "Attempting to get learning rate" not in proc.stdout + proc.stderr
     assert "evaluation" in proc.stdout and "trained exact_match (n=4)" in proc.stdout
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -85,3 +85,15 @@ def test_run_refuses_an_output_dir_with_an_earlier_run(tmp_path: Path, capsys) -
         cli.parse(["--deepspeed", CPU, "--overwrite_output_dir", "sure"])
     assert info.value.code == 2
     assert "expected true/false, got 'sure'" in capsys.readouterr().err
+
+
+def test_resume_free_options_exist() -> None:
+    """Every option a resume may change is a real option of its method."""
+    import dataclasses
+
+    from meft_ds import methods
+
+    for name in methods.available():
+        cls = methods.get(name)
+        fields = {f.name for f in dataclasses.fields(cls.Options)}
+        assert cls.resume_free <= fields, (name, sorted(cls.resume_free - fields))

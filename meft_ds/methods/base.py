@@ -37,6 +37,9 @@ class Method:
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # Options a resumed run may change: how the run executes or regularises, not what its
+    # checkpoint holds (--resume refuses a change of any other option: run_dir).
+    resume_free: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Any, model_config: Any) -> None:
         self.options = options
@@ -74,6 +77,10 @@ class Method:
 
     def before_backward(self) -> None:
         """Called before each micro-batch's ``engine.backward``."""
+
+    def external_parameters(self) -> int:
+        """Trainable parameters held outside the engine (the sparse adapter's CPU rows)."""
+        return 0
 
     def external_grad_sq_norm(self) -> float:
         """Squared L2 norm of gradients held outside the engine (for global clipping)."""

@@ -41,6 +41,7 @@ class Lora(Method):
     name = "lora"
     help = "LoRA adapters through PEFT"
     Options = LoraOptions
+    resume_free = frozenset({"lora_dropout"})
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Wrap ``model`` with PEFT LoRA modules; only those are trainable."""

@@ -45,6 +45,7 @@ class ParallelAdapter(Method):
     name = "parallel_adapter"
     help = "dense bottleneck adapter parallel to each FFN"
     Options = ParallelAdapterOptions
+    resume_free = frozenset({"adapter_dropout"})
 
     def check_model(self, model: nn.Module) -> None:
         """The layer range must lie inside the model."""

@@ -21,6 +21,10 @@ class Reversible(Method):
     name = "reversible"
     help = "reversible adapters (MEFT1/2/3): inputs recomputed in backward, no activations"
     Options = ReversibleOptions
+    resume_free = frozenset({
+        "rev_fused", "rev_backward", "rev_restart_every", "rev_exact", "rev_stream_dtype",
+        "rev_compute_dtype", "rev_adapter_dropout",
+    })
 
     def check_model(self, model: nn.Module) -> None:
         """Supported architecture, splittable layers, ``rev_layers`` inside the model."""

@@ -77,6 +77,13 @@ class SparseMethod(Method):
     name = "sparse"
     help = "MEFT sparse adapter: wide FFN-parallel adapter, rows + Adam states in CPU RAM"
     Options = reversible_sparse.SparseMethodOptions  # SparseOptions + ``--reversible``
+    resume_free = frozenset({
+        "sparse_lr_ratio", "sparse_weight_decay", "sparse_eps", "sparse_optimizer",
+        "sparse_working_dtype", "sparse_store", "sparse_check_every", "sparse_cache_rows",
+        "sparse_eager_update", "sparse_prefetch", "rev_fused", "rev_backward",
+        "rev_restart_every", "rev_exact", "rev_stream_dtype", "rev_compute_dtype",
+        "rev_adapter_dropout",
+    })
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
         super().__init__(options, model_config)
@@ -195,6 +202,10 @@ class SparseMethod(Method):
         every = self.options.sparse_check_every
         if every and self._steps % every == 0:
             runtime.store.check_replicas(runtime.group)
+
+    def external_parameters(self) -> int:
+        sizes = self._runtime().store.sizes
+        return len(sizes.layers) * sizes.rank * 2 * sizes.hidden
 
     def step_metrics(self) -> dict[str, float]:
         store = self._runtime().store

@@ -54,6 +54,8 @@ def check_layer_range(model: nn.Module, start: int, end: int | None, what: str) 
     """Validate a layer range ``[start, end)`` (end None = last layer) and return it."""
     n = len(layers(model))
     stop = n if end is None else end
-    if not (0 <= start < stop <= n):
+    if start >= stop:
+        raise UserError(f"{what}: layer range [{start}, {stop}) is empty")
+    if not (0 <= start and stop <= n):
         raise UserError(f"{what}: layer range [{start}, {stop}) is outside the model's 0..{n}")
     return range(start, stop)
