@@ -28,9 +28,8 @@ def earlier_run(out: Path) -> list[str]:
 
 
 def check_fresh(out: Path, resume: bool, overwrite: bool) -> str | None:
-    """Why this process cannot start in ``out`` (None: it can)."""
-    if out.exists() and not out.is_dir():
-        return f"--output_dir {out} is a file, not a directory"
+    """Why this process cannot start in ``out`` (None: it can). (An ``out`` that is a file
+    is refused when the options are parsed.)"""
     if resume or overwrite:
         return None
     found = earlier_run(out)

@@ -171,13 +171,13 @@ def run(spec: RunSpec) -> dict[str, Any]:
     ds_config.start_schedule(engine)
     method.attach_engine(engine)
     inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    external = method.external_parameters()
     _say(f"engine: ZeRO stage {engine.zero_optimization_stage()}, "
          f"bf16={engine.bfloat16_enabled()}, optimizer {type(inner).__name__} "
          f"(wrapped by {type(engine.optimizer).__name__}), {len(trainable)} trainable tensors, "
          f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable "
-         "parameters" + (f" (+ {method.external_parameters():,} in the CPU row store)"
-                         if method.external_parameters() else ""))
-    # ds_numel: a ZeRO-3 partitioned parameter's full size
+         "parameters"  # ds_numel: a ZeRO-3 partitioned parameter's full size
+         + (f" (+ {external:,} in the CPU row store)" if external else ""))
 
     evals = {"trained": train_examples[: cfg.eval_trained], "heldout": heldout[: cfg.eval_heldout]}
     evals = {k: v for k, v in evals.items() if v}

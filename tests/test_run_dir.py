@@ -34,8 +34,6 @@ def test_check_fresh_and_clear(tmp_path: Path) -> None:
     run_dir.clear(tmp_path)
     assert run_dir.earlier_run(tmp_path) == []
     assert (tmp_path / "notes.txt").read_text() == "mine", "other files stay"
-    afile = tmp_path / "notes.txt"
-    assert "is a file" in run_dir.check_fresh(afile, resume=False, overwrite=False)
 
 
 def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path: Path) -> None:
