@@ -124,6 +124,16 @@ def run(spec: RunSpec) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     identity = _run_identity(spec)
     mdist.refuse_if_any(_start_problem(out, cfg, identity))
+    # the data first: a bad dataset, directory or file fails before the model loads (and
+    # before --overwrite_output_dir removes anything)
+    train_examples = load_split(
+        cfg.dataset, "train", Path(cfg.data_dir) if cfg.data_dir else None, cfg.data_file,
+        cfg.question_field, cfg.answer_field, cfg.train_examples,
+    )
+    heldout = load_split(
+        cfg.dataset, "heldout", Path(cfg.data_dir) if cfg.data_dir else None, cfg.heldout_file,
+        cfg.question_field, cfg.answer_field, cfg.eval_heldout or 1,
+    )
     if cfg.overwrite_output_dir and rank == 0:
         run_dir.clear(out)
     mdist.barrier()
@@ -140,14 +150,6 @@ def run(spec: RunSpec) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = method.apply(model)
 
-    train_examples = load_split(
-        cfg.dataset, "train", Path(cfg.data_dir) if cfg.data_dir else None, cfg.data_file,
-        cfg.question_field, cfg.answer_field, cfg.train_examples,
-    )
-    heldout = load_split(
-        cfg.dataset, "heldout", Path(cfg.data_dir) if cfg.data_dir else None, cfg.heldout_file,
-        cfg.question_field, cfg.answer_field, cfg.eval_heldout or 1,
-    )
     metric = "gsm8k_accuracy" if cfg.dataset == "gsm8k" and cfg.data_file is None else "exact_match"
     encoded = [encode(e, tokenizer, cfg.max_seq_len, vocab) for e in train_examples]
     lost = check_answers_kept(encoded, cfg.max_seq_len)

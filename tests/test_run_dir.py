@@ -95,3 +95,15 @@ def test_resume_free_options_exist() -> None:
         cls = methods.get(name)
         fields = {f.name for f in dataclasses.fields(cls.Options)}
         assert cls.resume_free <= fields, (name, sorted(cls.resume_free - fields))
+
+
+def test_bad_data_fails_before_overwrite_removes_anything(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    _earlier_run(out)
+    spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(out), "--progress", "false",
+                      "--overwrite_output_dir", "true", "--dataset", "gsm8k",
+                      "--data_dir", str(tmp_path / "nodata")])
+    with pytest.raises(UserError, match="does not exist"):
+        run(spec)
+    assert run_dir.earlier_run(out) == ["metrics.jsonl", "checkpoints", "adapter"]
