@@ -11,7 +11,7 @@ from meft_ds.methods.base import Method
 from meft_ds.models import arch
 from meft_ds.models.loader import SUPPORTED_TYPES
 from meft_ds.reversible.model import ReversibleLM
-from meft_ds.reversible.options import ReversibleOptions
+from meft_ds.reversible.options import RESUME_FREE, ReversibleOptions
 
 
 @register
@@ -21,10 +21,7 @@ class Reversible(Method):
     name = "reversible"
     help = "reversible adapters (MEFT1/2/3): inputs recomputed in backward, no activations"
     Options = ReversibleOptions
-    resume_free = frozenset({
-        "rev_fused", "rev_backward", "rev_restart_every", "rev_exact", "rev_stream_dtype",
-        "rev_compute_dtype", "rev_adapter_dropout",
-    })
+    resume_free = RESUME_FREE
 
     def check_model(self, model: nn.Module) -> None:
         """Supported architecture, splittable layers, ``rev_layers`` inside the model."""

@@ -24,6 +24,7 @@ from meft_ds.methods import register
 from meft_ds.methods.base import Method
 from meft_ds.models import arch
 from meft_ds.reversible import sparse as reversible_sparse
+from meft_ds.reversible.options import RESUME_FREE as REVERSIBLE_RESUME_FREE
 from meft_ds.sparse.adapter import SparseAdapter
 from meft_ds.sparse.options import SparseOptions, SparseSizes, resolve_sizes
 from meft_ds.sparse.runtime import SparseRuntime
@@ -80,10 +81,8 @@ class SparseMethod(Method):
     resume_free = frozenset({
         "sparse_lr_ratio", "sparse_weight_decay", "sparse_eps", "sparse_optimizer",
         "sparse_working_dtype", "sparse_store", "sparse_check_every", "sparse_cache_rows",
-        "sparse_eager_update", "sparse_prefetch", "rev_fused", "rev_backward",
-        "rev_restart_every", "rev_exact", "rev_stream_dtype", "rev_compute_dtype",
-        "rev_adapter_dropout",
-    })
+        "sparse_eager_update", "sparse_prefetch",
+    }) | REVERSIBLE_RESUME_FREE  # --reversible's options
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
         super().__init__(options, model_config)

@@ -10,6 +10,12 @@ from meft_ds.errors import UserError
 from meft_ds.reversible.variants import VARIANTS
 
 POSITIONS = ("top", "bottom")
+# Options that change how the reversible stack computes or regularises, not what a
+# checkpoint holds: a resumed run may change them (Method.resume_free).
+RESUME_FREE = frozenset({
+    "rev_fused", "rev_backward", "rev_restart_every", "rev_exact", "rev_stream_dtype",
+    "rev_compute_dtype", "rev_adapter_dropout",
+})
 BACKWARDS = ("reversible", "autograd")
 
 
