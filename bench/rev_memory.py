@@ -9,6 +9,8 @@ JSON). MEFT rows come with small dense adapters and, ``+sparse``, with the spars
 beside each FFN (``--method sparse --reversible``); its rows at the parameter fraction
 0.1 of the full-depth model. The sparse adapter's working set kept for the backward
 replay is held outside autograd and not counted (it is the rows moved per step).
+``meft1_keepK`` keeps the top K layers' activations (``--rev_keep_top K``: less recompute
+for more memory; skipped when extrapolating from too few layers).
 
     python bench/rev_memory.py                       # SmolLM2, seq 512, batch 4
     for label in parallel_adapter parallel_adapter+ckpt full full+ckpt lora lora+ckpt \
@@ -43,6 +45,7 @@ from meft_ds.models.sizes import count_params  # noqa: E402
 
 BASELINES = ["full", "lora", "parallel_adapter"]
 VARIANTS = ["meft1", "meft2", "meft3"]
+KEEP_TOP = [1, 2, 4]  # rev_keep_top: top layers that store activations instead of recomputing
 
 
 def measure(model: torch.nn.Module, name: str, extra: dict, ckpt: bool, ids: torch.Tensor) -> int:
@@ -74,6 +77,8 @@ def configs(sparse: dict) -> list[tuple[str, str, dict, bool]]:
     """(label, method, options, gradient checkpointing)."""
     rows = [(f"{b}{'+ckpt' if c else ''}", b, {}, c) for b in BASELINES for c in (False, True)]
     rows += [(v, "reversible", {"rev_variant": v}, False) for v in VARIANTS]
+    rows += [(f"meft1_keep{k}", "reversible", {"rev_variant": "meft1", "rev_keep_top": k}, False)
+             for k in KEEP_TOP]
     rows.append(("sparse", "sparse", sparse, False))
     rows += [(f"{v}+sparse", "sparse", {**sparse, "reversible": True, "rev_variant": v}, False)
              for v in VARIANTS]
@@ -123,6 +128,9 @@ def main() -> None:
         results = json.loads(previous.read_text())["bytes"]
     for label, name, extra, ckpt in configs(sparse):
         if args.only and label not in args.only.split(","):
+            continue
+        if few and extra.get("rev_keep_top", 0) >= min(few):
+            print(f"{label}: skipped (rev_keep_top needs more than {min(few)} layers)")
             continue
         got = [measure(model, name, extra, ckpt, ids) for model in models.values()]
         if few:

@@ -58,6 +58,9 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     # Float streams instead of the exact fixed point (restart points bound their error).
     "meft1_float64": ("reversible", {"rev_variant": "meft1", "rev_exact": False}),
     "meft1_fp32_streams": ("reversible", {"rev_variant": "meft1", "rev_stream_dtype": "fp32"}),
+    # The top layers keep their activations (plain autograd): recompute traded for memory.
+    "meft1_keep2": ("reversible", {"rev_variant": "meft1", "rev_keep_top": 2}),
+    "meft1_keep4": ("reversible", {"rev_variant": "meft1", "rev_keep_top": 4}),
 }
 REFERENCE = "parallel_adapter"
 

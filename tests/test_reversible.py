@@ -191,6 +191,29 @@ def test_partial_stacks_train_only_their_layers(position: str) -> None:
         assert saved[1] - saved[0] == 4 * ids.numel() * 32 // 2
 
 
+def test_kept_top_layers_store_activations_with_the_same_gradients() -> None:
+    """rev_keep_top: the top layers run with plain autograd on top of the reversible
+    stack; gradients equal the all-reversible backward's, saved bytes grow per kept layer."""
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads, saved = {}, {}
+    for keep in (0, 1, 3):
+        model = ReversibleLM(_tiny(6), ReversibleOptions(rev_keep_top=keep,
+                                                         rev_adapter_dropout=0.1)).train()
+        _perturb_adapters(model)
+        grads[keep] = _grads(model, ids, reversible=True)
+        assert len(model.last_run.layers) == 6 - keep
+        meter = SavedTensorMeter()
+        with meter.record():
+            model(ids)
+        saved[keep] = meter.total_bytes
+    reference = _grads(model, ids, reversible=False)
+    for keep in (0, 1, 3):
+        assert grads[keep].keys() == reference.keys()
+        assert _rel(grads[keep], reference) <= 1e-6
+    one_layer = saved[1] - saved[0]
+    assert one_layer > 0 and saved[3] - saved[0] == pytest.approx(3 * one_layer, rel=0.05)
+
+
 def test_saved_bytes_do_not_grow_with_depth() -> None:
     ids = torch.randint(0, 128, (2, 8))
     sizes = []
@@ -279,6 +302,7 @@ def test_a_recompute_that_differs_from_the_forward_is_detected(caplog) -> None:
         ({"rev_layers": 0}, "rev_layers must be >= 1"),
         ({"rev_adapter_dropout": 1.0}, "rev_adapter_dropout must be in"),
         ({"rev_restart_every": -1}, "rev_restart_every must be >= 0"),
+        ({"rev_keep_top": -1}, "rev_keep_top must be >= 0"),
         ({"rev_fused": "maybe"}, "rev_fused='maybe' is not a valid bool"),
     ],
 )
@@ -299,6 +323,10 @@ def test_layers_outside_the_model_and_unsplittable_layers() -> None:
     method = cls(options.build(cls.Options, {"rev_layers": 5}), model.config)
     with pytest.raises(UserError, match=r"rev_layers=5 is outside the model's 1..4 layers"):
         method.check_model(model)
+    for values in ({"rev_keep_top": 4}, {"rev_keep_top": 2, "rev_layers": 2}):
+        method = cls(options.build(cls.Options, values), model.config)
+        with pytest.raises(UserError, match=r"rev_keep_top=\d must be below the \d rev"):
+            method.apply(_tiny(4))
     broken = _tiny(2)
     del broken.model.layers[0].mlp
     method = cls(options.build(cls.Options, {}), broken.config)
@@ -345,7 +373,7 @@ def test_zero1_zero2_accumulation_and_resume(tmp_path: Path) -> None:
               for e in (encode(q, tok, 40, 49152) for q in read_jsonl(data, "question", "answer"))}
     assert len(shapes) == 1, shapes  # the equivalence below needs equal token counts
     common = ("--data_file", str(data), "--heldout_file", str(data), "--train_examples", "8",
-              "--max_steps", "4", "--rev_adapter_dropout", "0")
+              "--max_steps", "4", "--rev_adapter_dropout", "0", "--rev_keep_top", "1")
     one, two = tmp_path / "zero1", tmp_path / "zero2"
     _train(one, "reversible", "--deepspeed", _zero_config(tmp_path / "z1.json", 1),
            "--micro_batch_size", "1", "--grad_accum", "2", *common)
@@ -376,9 +404,10 @@ def test_sparse_reversible_gradients_equal_autograd(variant: str) -> None:
     reversible backward equal plain autograd through the same network."""
     cls = methods.get("sparse")
     results = []
-    for backward in ("autograd", "reversible"):
+    for backward, keep in (("autograd", 0), ("reversible", 0), ("reversible", 1)):
         opts = options.build(cls.Options, {**SPARSE_TINY, "reversible": True, "layer_start": 1,
-                                           "rev_variant": variant, "rev_backward": backward})
+                                           "rev_variant": variant, "rev_backward": backward,
+                                           "rev_keep_top": keep})
         method = cls(opts, None)
         module = method.apply(_tiny(4)).train()
         assert sorted(method.adapters) == [1, 2, 3] and list(module.span) == [1, 2, 3]
@@ -390,14 +419,15 @@ def test_sparse_reversible_gradients_equal_autograd(variant: str) -> None:
         logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean().backward()
         dense = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         results.append((dense, method.runtime.grads()))
-    (dense_ref, rows_ref), (dense_rev, rows_rev) = results
+    (dense_ref, rows_ref), *others = results
     assert any(n.endswith("router.weight") for n in dense_ref)
-    assert dense_ref.keys() == dense_rev.keys()
-    assert _rel(dense_rev, dense_ref) <= 1e-5
-    assert sorted(rows_ref) == sorted(rows_rev) == [1, 2, 3]
-    for layer, (rows, grad) in rows_ref.items():
-        assert rows.numel() > 0 and torch.equal(rows_rev[layer][0], rows)
-        torch.testing.assert_close(rows_rev[layer][1], grad, rtol=1e-5, atol=1e-7)
+    for dense_rev, rows_rev in others:  # all reversible; the top layer kept (rev_keep_top)
+        assert dense_ref.keys() == dense_rev.keys()
+        assert _rel(dense_rev, dense_ref) <= 1e-5
+        assert sorted(rows_ref) == sorted(rows_rev) == [1, 2, 3]
+        for layer, (rows, grad) in rows_ref.items():
+            assert rows.numel() > 0 and torch.equal(rows_rev[layer][0], rows)
+            torch.testing.assert_close(rows_rev[layer][1], grad, rtol=1e-5, atol=1e-7)
 
 
 def test_sparse_reversible_runs_under_deepspeed(tmp_path: Path) -> None:

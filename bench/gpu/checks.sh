@@ -57,7 +57,7 @@ fi
 if [[ " $PARTS " == *" rev "* ]]; then
 echo "== 1. reversible step time, tokens/s, peak memory ($MODEL, seq $SEQ) =="
 "$PY" bench/rev_speed.py --device "$device" --model "$MODEL" --seq "$SEQ" --batch 1 \
-  --dtypes bf16 --configs parallel_adapter,meft1,meft1_eager,meft2,meft3 --reps 3 --warmup 1 --no-flops \
+  --dtypes bf16 --configs parallel_adapter,meft1,meft1_eager,meft2,meft3,meft1_keep2 --reps 3 --warmup 1 --no-flops \
   --name rev_speed_gpu --out "$OUT" 2>&1 | grep -v Warning | tail -n 12
 fi
 [[ " $PARTS " == *" sparse "* ]] || exit 0

@@ -72,6 +72,11 @@ class ReversibleLM(nn.Module):
         k = n if options.rev_layers is None else options.rev_layers
         if not 1 <= k <= n:
             raise UserError(f"reversible: rev_layers={k} is outside the model's 1..{n} layers")
+        if options.rev_keep_top >= k:
+            raise UserError(
+                f"reversible: rev_keep_top={options.rev_keep_top} must be below the {k} "
+                "reversible layers (to store every layer's activations: --rev_backward autograd)"
+            )
         self.options = options
         self.variant = VARIANTS[options.rev_variant]
         self.span = range(n - k, n) if options.rev_position == "top" else range(k)
@@ -194,14 +199,18 @@ class ReversibleLM(nn.Module):
             ctx.precision.stream, self.options.rev_exact,
             hidden.device.type == "cuda" if fused is None else fused,
         )
+        reversible = self.reversible and torch.is_grad_enabled()
+        layers = list(self.rev_layers)
+        split = len(layers) - (self.options.rev_keep_top if reversible else 0)
         run = StackRun(
-            list(self.rev_layers), ctx, streams,
+            layers[:split], ctx, streams,
             self.restart_every(ctx.precision.compute_dtype, streams.exact), self.record_errors,
             stats=self.stats,
         )
         self.last_run = run
-        reversible = self.reversible and torch.is_grad_enabled()
         pair = run_stack(run, hidden, hidden, reversible=reversible)
+        if split < len(layers):  # rev_keep_top: the top layers store their activations
+            pair = run_stack(StackRun(layers[split:], ctx, streams), *pair, reversible=False)
         main = pair[self.variant.main_index()]
         other = pair[1 - self.variant.main_index()]
         hidden = (main + self.mix.to(main.dtype) * other).to(hidden.dtype)

@@ -14,7 +14,7 @@ POSITIONS = ("top", "bottom")
 # checkpoint holds: a resumed run may change them (Method.resume_free).
 RESUME_FREE = frozenset({
     "rev_fused", "rev_backward", "rev_restart_every", "rev_exact", "rev_stream_dtype",
-    "rev_compute_dtype", "rev_adapter_dropout",
+    "rev_compute_dtype", "rev_adapter_dropout", "rev_keep_top",
 })
 BACKWARDS = ("reversible", "autograd")
 
@@ -62,6 +62,11 @@ class ReversibleOptions:
     rev_backward: str = _opt(
         "reversible", "reversible: recompute inputs in backward; autograd: store activations "
         "(reference)", choices=BACKWARDS,
+    )
+    rev_keep_top: int = _opt(
+        0, "the top N reversible layers keep their activations and backpropagate with plain "
+        "autograd (same gradients): each saves one layer's recompute (~1/depth of the "
+        "reversible overhead) for one layer of stored activations",
     )
     rev_center: bool = _opt(
         True, "centre the pre-trained blocks: y1 = F(x2) + λ(x1 − x2) (resp. y2 = G(y1) + "
@@ -118,6 +123,8 @@ class ReversibleOptions:
             raise UserError(
                 f"reversible: rev_restart_every must be >= 0, got {self.rev_restart_every}"
             )
+        if self.rev_keep_top < 0:
+            raise UserError(f"reversible: rev_keep_top must be >= 0, got {self.rev_keep_top}")
         if self.rev_backward not in BACKWARDS:
             raise UserError(f"reversible: rev_backward must be one of {', '.join(BACKWARDS)}")
 
