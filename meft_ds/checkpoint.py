@@ -10,6 +10,7 @@ behind ``latest``.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from meft_ds import cpu_adam_state, run_dir
 from meft_ds import dist as mdist
-from meft_ds import run_dir
 from meft_ds.errors import UserError
 
 LATEST = "latest"
@@ -37,6 +38,10 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _rng_file(directory: Path, rank: int) -> Path:
+    return directory / f"rng_rank{rank:05d}.pt"
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -89,6 +94,10 @@ def save(engine: Any, method: Any, root: Path, step: int, client_state: dict, ke
             exclude_frozen_parameters=True,
         )
     method.save_state(root / partial)
+    # Each rank's own RNG (the engine's client state is rank 0's): dropout masks differ
+    # per rank, so a resume on the same ranks must restore each one's.
+    (root / partial).mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), _rng_file(root / partial, mdist.rank()))
     mdist.barrier()
     if mdist.rank() == 0:
         if identity is not None:
@@ -125,11 +134,24 @@ def load(engine: Any, method: Any, root: Path) -> dict[str, Any]:
     tag = latest_tag(root)
     if tag is None:
         raise UserError(f"--resume: no checkpoint found in {root}")
-    path, client_state = engine.load_checkpoint(
-        str(root), tag=tag, load_module_strict=False, load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    try:
+        path, client_state = engine.load_checkpoint(
+            str(root), tag=tag, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is not None:
+            method.load_state(root / tag)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"--resume: checkpoint {root / tag} cannot be read ({first}); if it is damaged, "
+            f"write an older step_* name into {root / LATEST} or start over"
+        ) from None
     if path is None:
         raise UserError(f"--resume: DeepSpeed could not load checkpoint {root / tag}")
-    method.load_state(root / tag)
-    return client_state or {}
+    cpu_adam_state.replay_steps(engine.optimizer)
+    client_state = dict(client_state or {})
+    own = _rng_file(root / tag, mdist.rank())
+    if own.is_file() and client_state.get("world_size") == mdist.world_size():
+        client_state["rng"] = torch.load(own, weights_only=False)
+    return client_state

@@ -138,4 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the newest complete checkpoint is kept; continue with --resume",
+              file=sys.stderr, flush=True)
+        return 130
     return 0

@@ -56,4 +56,16 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     cfg_path, weights = directory / CONFIG, directory / WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
         raise UserError(f"{directory} is not an exported adapter ({CONFIG} + {WEIGHTS})")
-    return json.loads(cfg_path.read_text()), load_file(str(weights))
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{cfg_path} is not valid JSON ({exc})") from None
+    keys = meta if isinstance(meta, dict) else {}
+    lacking = [k for k in ("method", "model", "options") if k not in keys]
+    if lacking:
+        raise UserError(f"{cfg_path} lacks {', '.join(lacking)}: not written by meft_ds's export")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise UserError(f"{weights} cannot be read: {str(exc).splitlines()[0]}") from None
+    return meta, tensors

@@ -85,13 +85,30 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics line, or None for a blank or torn one (a crash mid-write)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def logged_steps(path: Path, upto: int) -> list[dict[str, Any]]:
+    """The training-step records (with a loss) of steps ``<= upto`` in ``metrics.jsonl``."""
+    if not path.is_file():
+        return []
+    records = (_record(line) for line in path.read_text().splitlines())
+    return [r for r in records if r and "loss" in r and r.get("step", 0) <= upto]
+
+
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop metric records after ``step`` (logged after the checkpoint a run resumes from,
-    they would otherwise appear twice); returns how many were dropped."""
+    they would otherwise appear twice) and torn lines; returns how many were dropped."""
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in lines if (r := _record(line)) and r.get("step", 0) <= step]
     if len(kept) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -19,6 +19,7 @@ from meft_ds import checkpoint, memory, run_dir
 from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
 from meft_ds.data import IGNORE, BatchSchedule
+from meft_ds.errors import UserError
 from meft_ds.methods.base import Method
 
 
@@ -41,14 +42,13 @@ def world() -> tuple[int, int]:
     return mdist.rank(), mdist.world_size()
 
 
-def mean_across_ranks(value: float) -> float:
-    """Average a scalar over data-parallel ranks."""
-    rank, size = world()
-    if size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=mdist.comm_device())
+def sum_across_ranks(*values: float) -> list[float]:
+    """Sum scalars over data-parallel ranks (one all-reduce)."""
+    if world()[1] == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=mdist.comm_device())
     dist.all_reduce(tensor)
-    return float(tensor.item()) / size
+    return tensor.tolist()
 
 
 class Trainer:
@@ -76,15 +76,35 @@ class Trainer:
     # --- state -------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
         """What the engine checkpoint carries besides weights/optimizer/scheduler."""
-        return {"step": self.step, "rng": checkpoint.rng_state(), "world_size": self.world_size}
+        return {"step": self.step, "rng": checkpoint.rng_state(), "world_size": self.world_size,
+                "train_batch_size": self.engine.train_batch_size()}
 
     def resume(self) -> None:
-        """Load the newest checkpoint and continue from its step with its RNG state."""
+        """Load the newest checkpoint and continue from its step with its RNG state.
+
+        The data position is a count of global batches, so the global batch must stay the
+        same; the world size may change (then dropout masks differ from an uninterrupted
+        run: ranks without a saved RNG take rank 0's)."""
         state = checkpoint.load(self.engine, self.method, self.ckpt_root)
+        self._check_batch(state)
         self.step = int(state["step"])
         checkpoint.set_rng_state(state["rng"])
         if self.rank == 0:
             run_dir.truncate_metrics(self.metrics_path, self.step)
+
+    def _check_batch(self, state: dict[str, Any]) -> None:
+        saved, now = state.get("train_batch_size"), self.engine.train_batch_size()
+        ranks, micro = state.get("world_size"), self.engine.train_micro_batch_size_per_gpu()
+        if saved is not None and saved != now:
+            raise UserError(
+                f"--resume: the checkpoint trained on global batches of {saved} examples "
+                f"({ranks} rank(s)); this run's is {now} (micro {micro} x "
+                f"accumulation {self.accum} x {self.world_size} rank(s)): change --grad_accum "
+                "or --micro_batch_size to keep it, or start a new run"
+            )
+        if ranks is not None and ranks != self.world_size and self.rank == 0:
+            print(f"note: resuming a {ranks}-rank checkpoint on {self.world_size} rank(s): the "
+                  "same data order; dropout masks differ from an uninterrupted run", flush=True)
 
     def save(self) -> Path:
         """Checkpoint now."""
@@ -156,14 +176,15 @@ class Trainer:
         elapsed = time.perf_counter() - start
         lr = self._step_lr  # the rate this step applied (get_lr() is now the next step's)
         self.step += 1
+        loss_sum, tokens = sum_across_ranks(sum(losses) / len(losses), tokens)
         record: dict[str, Any] = {
             "step": self.step,
-            "loss": mean_across_ranks(sum(losses) / len(losses)),
+            "loss": loss_sum / self.world_size,
             "lr": lr,
             "grad_norm": getattr(self, "_grad_norm", float("nan")),
-            "tokens": tokens * self.world_size,
+            "tokens": int(tokens),  # answer and prompt tokens of all ranks
             "step_s": elapsed,
-            "tokens_per_s": tokens * self.world_size / max(elapsed, 1e-9),
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
             "saved_activation_bytes": meter.total_bytes,
             **memory.snapshot(),
             **self.method.step_metrics(),

@@ -20,6 +20,18 @@ COMMON = [
 ]
 
 
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+
+
+def _run(argv: list[str], code: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(),
+                          timeout=900, cwd=ROOT)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    return proc
+
+
 def _losses(out: Path) -> list[float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
@@ -44,3 +56,26 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path) -> None:
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
     assert a[0] != a[-1]
+    # Tokens per step: both ranks' summed, as one process counts its two micro-batches.
+    assert _tokens(one) == _tokens(two)
+
+
+def _tokens(out: Path) -> list[int]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["tokens"] for r in rows if "loss" in r]
+
+
+def test_two_rank_resume_restores_each_ranks_dropout(tmp_path: Path) -> None:
+    """Each rank draws its own dropout masks: a resume restores every rank's RNG, so the
+    losses equal an uninterrupted two-rank run's."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    lora = [*COMMON, "--method", "lora", "--lora_r", "4", "--lora_dropout", "0.1"]
+    _run([*_torchrun(), *lora, "--output_dir", str(full)])
+    _run([*_torchrun(), *lora, "--save_steps", "2", "--stop_after", "3",
+          "--output_dir", str(split)])
+    _run([*_torchrun(), *lora, "--save_steps", "2", "--resume", "--output_dir", str(split)])
+    assert _losses(split) == _losses(full) and len(_losses(full)) == 4
+    assert len(list((split / "checkpoints" / "step_0000002").glob("rng_rank*.pt"))) == 2
+    # One rank would halve the global batch and shift every later example: refused.
+    refused = _run([sys.executable, *lora, "--resume", "--output_dir", str(split)], code=2)
+    assert "global batches of 4 examples" in refused.stderr

@@ -73,6 +73,38 @@ def test_exported_adapter_evaluates_like_the_trained_model(tmp_path: Path) -> No
         r["prediction"] for r in trained["predictions"]
     ]
     assert report["score"] == trained["score"]
+    _damaged_adapters_are_refused(tmp_path / "adapter", tmp_path / "damaged")
+
+
+def _damaged_adapters_are_refused(adapter: Path, work: Path) -> None:
+    """Each damaged copy of a real exported adapter: exit 2 and one line, no traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter / "adapter.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    wider = {**config, "options": {**config["options"], "adapter_size": 2 * config["options"][
+        "adapter_size"]}}
+    cases = {
+        "lacks": lambda d: save_file(dict(list(tensors.items())[::2]),
+                                     str(d / "adapter.safetensors")),
+        "cannot be read": lambda d: (d / "adapter.safetensors").write_bytes(b"\xff" * 64),
+        "not valid JSON": lambda d: (d / "adapter_config.json").write_text('{"method": '),
+        "has shape": lambda d: (d / "adapter_config.json").write_text(json.dumps(wider)),
+    }
+    for message, damage in cases.items():
+        copy = work / message.replace(" ", "_")
+        shutil.copytree(adapter, copy)
+        damage(copy)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "launch" / "evaluate.py"), "--adapter", str(copy),
+             "--split", "train", "--limit", "1", "--no_progress"],
+            capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=ROOT,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, (message, proc.stderr[-2000:])
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_evaluate_rejects_bad_input(tmp_path: Path, capsys) -> None:

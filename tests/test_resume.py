@@ -32,10 +32,11 @@ OTHER = {"lora": ("--lora_r", "4"), "reversible": ("--rev_adapter_size", "32"),
 EVAL = ("--eval_trained", "2", "--max_new_tokens", "4")
 
 
-def _train(out: Path, method: str, *extra: str, code: int = 0) -> subprocess.CompletedProcess:
+def _train(out: Path, method: str, *extra: str, code: int = 0,
+           config: str = "cpu.json") -> subprocess.CompletedProcess:
     argv = [
         sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
-        str(ROOT / "ds_configs" / "cpu.json"), *METHODS[method],
+        str(ROOT / "ds_configs" / config), *METHODS.get(method, ("--method", method)),
         "--max_steps", "6", "--train_examples", "10", "--micro_batch_size", "2",
         "--grad_accum", "2", "--max_seq_len", "40", "--eval_trained", "0",
         "--eval_heldout", "0", "--progress", "false", "--lr", "2e-3",
@@ -82,3 +83,44 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, method: str) -> 
     before = json.loads((split / "results.json").read_text())["before"]
     assert before is not None
     assert before == json.loads((full / "results.json").read_text())["before"]
+
+
+def test_resume_under_the_main_config_is_exact(tmp_path: Path) -> None:
+    """ds_configs/24gb.json: ZeRO-2 with DeepSpeedCPUAdam offload and bf16. A fresh C++
+    optimizer would start step 3 from pow(0.999, 3), one float32 bit off the product an
+    uninterrupted run holds, and bf16 magnifies it (meft_ds.cpu_adam_state)."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    args = ("--adapter_size", "16", "--max_steps", "4")
+    _train(full, "parallel_adapter", *args, config="24gb.json")
+    _train(split, "parallel_adapter", *args, "--save_steps", "2", "--stop_after", "3",
+           config="24gb.json")
+    _train(split, "parallel_adapter", *args, "--save_steps", "2", "--resume", config="24gb.json")
+    want, got = _losses(full), _losses(split)
+    assert sorted(got) == [1, 2, 3, 4]
+    assert all(got[s] == want[s] for s in got), (got, want)
+    # Resuming the finished run reports over all its steps, not only the ones it ran.
+    _train(split, "parallel_adapter", *args, "--resume", config="24gb.json")
+    results = json.loads((split / "results.json").read_text())
+    assert results["final_loss"] == want[4] and results["steps"] == 4
+    assert results["peak_rss_gib"] > 0 and results["mean_tokens_per_s"] > 0
+
+
+def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    import signal
+
+    argv = [sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
+            str(ROOT / "ds_configs" / "cpu.json"), "--max_steps", "500", "--train_examples", "8",
+            "--micro_batch_size", "2", "--max_seq_len", "32", "--eval_trained", "0",
+            "--eval_heldout", "0", "--progress", "false", "--save_steps", "1",
+            "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(), cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("step 2/500"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1]
+    assert (tmp_path / "checkpoints" / "latest").read_text().startswith("step_")

@@ -45,6 +45,14 @@ def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path: Path) -> 
     assert [json.loads(x) for x in path.read_text().splitlines()] == records[:3]
     assert run_dir.truncate_metrics(path, 2) == 0
     assert run_dir.truncate_metrics(tmp_path / "missing.jsonl", 2) == 0
+    assert run_dir.logged_steps(path, 1) == records[:1]
+    assert run_dir.logged_steps(path, 2) == records[:2]  # training steps only
+    # A line torn by a crash mid-write is dropped, not a traceback on --resume.
+    with path.open("a") as handle:
+        handle.write('{"step": 3, "loss": 4.2, "lr": 0.00')
+    assert run_dir.logged_steps(path, 9) == records[:2]
+    assert run_dir.truncate_metrics(path, 2) == 1
+    assert [json.loads(x) for x in path.read_text().splitlines()] == records[:3]
 
 
 def test_identity_mismatch_names_the_differences(tmp_path: Path) -> None:

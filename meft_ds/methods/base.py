@@ -106,12 +106,21 @@ class Method:
 
     def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`trainable_state`."""
-        params = dict(module.named_parameters())
-        missing = [k for k in state if k not in params]
-        if missing:
-            from meft_ds.errors import UserError
+        from meft_ds.errors import UserError
 
-            raise UserError(f"adapter file has tensors the model lacks: {missing[:3]}")
+        params = dict(module.named_parameters())
+        extra = [k for k in state if k not in params]
+        if extra:
+            raise UserError(f"adapter file has tensors the model lacks: {extra[:3]}")
+        wanted = [n for n, p in params.items() if p.requires_grad]
+        lacking = [n for n in wanted if n not in state]
+        if lacking:
+            raise UserError(f"adapter file lacks {len(lacking)} of the adapter's {len(wanted)} "
+                            f"tensors, e.g. {lacking[:3]}")
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(params[key].shape):
+                raise UserError(f"adapter file: {key} has shape {tuple(value.shape)}, the model "
+                                f"built from its config needs {tuple(params[key].shape)}")
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(value.to(params[key].dtype))

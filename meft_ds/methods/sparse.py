@@ -243,7 +243,7 @@ class SparseMethod(Method):
 
     def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         store = self._runtime().store
-        dense = {}
+        dense, seen = {}, set()
         for key, value in state.items():
             if not key.startswith(EXPORT_PREFIX):
                 dense[key] = value
@@ -256,6 +256,10 @@ class SparseMethod(Method):
                     f"store (layers {sorted(store.layers)}, rows {shape})"
                 )
             store.set_full_weight(layer, value)
+            seen.add(layer)
+        lacking = sorted(set(store.layers) - seen)
+        if lacking:
+            raise UserError(f"adapter file lacks the sparse store rows of layers {lacking}")
         self._runtime().load_cache_state(None)
         for adapter in self.adapters.values():
             adapter.clear_cache()
