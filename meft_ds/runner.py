@@ -203,8 +203,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
         before = score_all()
         if rank == 0:
             run_dir.save_before(out, before)
-    start = trainer.step
-    history = run_dir.logged_steps(out / "metrics.jsonl", start) + trainer.fit()
+    history = run_dir.logged_steps(out / "metrics.jsonl", trainer.step) + trainer.fit()
     if cfg.save_final and (not cfg.save_steps or trainer.step % cfg.save_steps):
         trainer.save()
     export_dir = Path(cfg.output_dir) / "adapter"

@@ -83,8 +83,8 @@ class Trainer:
         """Load the newest checkpoint and continue from its step with its RNG state.
 
         The data position is a count of global batches, so the global batch must stay the
-        same; the world size may change (then dropout masks differ from an uninterrupted
-        run: ranks without a saved RNG take rank 0's)."""
+        same; the world size may change (then every rank takes rank 0's RNG state, and
+        dropout masks differ from an uninterrupted run's)."""
         state = checkpoint.load(self.engine, self.method, self.ckpt_root)
         self._check_batch(state)
         self.step = int(state["step"])
