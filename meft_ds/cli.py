@@ -117,12 +117,15 @@ def parse(argv: list[str] | None = None):
     train = options.build(TrainConfig, meft, file_opts, flags, context="options")
     method_cls = methods.get(train.method)
     own = {f.name for f in dataclasses.fields(method_cls.Options)}
-    foreign = sorted(k for k in flags if k in owners and k not in own)
-    if foreign:
-        raise UserError(
-            f"--{foreign[0]} does not apply to method {train.method} "
-            f"(it belongs to {', '.join(owners[foreign[0]])})"
-        )
+    # Flags and --config are the user's own: an option of another method there is a
+    # mistake. The DeepSpeed JSON's 'meft' defaults may name any method's options.
+    for where, given in (("--{}", flags), (f"config file {args.config}: {{}}", file_opts)):
+        foreign = sorted(k for k in given if k in owners and k not in own)
+        if foreign:
+            raise UserError(
+                f"{where.format(foreign[0])} does not apply to method {train.method} "
+                f"(it belongs to {', '.join(owners[foreign[0]])})"
+            )
     method_options = options.build(method_cls.Options, meft, file_opts, flags,
                                    context=f"method {train.method}")
     return RunSpec(train=train, method_cls=method_cls, method_options=method_options, deepspeed=ds)

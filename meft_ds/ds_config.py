@@ -48,15 +48,20 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
 def split_config(data: dict[str, Any], cuda: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(DeepSpeed dict, meft option dict) with the no-CUDA overrides applied if needed."""
     ds = {k: v for k, v in data.items() if k != MEFT_KEY}
-    meft = dict(data.get(MEFT_KEY, {}))
-    if not isinstance(meft, dict):
-        raise UserError(f"config key {MEFT_KEY!r} must be an object")
-    overrides = meft.pop(NO_CUDA_KEY, {})
-    if not cuda and overrides:
-        overrides = dict(overrides)
-        ds = deep_merge(ds, overrides.pop("deepspeed", {}))
+    meft = _object(data.get(MEFT_KEY, {}), repr(MEFT_KEY))
+    overrides = _object(meft.pop(NO_CUDA_KEY, {}), f"{MEFT_KEY}.{NO_CUDA_KEY}")
+    nested = _object(overrides.pop("deepspeed", {}), f"{MEFT_KEY}.{NO_CUDA_KEY}.deepspeed")
+    if not cuda:
+        ds = deep_merge(ds, nested)
         meft.update(overrides)
     return ds, meft
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """A copy of a JSON object; anything else is a one-line error."""
+    if not isinstance(value, dict):
+        raise UserError(f"config key {where} must be a JSON object, got {json.dumps(value)}")
+    return dict(value)
 
 
 def _check_positive_int(ds: dict[str, Any], key: str) -> None:
@@ -162,6 +167,11 @@ def finalize(
     ds["train_micro_batch_size_per_gpu"] = mb
     ds["gradient_accumulation_steps"] = gas
     ds["train_batch_size"] = mb * gas * world_size
+    clip = ds.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)
+                             or clip < 0):
+        raise UserError(f"DeepSpeed config: gradient_clipping must be a number >= 0, "
+                        f"got {json.dumps(clip)}")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UserError(f"DeepSpeed config: zero_optimization.stage must be 0-3, got {stage!r}")

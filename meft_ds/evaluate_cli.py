@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from meft_ds import export
 from meft_ds.data import load_split
 from meft_ds.errors import OneLineArgumentParser, UserError
 from meft_ds.eval import evaluate_qa
@@ -23,10 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="directory written by training (<output_dir>/adapter)")
     src.add_argument("--model", help="evaluate a base model (smollm2-135m or a HF dir)")
-    p.add_argument("--dataset", default="nq_open", help="nq_open or gsm8k")
+    p.add_argument("--dataset", default=None,
+                   help="nq_open or gsm8k (default: what the adapter trained on, else nq_open)")
     p.add_argument("--data_dir", default=None,
                    help="data directory (default $MEFT_DS_DATA, else ../shared/data)")
-    p.add_argument("--data_file", default=None, help="custom JSONL instead of --dataset")
+    p.add_argument("--data_file", default=None,
+                   help="custom JSONL instead of --dataset (default with --adapter: the "
+                        "training run's --data_file for --split train, --heldout_file for "
+                        "heldout)")
     p.add_argument("--question_field", default=None,
                    help="question field of --data_file (default: question)")
     p.add_argument("--answer_field", default=None,
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--{name} must be > 0")
     if args.output:  # before the generation, not after it
         _prepare_output(Path(args.output))
+    _default_data(args)
     examples = load_split(
         args.dataset, args.split, Path(args.data_dir) if args.data_dir else None,
         args.data_file, args.question_field, args.answer_field, args.limit,
@@ -77,7 +83,28 @@ def run(args: argparse.Namespace) -> dict:
                          args.batch_size, device, vocab, progress=not args.no_progress)
     report["source"] = args.adapter or args.model
     report["split"] = args.split
+    report["data"] = args.data_file or args.dataset
     return report
+
+
+def _default_data(args: argparse.Namespace) -> None:
+    """Without --dataset/--data_file, score what the adapter trained on (recorded in its
+    config by export), else nq_open."""
+    if args.dataset is not None or args.data_file is not None:
+        args.dataset = args.dataset or "nq_open"
+        return
+    meta = {}
+    if args.adapter:
+        try:
+            meta = json.loads((Path(args.adapter) / export.CONFIG).read_text())
+        except (OSError, ValueError):
+            meta = {}  # read_adapter reports a missing or damaged config
+    meta = meta if isinstance(meta, dict) else {}
+    args.dataset = meta.get("dataset") or "nq_open"
+    args.data_file = meta.get("data_file" if args.split == "train" else "heldout_file")
+    if args.data_file:
+        args.question_field = args.question_field or meta.get("question_field")
+        args.answer_field = args.answer_field or meta.get("answer_field")
 
 
 def _prepare_output(path: Path) -> None:

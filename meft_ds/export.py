@@ -45,6 +45,11 @@ def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: A
         "options": dataclasses.asdict(options),
         "max_seq_len": cfg.max_seq_len,
         "dataset": cfg.dataset,
+        # what it trained on, so that evaluate.py scores the same questions by default
+        "data_file": str(Path(cfg.data_file).resolve()) if cfg.data_file else None,
+        "heldout_file": str(Path(cfg.heldout_file).resolve()) if cfg.heldout_file else None,
+        "question_field": cfg.question_field,
+        "answer_field": cfg.answer_field,
     }
     (directory / CONFIG).write_text(json.dumps(meta, indent=2))
 

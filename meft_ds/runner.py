@@ -113,9 +113,12 @@ def run(spec: RunSpec) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     bf16 = ds_config.bf16_enabled(spec.deepspeed)
     hf_config = loader.model_config(cfg.model)
-    spec.method_cls(spec.method_options, hf_config).check_config(hf_config)
+    probe = spec.method_cls(spec.method_options, hf_config)
+    probe.check_config(hf_config)
+    probe.check_deepspeed(spec.deepspeed)
     memory.require_ram(
-        estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES, cuda),
+        estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES, cuda)
+        + probe.host_bytes(hf_config),
         f"model {cfg.model} with method {cfg.method}",
     )
     init_distributed(cfg.dist_timeout)
@@ -175,7 +178,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
     external = method.external_parameters()
     _say(f"engine: ZeRO stage {engine.zero_optimization_stage()}, "
-         f"bf16={engine.bfloat16_enabled()}, optimizer {type(inner).__name__} "
+         f"bf16={engine.bfloat16_enabled()}, gradient clipping "
+         f"{engine.gradient_clipping() or 'off'}, optimizer {type(inner).__name__} "
          f"(wrapped by {type(engine.optimizer).__name__}), {len(trainable)} trainable tensors, "
          f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable "
          "parameters"  # ds_numel: a ZeRO-3 partitioned parameter's full size

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import subprocess_env
 
-from meft_ds import cli
+from meft_ds import cli, methods, options
 from meft_ds.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +131,14 @@ def test_ram_check_refuses_before_allocating() -> None:
         memory.require_ram(need, "llama2-7b-shape full")
     proc = _launch("--deepspeed", CPU, "--model", "llama2-7b-shape", "--method", "full")
     assert proc.returncode == 2 and "GiB of RAM" in proc.stderr
+    # The sparse row store counts: a 7B model with a store as large as itself (rows, two
+    # Adam moments) needs ~88 GiB of host RAM, refused before the weights load.
+    sparse = methods.get("sparse")
+    method = sparse(options.build(sparse.Options, {"sparse_param_fraction": 1.0}), cfg)
+    assert method.host_bytes(cfg) > 12 * count_params(cfg)
+    proc = _launch("--deepspeed", str(ROOT / "ds_configs" / "24gb.json"),
+                   "--model", "llama2-7b-shape")
+    assert proc.returncode == 2 and "with method sparse needs" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_smollm2_shape_has_the_real_architecture(smollm2) -> None:
@@ -166,3 +174,34 @@ def test_empty_layer_range_says_so() -> None:
     with pytest.raises(UserError, match=r"\[1, 5\) is outside the model's 0..3"):
         arch.check_layer_range(model, 1, 5, "adapter")
     assert arch.check_layer_range(model, 1, None, "adapter") == range(1, 3)
+
+
+def test_config_file_options_of_another_method_are_refused(tmp_path: Path) -> None:
+    extra = tmp_path / "opts.json"
+    extra.write_text(json.dumps({"method": "sparse", "lora_r": 8}))
+    with pytest.raises(UserError, match=r"opts.json: lora_r does not apply to method sparse"):
+        cli.parse(["--deepspeed", CPU, "--config", str(extra)])
+
+
+@pytest.mark.parametrize(("meft", "where"), [
+    (5, "'meft'"), ("sparse", "'meft'"), ([], "'meft'"), ({"when_no_cuda": 5}, "meft.when_no_cuda"),
+    ({"when_no_cuda": {"deepspeed": 5}}, "meft.when_no_cuda.deepspeed"),
+])
+def test_meft_section_of_the_wrong_type_is_one_line(tmp_path: Path, meft, where: str) -> None:
+    config = json.loads(Path(CPU).read_text())
+    config["meft"] = meft
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"config key {where} must be a JSON object") as info:
+        cli.parse(["--deepspeed", str(path)])
+    assert "\n" not in str(info.value)
+
+
+def test_gradient_clipping_must_be_a_number(tmp_path: Path) -> None:
+    from meft_ds import ds_config
+
+    for bad in ("1.0", -1, True):
+        with pytest.raises(UserError, match="gradient_clipping must be a number >= 0"):
+            ds_config.finalize({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": bad},
+                               world_size=1, max_steps=2, warmup_ratio=0.0, lr=None,
+                               micro_batch=None, grad_accum=None, cuda=False)

@@ -31,7 +31,8 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "engine: ZeRO stage 2, bf16=True, optimizer DeepSpeedCPUAdam" in proc.stdout
+    assert ("engine: ZeRO stage 2, bf16=True, gradient clipping 1.0, optimizer DeepSpeedCPUAdam"
+            in proc.stdout)
     assert "in the CPU row store)" in proc.stdout  # the rows are counted too
     assert "step 3/3 loss" in proc.stdout  # --progress false: plain lines instead of bars
     assert "Attempting to get learning rate" not in proc.stdout + proc.stderr
@@ -119,3 +120,29 @@ def test_evaluate_rejects_bad_input(tmp_path: Path, capsys) -> None:
         assert evaluate_main(["--model", "smollm2-135m", "--output", str(output)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_evaluate_scores_the_custom_data_the_adapter_trained_on(tmp_path: Path) -> None:
+    """An adapter trained on --data_file records it: evaluate.py without data flags scores
+    those questions (not nq_open), with the run's field names."""
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}?", "golds": [str(a + b)]})
+                            + "\n" for a, b in [(1, 2), (3, 4), (2, 5), (4, 4)]))
+    out = tmp_path / "run"
+    run(cli.parse([
+        "--deepspeed", str(ROOT / "ds_configs" / "cpu.json"), "--output_dir", str(out),
+        "--data_file", str(data), "--heldout_file", str(data), "--question_field", "prompt",
+        "--answer_field", "golds", "--train_examples", "4", "--max_steps", "2",
+        "--eval_trained", "4", "--eval_heldout", "0", "--eval_before", "false",
+        "--progress", "false", "--micro_batch_size", "2", "--max_new_tokens", "4",
+        "--adapter_size", "8",
+    ]))
+    trained = json.loads((out / "predictions.json").read_text())["trained"]
+    report_path = tmp_path / "report.json"
+    assert evaluate_main(["--adapter", str(out / "adapter"), "--split", "train", "--limit", "4",
+                          "--max_new_tokens", "4", "--no_progress",
+                          "--output", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["data"] == str(data.resolve()) and report["n"] == 4
+    assert [r["prediction"] for r in report["predictions"]] == [
+        r["prediction"] for r in trained["predictions"]]

@@ -441,6 +441,7 @@ def test_sparse_reversible_runs_under_deepspeed(tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["grad_norm"] > 0
     assert all(r["sparse_rows_updated"] > 0 for r in records)
+    assert all(r["rev_inexact_backwards"] == 0 for r in records)
     exported = tmp_path / "adapter" / "adapter.safetensors"
     assert exported.is_file()
 
@@ -455,3 +456,15 @@ def test_sparse_reversible_bad_input() -> None:
                                        "layer_end": 3})
     with pytest.raises(UserError, match=r"layers \[1, 3\) must reach the top"):
         cls(opts, None).check_model(_tiny(4))
+
+
+@pytest.mark.parametrize(
+    "extra", [("--method", "reversible"), ("--method", "sparse", "--reversible")])
+def test_zero3_is_refused_with_the_reversible_backward(tmp_path: Path, extra: tuple) -> None:
+    """ZeRO-3 releases partitioned weights outside DeepSpeed's own forward/backward, where
+    the reversible backward recomputes: refused up front (the autograd reference runs)."""
+    argv = ["--deepspeed", str(ROOT / "ds_configs" / "multinode.json"), *extra,
+            "--output_dir", str(tmp_path)]
+    with pytest.raises(UserError, match="ZeRO stage 3 is not supported"):
+        run(cli.parse(argv))
+    assert not any(tmp_path.iterdir())  # refused before anything was written

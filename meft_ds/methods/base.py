@@ -49,6 +49,13 @@ class Method:
     def check_config(self, config: Any) -> None:
         """Raise ``UserError`` for options the model's config rules out, before loading."""
 
+    def check_deepspeed(self, ds: dict[str, Any]) -> None:
+        """Raise ``UserError`` for a DeepSpeed configuration this method cannot train with."""
+
+    def host_bytes(self, config: Any) -> int:
+        """Host RAM the method allocates outside the model (checked before loading)."""
+        return 0
+
     def check_model(self, model: nn.Module) -> None:
         """Raise ``UserError`` if this method cannot run on ``model`` (e.g. layer range)."""
 

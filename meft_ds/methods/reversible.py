@@ -11,7 +11,7 @@ from meft_ds.methods.base import Method
 from meft_ds.models import arch
 from meft_ds.models.loader import SUPPORTED_TYPES
 from meft_ds.reversible.model import ReversibleLM
-from meft_ds.reversible.options import RESUME_FREE, ReversibleOptions
+from meft_ds.reversible.options import RESUME_FREE, ReversibleOptions, check_deepspeed
 
 
 @register
@@ -22,6 +22,9 @@ class Reversible(Method):
     help = "reversible adapters (MEFT1/2/3): inputs recomputed in backward, no activations"
     Options = ReversibleOptions
     resume_free = RESUME_FREE
+
+    def check_deepspeed(self, ds: dict) -> None:
+        check_deepspeed(self.options, ds)
 
     def check_model(self, model: nn.Module) -> None:
         """Supported architecture, splittable layers, ``rev_layers`` inside the model."""
@@ -43,10 +46,8 @@ class Reversible(Method):
         return self.model
 
     def step_metrics(self) -> dict[str, float]:
-        """Backwards so far whose exact-stream reconstruction was not exact (expected 0)."""
         model = getattr(self, "model", None)
-        return {} if model is None else {
-            "rev_inexact_backwards": model.stats.get("inexact_backwards", 0)}
+        return {} if model is None else model.step_metrics()
 
     def forward(
         self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -23,8 +23,11 @@ from meft_ds.errors import UserError
 from meft_ds.methods import register
 from meft_ds.methods.base import Method
 from meft_ds.models import arch
+from meft_ds.models.sizes import count_params
 from meft_ds.reversible import sparse as reversible_sparse
+from meft_ds.reversible.model import ReversibleLM
 from meft_ds.reversible.options import RESUME_FREE as REVERSIBLE_RESUME_FREE
+from meft_ds.reversible.options import check_deepspeed as check_reversible_deepspeed
 from meft_ds.sparse.adapter import SparseAdapter
 from meft_ds.sparse.options import SparseOptions, SparseSizes, resolve_sizes
 from meft_ds.sparse.runtime import SparseRuntime
@@ -87,6 +90,7 @@ class SparseMethod(Method):
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
         super().__init__(options, model_config)
         self.runtime: SparseRuntime | None = None
+        self.rev_model: ReversibleLM | None = None  # --reversible
         self.adapters: dict[int, SparseAdapter] = {}
         self.engine = None
         self._steps = 0  # optimizer steps of this process (for the replica checks)
@@ -106,6 +110,21 @@ class SparseMethod(Method):
             p.numel() for name, p in model.named_parameters() if "sparse_adapter." not in name
         )
         return resolve_sizes(self.options, arch.hidden_size(model), layer_range, model_params)
+
+    def host_bytes(self, config: Any) -> int:
+        """The row store: fp32 keys and values with two Adam moments each, a step count
+        per row (one copy per node: sharded ranks split it, replicated ones share it)."""
+        n = config.num_hidden_layers
+        layers = range(self.options.layer_start,
+                       n if self.options.layer_end is None else self.options.layer_end)
+        if not layers or layers.start < 0 or layers.stop > n:
+            return 0  # check_model refuses the range
+        sizes = resolve_sizes(self.options, config.hidden_size, layers, count_params(config))
+        return len(layers) * sizes.rank * (3 * 4 * 2 * sizes.hidden + 8)
+
+    def check_deepspeed(self, ds: dict[str, Any]) -> None:
+        if self.reversible:
+            check_reversible_deepspeed(self.options, ds)
 
     def check_model(self, model: nn.Module) -> None:
         sizes = self.sizes(model)
@@ -127,6 +146,7 @@ class SparseMethod(Method):
         layers = arch.layers(model)
         if self.reversible:
             module = reversible_sparse.wrap(model, self.options, self.runtime, self.adapters)
+            self.rev_model = module
         else:
             module = model
             reference = next(model.parameters())
@@ -209,8 +229,9 @@ class SparseMethod(Method):
     def step_metrics(self) -> dict[str, float]:
         store = self._runtime().store
         sent, store.comm_bytes = store.comm_bytes, 0
+        rev = self.rev_model.step_metrics() if self.rev_model is not None else {}
         return {**self._runtime().metrics(), "sparse_comm_bytes": sent,
-                "sparse_store_bytes": store.nbytes()}
+                "sparse_store_bytes": store.nbytes(), **rev}
 
     def save_state(self, directory: Path) -> None:
         runtime = self._runtime()

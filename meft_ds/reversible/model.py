@@ -101,6 +101,10 @@ class ReversibleLM(nn.Module):
         self.stats: dict[str, int] = {}  # see StackRun.stats
         self.reversible = options.rev_backward == "reversible"
 
+    def step_metrics(self) -> dict[str, float]:
+        """Backwards so far whose exact-stream reconstruction was not exact (expected 0)."""
+        return {"rev_inexact_backwards": self.stats.get("inexact_backwards", 0)}
+
     def _dense_factory(
         self, dim: int, custom: AdapterFactory | None
     ) -> Callable[[int, str], nn.Module]:

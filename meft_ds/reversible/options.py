@@ -137,3 +137,16 @@ class ReversibleOptions:
     def beta(self) -> float:
         """β in effect."""
         return VARIANTS[self.rev_variant].beta if self.rev_beta is None else self.rev_beta
+
+
+def check_deepspeed(options: ReversibleOptions, ds: dict) -> None:
+    """Refuse ZeRO-3 with the reversible backward: ZeRO-3 gathers partitioned weights around
+    DeepSpeed's own forward and backward, and the reversible backward recomputes layers
+    outside both (the recompute would see empty, released weights)."""
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if options.rev_backward == "reversible" and stage in (3, "3"):
+        raise UserError(
+            "reversible: ZeRO stage 3 is not supported (the reversible backward recomputes "
+            "layers outside DeepSpeed's parameter gathering); use ZeRO stage 0-2, or "
+            "--rev_backward autograd"
+        )
