@@ -89,6 +89,8 @@ def _coerce(tp: Any, value: Any, key: str, context: str) -> Any:
     try:
         if base is bool:
             return value if isinstance(value, bool) else _parse_bool(str(value))
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError  # JSON true/false is not a number
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -178,6 +178,9 @@ def test_empty_layer_range_says_so() -> None:
 
 def test_config_file_options_of_another_method_are_refused(tmp_path: Path) -> None:
     extra = tmp_path / "opts.json"
+    extra.write_text(json.dumps({"max_steps": True}))
+    with pytest.raises(UserError, match="max_steps=True is not a valid int"):
+        cli.parse(["--deepspeed", CPU, "--config", str(extra)])
     extra.write_text(json.dumps({"method": "sparse", "lora_r": 8}))
     with pytest.raises(UserError, match=r"opts.json: lora_r does not apply to method sparse"):
         cli.parse(["--deepspeed", CPU, "--config", str(extra)])
