@@ -114,11 +114,8 @@ class SparseMethod(Method):
     def host_bytes(self, config: Any) -> int:
         """The row store: fp32 keys and values with two Adam moments each, a step count
         per row (one copy per node: sharded ranks split it, replicated ones share it)."""
-        n = config.num_hidden_layers
-        layers = range(self.options.layer_start,
-                       n if self.options.layer_end is None else self.options.layer_end)
-        if not layers or layers.start < 0 or layers.stop > n:
-            return 0  # check_model refuses the range
+        layers = arch.layer_range(config.num_hidden_layers, self.options.layer_start,
+                                  self.options.layer_end, "sparse")
         sizes = resolve_sizes(self.options, config.hidden_size, layers, count_params(config))
         return len(layers) * sizes.rank * (3 * 4 * 2 * sizes.hidden + 8)
 

@@ -52,7 +52,11 @@ def hidden_size(model: nn.Module) -> int:
 
 def check_layer_range(model: nn.Module, start: int, end: int | None, what: str) -> range:
     """Validate a layer range ``[start, end)`` (end None = last layer) and return it."""
-    n = len(layers(model))
+    return layer_range(len(layers(model)), start, end, what)
+
+
+def layer_range(n: int, start: int, end: int | None, what: str) -> range:
+    """:func:`check_layer_range` for a model of ``n`` layers (from its config)."""
     stop = n if end is None else end
     if start >= stop:
         raise UserError(f"{what}: layer range [{start}, {stop}) is empty")
