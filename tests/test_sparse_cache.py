@@ -144,7 +144,10 @@ def test_cache_flush_and_restore_resume_bit_exactly():
 
 
 # --- eager update under a real DeepSpeed engine ----------------------------------------
-def _engine_run(eager: bool, clip: float, cache_rows: float, steps: int = 3):
+def _engine_run(eager: bool | None, clip: float, cache_rows: float, steps: int = 3,
+                coef: float | None = None):
+    """``coef``: the clip coefficient handed to the store (default: the trainer's, from
+    the engine's norm and the rows')."""
     import deepspeed
 
     cls = methods.get("sparse")
@@ -179,21 +182,63 @@ def _engine_run(eager: bool, clip: float, cache_rows: float, steps: int = 3):
             engine.step()
         norm = method.external_grad_sq_norm()
         assert norm > 0
-        method.after_engine_step(lr, 1.0)
+        if coef is None:
+            total = (float(engine.get_global_grad_norm() or 0.0) ** 2 + norm) ** 0.5
+            step_coef = min(1.0, clip / (total + 1e-6)) if clip > 0 else 1.0
+        else:
+            step_coef = coef
+        method.after_engine_step(lr, step_coef)
         metrics.append(method.step_metrics())
     return _state(method.runtime), metrics
+
+
+def _assert_same_store(*states) -> None:
+    for layer in states[0]:
+        for tensors in zip(*(state[layer] for state in states)):
+            assert all(torch.equal(tensors[0], t) for t in tensors[1:])
 
 
 def test_eager_row_update_equals_the_end_of_step_update():
     reference, m_ref = _engine_run(eager=False, clip=0.0, cache_rows=0)
     eager, m_eager = _engine_run(eager=True, clip=0.0, cache_rows=0)
     assert all(m["sparse_eager_layers"] == 3 for m in m_eager)
-    assert all(m["sparse_eager_layers"] == 0 for m in m_ref)
+    assert all(m["sparse_eager_backup_bytes"] == 0 for m in m_eager)  # no copy: not speculative
+    assert all(m.get("sparse_eager_layers", 0) == 0 for m in m_ref)
+    _, m_unset = _engine_run(eager=None, clip=0.0, cache_rows=0, steps=1)
+    assert "sparse_eager_layers" not in m_unset[0]  # unset: off where the model runs on CPU
     both, m_both = _engine_run(eager=True, clip=0.0, cache_rows=16)
     assert sum(m["sparse_cache_hits"] for m in m_both) > 0
-    for layer in reference:
-        for a, b, c in zip(reference[layer], eager[layer], both[layer]):
-            assert torch.equal(a, b) and torch.equal(a, c)
-    # with clipping the coefficient needs every gradient first: no eager update
-    _, m_clip = _engine_run(eager=True, clip=1.0, cache_rows=0, steps=1)
-    assert m_clip[0]["sparse_eager_layers"] == 0
+    _assert_same_store(reference, eager, both)
+
+
+@pytest.mark.parametrize("clip, coef", [(1e9, 1.0), (1e9, 0.37), (1e-9, None)])
+def test_speculative_eager_update_under_clipping_equals_the_end_of_step_update(clip, coef):
+    """Clipping on: a step that does not clip keeps the speculative updates; one that
+    clips (coefficient 0.37) rolls them back and updates again with the clipped gradient;
+    a limit the first layer's rows already exceed defers every layer to the step."""
+    reference, _ = _engine_run(eager=False, clip=clip, cache_rows=0, coef=coef)
+    eager, metrics = _engine_run(eager=True, clip=clip, cache_rows=0, coef=coef)
+    _assert_same_store(reference, eager)
+    for m in metrics:
+        if clip < 1e-3:  # the clip is certain from the first layer on
+            assert m["sparse_eager_layers_deferred"] == 3 and m["sparse_eager_layers"] == 0
+            assert m["sparse_eager_backup_bytes"] == 0
+            continue
+        assert m["sparse_eager_layers"] == 3 and m["sparse_eager_backup_bytes"] > 0
+        assert m["sparse_eager_layers_redone"] == (3 if coef < 1.0 else 0)
+        assert m["sparse_rows_updated"] > 0
+
+
+def test_a_skipped_step_rolls_the_speculative_updates_back():
+    """As the end-of-step path, a skipped step (fp16 overflow, a non-finite gradient)
+    leaves every row as it was: weights, moments and step counts."""
+    runtime = _runtime("torch", 0.0)
+    before = _state(runtime)
+    runtime.eager.arm(1e-2, clip=1e9)
+    for layer in runtime.store.layers:
+        rows = torch.tensor([1, 5, 9])
+        runtime.add_row_grad(layer, rows, torch.randn(3, 32))
+    runtime.grad_sq_norm()
+    runtime.step(1e-2, 1.0, skip=True)
+    _assert_same_store(before, _state(runtime))
+    assert runtime.metrics()["sparse_eager_layers_redone"] == 2

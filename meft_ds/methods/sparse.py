@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from meft_ds import dist as mdist
 from meft_ds.errors import UserError
 from meft_ds.methods import register
 from meft_ds.methods.base import Method
@@ -187,22 +188,21 @@ class SparseMethod(Method):
         runtime.row_optimizer()  # built now, so a failure is reported before training
 
     def before_backward(self) -> None:
-        """Turn the eager row update on for the last micro-batch of a step, where it is
-        exact (see :mod:`meft_ds.sparse.runtime`)."""
+        """Arm the eager row update for the last micro-batch of a step, where it is exact
+        (speculative with clipping; see :mod:`meft_ds.sparse.eager`)."""
         runtime = self._runtime()
-        runtime.eager_lr = None
         engine = self.engine
-        if engine is None or not self.options.sparse_eager_update:
+        wanted = self.options.sparse_eager_update
+        if engine is None or wanted is False:
             return
-        if not engine.is_gradient_accumulation_boundary():
+        if wanted is None and getattr(engine, "device", torch.device("cpu")).type != "cuda":
+            return  # on CPU the thread would take cores from backward
+        runtime.eager.arm(None)
+        if not engine.is_gradient_accumulation_boundary() or engine.fp16_enabled():
             return
-        if float(engine.gradient_clipping() or 0.0) > 0 or engine.fp16_enabled():
+        if mdist.world_size(runtime.group) > 1:
             return
-        group = runtime.group
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            return
-        runtime.eager_lr = float(engine.get_lr()[0])
+        runtime.eager.arm(float(engine.get_lr()[0]), float(engine.gradient_clipping() or 0.0))
 
     def external_grad_sq_norm(self) -> float:
         return self._runtime().grad_sq_norm()

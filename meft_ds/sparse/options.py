@@ -63,9 +63,11 @@ class SparseOptions:
         0.0, "device-resident hot rows per layer, updated on the device: >= 1 a row count, "
         "in (0, 1) a fraction of sparse_rank, 0 = no cache"
     )
-    sparse_eager_update: bool = _opt(
-        True, "update a layer's rows on a CPU thread as soon as its last micro-batch's "
-        "gradient is complete (only where exact: no clipping, one rank, no fp16)"
+    sparse_eager_update: bool | None = _opt(
+        None, "update a layer's rows on a CPU thread as soon as its last micro-batch's "
+        "gradient is complete (one rank, no fp16; with clipping speculatively, rolled back "
+        "when the step clips); unset: on when the model runs on CUDA, off on CPU, where the "
+        "thread takes cores from backward itself (make train: 1.44x the step time)"
     )
     sparse_prefetch: bool = _opt(
         False, "route each layer from its attention input and select + fetch its rows on a "

@@ -10,16 +10,13 @@ Optional parts:
 
 - the device-resident hot-row cache (``--sparse_cache_rows``, :mod:`meft_ds.sparse.cache`):
   hot rows are served, accumulated and updated on the device;
-- the eager row update (``--sparse_eager_update``): in the last micro-batch of a step, a
-  layer's cold rows are updated by a background thread as soon as that layer's row
-  gradients are complete, while backward goes on through the earlier layers; the step
-  then only waits for the thread. The method turns it on per step only when it gives
-  the same result as the end-of-step update: no gradient clipping (its coefficient
-  needs every gradient first), one data-parallel rank (the row gradients of other ranks
-  arrive at the step), no fp16 loss scaling (an overflow skips the whole step). A layer
-  whose gradient is not finite is not updated (the end-of-step path skips all layers).
-  A layer must produce its row gradient once per micro-batch (one adapter call with
-  grad; recomputations reuse the forward's decision, see :mod:`meft_ds.sparse.adapter`).
+- the eager row update (``--sparse_eager_update``, :mod:`meft_ds.sparse.eager`): in the
+  last micro-batch of a step, a layer's cold rows are updated by a background thread as
+  soon as that layer's row gradients are complete, while backward goes on through the
+  earlier layers; the step then only waits for the thread. With gradient clipping the
+  update is speculative and rolled back when the step clips. A layer must produce its
+  row gradient once per micro-batch (one adapter call with grad; recomputations reuse
+  the forward's decision, see :mod:`meft_ds.sparse.adapter`).
 
 Ordering of selection and routing relative to the layer's compute:
 
@@ -50,6 +47,7 @@ import torch
 
 from meft_ds import dist as mdist
 from meft_ds.sparse.cache import LayerCache, Moved, cache_capacity
+from meft_ds.sparse.eager import EagerRowUpdate
 from meft_ds.sparse.optim import RowAdamW
 from meft_ds.sparse.options import SparseOptions, SparseSizes
 from meft_ds.sparse.router import Selection
@@ -79,10 +77,7 @@ class SparseRuntime:
         self._cache_rows = cache_capacity(options.sparse_cache_rows, sizes.rank)
         self._rows_layer: dict[int, float] = defaultdict(float)
         self._last_rows_layer: list[float] = []
-        # eager update: lr of this step while active, the worker, the layers it took
-        self.eager_lr: float | None = None
-        self._worker: ThreadPoolExecutor | None = None
-        self._eager: dict[int, Future] = {}
+        self._eager: EagerRowUpdate | None = None
         self._prefetcher: ThreadPoolExecutor | None = None
 
     def row_optimizer(self) -> RowAdamW:
@@ -96,6 +91,14 @@ class SparseRuntime:
                 weight_decay=options.sparse_weight_decay,
             )
         return self._optimizer
+
+    @property
+    def eager(self) -> EagerRowUpdate:
+        """The eager row update (made on first use; see :mod:`meft_ds.sparse.eager`)."""
+        if self._eager is None:
+            self._eager = EagerRowUpdate(self.store, self.row_optimizer(),
+                                         self.options.sparse_lr_ratio)
+        return self._eager
 
     # --- per micro-batch --------------------------------------------------------------
     def begin_micro_batch(self, attention_mask: torch.Tensor | None) -> None:
@@ -272,8 +275,8 @@ class SparseRuntime:
                 grad = grad.index_select(0, cold_pos.to(grad.device, non_blocking=True))
         if rows.numel():
             self._add_cold_grad(layer, rows, grad)
-        if self.eager_lr is not None:
-            self._submit_eager(layer)
+        if self._eager is not None and self._eager.armed:
+            self._eager.submit(layer)
         self._counters["grad_s"] += time.perf_counter() - start
 
     def _add_cold_grad(self, layer: int, rows: torch.Tensor, grad: torch.Tensor) -> None:
@@ -290,40 +293,13 @@ class SparseRuntime:
         self._counters[f"{direction}_bytes"] += moved.nbytes
         self._counters[f"{direction}_elements"] += moved.elements
 
-    # --- eager update (last micro-batch of a step) ------------------------------------
-    def _submit_eager(self, layer: int) -> None:
-        if layer in self._eager:
-            raise RuntimeError(
-                f"sparse layer {layer}: a second row gradient after its eager update; "
-                "the adapter must run backward once per micro-batch"
-            )
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparse-row-adam")
-        self._eager[layer] = self._worker.submit(self._update_layer, layer, self.eager_lr)
-
-    def _update_layer(self, layer: int, lr: float) -> dict[str, float]:
-        """Worker: sum ``layer``'s pending gradients and update its cold rows."""
+    def _wait_eager(self) -> None:
+        """Wait for this step's eager layer updates (timed as the GPU's wait)."""
+        if self._eager is None:
+            return
         start = time.perf_counter()
-        rows, grad = self.store.coalesce_layer(layer)
-        self.store.layers[layer].pending = []
-        sq = float(grad.double().pow(2).sum()) if grad.numel() else 0.0
-        finite = bool(torch.isfinite(grad).all()) if grad.numel() else True
-        if rows.numel() and finite:
-            state = self.store.layers[layer]
-            self.row_optimizer().step(
-                state.weight, state.exp_avg, state.exp_avg_sq, state.steps, rows, grad,
-                lr * self.options.sparse_lr_ratio,
-            )
-        return {"sq": sq, "rows": rows.numel() if finite else 0, "skipped": float(not finite),
-                "cpu_adam_s": time.perf_counter() - start}
-
-    def _wait_eager(self) -> dict[int, dict[str, float]]:
-        """Results of this step's eager layer updates (waits for the worker)."""
-        start = time.perf_counter()
-        done = {layer: future.result() for layer, future in self._eager.items()}
-        if done:
+        if self._eager.wait():
             self._counters["wait_s"] += time.perf_counter() - start
-        return done
 
     # --- engine integration -------------------------------------------------------------
     def _loss_scale(self) -> float:
@@ -352,25 +328,24 @@ class SparseRuntime:
             sum(g.double().pow(2).sum() for _, g in self.grads().values() if g.numel())
         ))
         hot = sum(cache.grad_sq_norm() for cache in self.caches.values())
-        eager = sum(result["sq"] for result in self._wait_eager().values())
+        eager = self._eager.sq_norm() if self._eager is not None else 0.0
         return cold + hot + eager
 
     def step(self, lr: float, clip_coef: float = 1.0, skip: bool = False) -> None:
         """Apply AdamW to the rows that got gradients since the last step (cold rows on
         the CPU, hot rows on the device), then move rows into or out of the cache."""
         start = time.perf_counter()
-        eager = self._wait_eager()
-        self._eager = {}
-        self.eager_lr = None
-        grads = self.grads()
+        grads = self.grads()  # waits for the eager updates
         self._grads = None
         self.store.clear_grads()
         finite = all(bool(torch.isfinite(g).all()) for _, g in grads.values() if g.numel())
         finite = finite and all(cache.all_finite() for cache in self.caches.values())
-        updated = sum(result["rows"] for result in eager.values())
-        self._counters["cpu_adam_s"] += sum(result["cpu_adam_s"] for result in eager.values())
-        self._counters["eager_layers"] += len(eager)
-        self._counters["eager_layers_skipped"] += sum(r["skipped"] for r in eager.values())
+        updated = 0
+        if self._eager is not None:  # kept, rolled back, or handed back into grads
+            settled = self._eager.settle(grads, not skip and finite, clip_coef)
+            updated = int(settled.pop("eager_rows"))
+            for key, value in settled.items():
+                self._counters[key] += value
         store_lr = lr * self.options.sparse_lr_ratio
         if skip or not finite:
             self._counters["store_steps_skipped"] += 1
