@@ -6,13 +6,16 @@ repetitions of:
 
 - ``sparse``: :meth:`RowAdamW.step` on the store, rows at one step count: the row op
   (``meft_ds/sparse/csrc/row_adam.cpp``) runs DeepSpeed's kernel on each row's own memory
-  in the store, one call, no copies;
+  in the store, one call, no copies. The store is allocated as the product allocates it:
+  on transparent huge pages where the OS gives them (:mod:`meft_ds.sparse.huge_pages`);
+- ``sparse_4k``: the same on a second store on ordinary 4 KB pages
+  (``--sparse_huge_pages false``), with ``copy_rows_4k`` / ``copy_block_4k`` its copies;
 - ``sparse_mixed``: the same with rows at different step counts (1..20), as after some
   training;
 - ``gather_scatter``: the first implementation, for reference: ``index_select`` rows,
   moments into contiguous buffers, one kernel call, ``index_copy_`` back;
 - ``(a) kernel``: the DeepSpeedCPUAdam kernel on U rows already contiguous, in buffers
-  of their own;
+  of their own (ordinary allocations); ``kernel_huge``: the same in buffers on huge pages;
 - ``kernel_in_store``: the same kernel on U contiguous rows that lie in one block of the
   store (a slice, no copies). It separates the price of *scattered* rows (sparse over
   this) from the price this machine charges for the store's memory itself (this over
@@ -58,6 +61,7 @@ import torch  # noqa: E402
 
 from bench.report import write_report  # noqa: E402
 from bench.sparse_offload import machine  # noqa: E402
+from meft_ds.sparse.huge_pages import huge_zeros  # noqa: E402
 from meft_ds.sparse.optim import RowAdamW  # noqa: E402
 
 LR = 1e-3
@@ -66,10 +70,15 @@ EPS = 1e-8
 FLUSH_BYTES = 128 << 20  # written before each timed call: well over the last-level cache
 TARGET_OVERHEAD = 1.2  # sparse / (a)
 TARGET_DENSE_SPEEDUP = 10.0  # (b) / sparse at 5% of rows
-VARIANTS = ("sparse", "sparse_mixed", "gather_scatter", "kernel", "kernel_in_store", "dense",
-            "torch", "copy_rows", "copy_block")
+VARIANTS = ("sparse", "sparse_mixed", "sparse_4k", "gather_scatter", "kernel", "kernel_huge",
+            "kernel_in_store", "dense", "torch", "copy_rows", "copy_block", "copy_rows_4k",
+            "copy_block_4k")
 LABELS = {
     "sparse": "RowAdamW in place", "sparse_mixed": "RowAdamW in place, mixed step counts",
+    "sparse_4k": "RowAdamW in place, store on 4 KB pages",
+    "kernel_huge": "(a) kernel, rows in huge-page buffers",
+    "copy_rows_4k": "copy the selected rows, 4 KB pages",
+    "copy_block_4k": "copy as many rows from one block, 4 KB pages",
     "gather_scatter": "gather + kernel + scatter (old)", "kernel": "(a) kernel, contiguous rows",
     "kernel_in_store": "kernel on a block of store rows",
     "dense": "(b) dense CPU Adam", "torch": "(c) torch AdamW on rows",
@@ -94,8 +103,8 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: int,
-                 gen) -> dict:
+def run_fraction(store: dict, store_4k: dict, fraction: float, repeats: int, dense,
+                 kernel_id: int, gen) -> dict:
     flush = torch.zeros(FLUSH_BYTES // 4)
     rank, width = store["weight"].shape
     count = max(1, round(fraction * rank))
@@ -104,11 +113,15 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
     sparse = RowAdamW("cpu_adam")
     p, m, v = (store[k].index_select(0, rows) for k in ("weight", "exp_avg", "exp_avg_sq"))
     buffers = [torch.empty_like(p) for _ in range(3)]
+    huge = [huge_zeros(*p.shape) for _ in range(3)]  # (a) on huge pages
+    for dst, src in zip(huge, (p, m, v)):
+        dst.copy_(src)
     param = torch.nn.Parameter(p.clone())  # (c)
     topt, kind = torch_adamw(param)
     equal_steps = torch.zeros(rank, dtype=torch.int64)  # the selected rows stay equal
     mixed_steps = torch.randint(1, 20, (rank,), generator=gen)
     tensors = [store[k] for k in ("weight", "exp_avg", "exp_avg_sq")]
+    tensors_4k = [store_4k[k] for k in ("weight", "exp_avg", "exp_avg_sq")]
     step = [0]
 
     def kernel_step(params, exp_avg, exp_avg_sq) -> None:
@@ -120,10 +133,10 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
     block = torch.arange(count) + start
     in_store = [t[start:start + count] for t in tensors]  # contiguous views
 
-    def copy(index: torch.Tensor):
+    def copy(index: torch.Tensor, source=tensors):
         """Rows ``index`` of the weights and both moments into ``buffers``."""
         return lambda: [torch.index_select(t, 0, index, out=buf)
-                        for t, buf in zip(tensors, buffers)]
+                        for t, buf in zip(source, buffers)]
 
     def gather_scatter() -> None:
         copy(rows)()
@@ -138,6 +151,10 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
     fns = {
         "sparse": lambda: sparse.step(*tensors, equal_steps, rows, grad, LR),
         "sparse_mixed": lambda: sparse.step(*tensors, mixed_steps, rows, grad, LR),
+        "sparse_4k": lambda: sparse.step(*tensors_4k, equal_steps, rows, grad, LR),
+        "kernel_huge": lambda: kernel_step(*huge),
+        "copy_rows_4k": copy(rows, tensors_4k),
+        "copy_block_4k": copy(block, tensors_4k),
         "gather_scatter": gather_scatter,
         "kernel": lambda: kernel_step(p, m, v),
         "kernel_in_store": lambda: kernel_step(*in_store),
@@ -158,6 +175,9 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
         "median_s": {k: statistics.median(t) for k, t in times.items()},
         "sparse_over_kernel": best["sparse"] / best["kernel"],
         "sparse_mixed_over_kernel": best["sparse_mixed"] / best["kernel"],
+        "sparse_over_kernel_huge": best["sparse"] / best["kernel_huge"],
+        "sparse_4k_over_kernel": best["sparse_4k"] / best["kernel"],
+        "huge_pages_speedup": best["sparse_4k"] / best["sparse"],
         "sparse_over_kernel_in_store": best["sparse"] / best["kernel_in_store"],
         "store_over_own_buffers": best["kernel_in_store"] / best["kernel"],
         "gather_scatter_over_kernel": best["gather_scatter"] / best["kernel"],
@@ -165,6 +185,7 @@ def run_fraction(store: dict, fraction: float, repeats: int, dense, kernel_id: i
         "dense_over_sparse_mixed": best["dense"] / best["sparse_mixed"],
         "torch_over_kernel": best["torch"] / best["kernel"],
         "memory_floor": best["copy_rows"] / best["copy_block"],
+        "memory_floor_4k": best["copy_rows_4k"] / best["copy_block_4k"],
     }
     out["overhead_target_met"] = out["sparse_over_kernel"] <= TARGET_OVERHEAD
     if abs(fraction - 0.05) < 1e-9:
@@ -185,6 +206,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, n in zip(axes, threads):
         rows = [r for r in report["results"] if r["threads"] == n]
         x = [100 * r["fraction"] for r in rows]
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for key in VARIANTS:
             ax.plot(x, [r["min_s"][key] * 1e3 for r in rows], "o-", label=LABELS[key])
         ax.set(xscale="log", yscale="log", xlabel="% of rows selected", ylabel="ms (min)",
@@ -193,12 +215,15 @@ def plot(report: dict, path: Path) -> None:
         style = "-" if n == threads[-1] else "--"
         for key, label, marker in (("sparse_over_kernel", "sparse / (a)", "o"),
                                    ("sparse_mixed_over_kernel", "sparse mixed / (a)", "s"),
+                                   ("sparse_4k_over_kernel", "sparse, 4 KB pages / (a)", "*"),
+                                   ("sparse_over_kernel_huge", "sparse / (a) huge", "h"),
                                    ("sparse_over_kernel_in_store", "sparse / kernel in store",
                                     "P"),
                                    ("gather_scatter_over_kernel", "gather+scatter / (a)", "d"),
                                    ("dense_over_sparse", "(b) / sparse", "^"),
                                    ("torch_over_kernel", "(c) / (a)", "v"),
-                                   ("memory_floor", "copy rows / copy block", "x")):
+                                   ("memory_floor", "copy rows / copy block", "x"),
+                                   ("memory_floor_4k", "the same, 4 KB pages", "1")):
             ratios.plot(x, [r[key] for r in rows], marker + style, label=f"{label}, {n}t")
     ratios.axhline(TARGET_OVERHEAD, color="grey", ls=":", lw=0.8)
     ratios.axhline(TARGET_DENSE_SPEEDUP, color="grey", ls=":", lw=0.8)
@@ -225,8 +250,11 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(args.rank, args.width, generator=gen) * 0.02
-    store = {"weight": weight, "exp_avg": torch.zeros_like(weight),
-             "exp_avg_sq": torch.zeros_like(weight)}
+    stores = []
+    for huge in (True, False):  # as the product allocates it, and on 4 KB pages
+        stores.append({k: huge_zeros(args.rank, args.width, huge=huge)
+                       for k in ("weight", "exp_avg", "exp_avg_sq")})
+        stores[-1]["weight"].copy_(weight)
     # (b): a separate dense parameter of the same size (the store itself stays untouched)
     dense_param = torch.nn.Parameter(weight.clone())
     dense_param.grad = torch.randn(args.rank, args.width, generator=gen) * 1e-3
@@ -238,7 +266,7 @@ def main() -> None:
     results = []
     for n in args.threads:
         torch.set_num_threads(n)
-        results += [run_fraction(store, f, args.repeats, dense, kernel_id, gen)
+        results += [run_fraction(*stores, f, args.repeats, dense, kernel_id, gen)
                     for f in args.fractions]
     report = {"benchmark": "sparse_adam", "machine": machine(), "config": vars(args),
               "targets": {"sparse_over_kernel_max": TARGET_OVERHEAD,

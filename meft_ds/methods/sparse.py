@@ -85,7 +85,7 @@ class SparseMethod(Method):
     resume_free = frozenset({
         "sparse_lr_ratio", "sparse_weight_decay", "sparse_eps", "sparse_optimizer",
         "sparse_working_dtype", "sparse_store", "sparse_check_every", "sparse_cache_rows",
-        "sparse_eager_update", "sparse_prefetch",
+        "sparse_eager_update", "sparse_prefetch", "sparse_huge_pages",
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:

@@ -56,6 +56,10 @@ class SparseOptions:
         "sharded across ranks by expert (the world size must divide sparse_experts)",
         choices=STORE_MODES,
     )
+    sparse_huge_pages: bool = _opt(
+        True, "keep the row store on transparent huge pages (Linux madvise): scattered rows "
+        "cost fewer TLB misses (bench/sparse_adam.py); no effect where the OS gives none"
+    )
     sparse_check_every: int = _opt(
         100, "replicated store: compare the replicas' checksums every N steps (0 = never)"
     )

@@ -80,10 +80,11 @@ import torch.distributed as dist
 
 from meft_ds import dist as mdist
 from meft_ds.errors import UserError
+from meft_ds.sparse.huge_pages import huge_zeros
 from meft_ds.sparse.options import SparseOptions, SparseSizes
 from meft_ds.sparse.router import Selection, candidate_scores, select_rows
 from meft_ds.sparse.shared import Layout, NodeGroup, NodeMemory, node_group
-from meft_ds.sparse.store import LayerRows, RowStore, init_layer_weight
+from meft_ds.sparse.store import LayerRows, RowStore, init_layer_weight, new_layer_rows
 
 SHARD_PATTERN = re.compile(r"sparse_rows_(\d+)_(\d+)\.pt")
 STATE_NAMES = ("weight", "exp_avg", "exp_avg_sq", "steps")
@@ -96,15 +97,20 @@ class ReplicaDivergenceError(RuntimeError):
 def make_store(options: SparseOptions, sizes: SparseSizes) -> RowStore:
     """The store of ``--sparse_store``."""
     if options.sparse_store == "sharded":
-        return ShardedStore(sizes, seed=options.sparse_init_seed)
-    return ReplicatedStore(sizes, seed=options.sparse_init_seed)
+        return ShardedStore(sizes, seed=options.sparse_init_seed,
+                            huge_pages=options.sparse_huge_pages)
+    return ReplicatedStore(sizes, seed=options.sparse_init_seed,
+                           huge_pages=options.sparse_huge_pages)
 
 
 class ReplicatedStore(RowStore):
     """A full copy of the store on every rank, or one per node shared by its local ranks
     (``share_local``, where a node runs several ranks; see the module docstring)."""
 
-    def __init__(self, sizes: SparseSizes, seed: int = 0, share_local: bool = True) -> None:
+    def __init__(self, sizes: SparseSizes, seed: int = 0, share_local: bool = True,
+                 huge_pages: bool = True) -> None:
+        """``huge_pages``: for a copy of this rank's own; a node's shared copy is in
+        shared memory, where transparent huge pages follow the OS's ``shmem_enabled``."""
         self.comm_bytes = 0
         self.node: NodeGroup | None = node_group() if share_local else None
         self.memory: NodeMemory | None = None
@@ -112,7 +118,7 @@ class ReplicatedStore(RowStore):
             self.memory = NodeMemory.create(_layout(sizes), self.node)
         if self.memory is None:
             self.node = None
-            super().__init__(sizes, seed)
+            super().__init__(sizes, seed, huge_pages)
             return
         self.sizes = sizes
         tensors = iter(self.memory.tensors)  # fresh pages are zero: moments, step counts
@@ -245,7 +251,7 @@ class ShardedStore(RowStore):
     ``g - row_start``. Pending gradients are kept by global row id until the step.
     """
 
-    def __init__(self, sizes: SparseSizes, seed: int = 0) -> None:
+    def __init__(self, sizes: SparseSizes, seed: int = 0, huge_pages: bool = True) -> None:
         self.sizes = sizes
         self.group = _store_group()
         self.world = mdist.world_size(self.group)
@@ -264,14 +270,11 @@ class ShardedStore(RowStore):
         self.layers: dict[int, LayerRows] = {}
         for layer in sizes.layers:
             # The same random stream as the replicated store; this rank keeps its block.
-            full = init_layer_weight(sizes.rank, sizes.hidden, generator)
-            weight = full[self.row_start : self.row_end].clone()
+            full = init_layer_weight(sizes.rank, sizes.hidden, generator, huge_pages=False)
+            weight = huge_zeros(self.rows_per_rank, 2 * sizes.hidden, huge=huge_pages)
+            weight.copy_(full[self.row_start : self.row_end])
             del full
-            self.layers[layer] = LayerRows(
-                weight=weight, exp_avg=torch.zeros_like(weight),
-                exp_avg_sq=torch.zeros_like(weight),
-                steps=torch.zeros(self.rows_per_rank, dtype=torch.int64),
-            )
+            self.layers[layer] = new_layer_rows(weight, huge_pages)
 
     # --- communication ----------------------------------------------------------------
     def _exchange(

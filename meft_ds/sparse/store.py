@@ -23,6 +23,7 @@ import torch
 
 from meft_ds import dist as mdist
 from meft_ds.errors import UserError
+from meft_ds.sparse.huge_pages import huge_zeros
 from meft_ds.sparse.options import SparseSizes
 
 
@@ -37,16 +38,28 @@ class LayerRows:
     pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
-def init_layer_weight(rank: int, hidden: int, generator: torch.Generator) -> torch.Tensor:
+def init_layer_weight(
+    rank: int, hidden: int, generator: torch.Generator, huge_pages: bool = True
+) -> torch.Tensor:
     """Keys ~ U(-1/sqrt(d), 1/sqrt(d)) (``nn.Linear``'s default), values zero.
 
     Zero values make the adapter's output exactly zero at initialisation, so the adapted
-    model starts as the pretrained one.
+    model starts as the pretrained one. ``huge_pages``: see :mod:`meft_ds.sparse.huge_pages`.
     """
-    weight = torch.zeros(rank, 2 * hidden, dtype=torch.float32)
+    weight = huge_zeros(rank, 2 * hidden, huge=huge_pages)
     bound = 1.0 / math.sqrt(hidden)
     weight[:, :hidden].uniform_(-bound, bound, generator=generator)
     return weight
+
+
+def new_layer_rows(weight: torch.Tensor, huge_pages: bool = True) -> LayerRows:
+    """``weight``'s rows with zero moments (on huge pages too) and step counts."""
+    return LayerRows(
+        weight=weight,
+        exp_avg=huge_zeros(*weight.shape, huge=huge_pages),
+        exp_avg_sq=huge_zeros(*weight.shape, huge=huge_pages),
+        steps=torch.zeros(weight.shape[0], dtype=torch.int64),
+    )
 
 
 class RowStore:
@@ -54,18 +67,13 @@ class RowStore:
 
     FILE = "sparse_store.pt"
 
-    def __init__(self, sizes: SparseSizes, seed: int = 0) -> None:
+    def __init__(self, sizes: SparseSizes, seed: int = 0, huge_pages: bool = True) -> None:
         self.sizes = sizes
         generator = torch.Generator().manual_seed(seed)
         self.layers: dict[int, LayerRows] = {}
         for layer in sizes.layers:
-            weight = init_layer_weight(sizes.rank, sizes.hidden, generator)
-            self.layers[layer] = LayerRows(
-                weight=weight,
-                exp_avg=torch.zeros_like(weight),
-                exp_avg_sq=torch.zeros_like(weight),
-                steps=torch.zeros(sizes.rank, dtype=torch.int64),
-            )
+            weight = init_layer_weight(sizes.rank, sizes.hidden, generator, huge_pages)
+            self.layers[layer] = new_layer_rows(weight, huge_pages)
 
     # --- views ----------------------------------------------------------------------
     def keys(self, layer: int) -> torch.Tensor:
