@@ -28,7 +28,8 @@ repetitions of:
   copying U rows that lie in one block of the same store. Their ratio is the price this
   machine charges for scattered rows over contiguous ones, a floor for sparse/(a).
 
-Before each timed call a 128 MiB buffer is written, so every variant starts with cold
+The variants run in a new random order in each repetition. Before each timed call a
+128 MiB buffer is written, so every variant starts with cold
 caches: otherwise the order of the variants decides which rows are still cached (at 1%
 the same rows fit in the last-level cache, and one variant warms them for the next).
 
@@ -164,9 +165,12 @@ def run_fraction(store: dict, store_4k: dict, fraction: float, repeats: int, den
         "copy_block": copy(block),
     }
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    order = list(VARIANTS)
     for _ in range(repeats):
-        for key in VARIANTS:
-            flush.add_(1.0)  # every variant starts with cold caches (order-independent)
+        # a new order each repetition: no variant always follows the same one
+        order = [order[i] for i in torch.randperm(len(order), generator=gen).tolist()]
+        for key in order:
+            flush.add_(1.0)  # every variant starts with cold caches
             times[key].append(timed(fns[key]))
     best = {k: min(t) for k, t in times.items()}
     out = {

@@ -8,59 +8,36 @@ pages all of a layer's pages fit in the TLB, and the scattered copy costs 1.07x.
 
 Linux hands out transparent huge pages to anonymous memory marked with
 ``madvise(MADV_HUGEPAGE)`` when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
-``madvise`` (the usual default) or ``always``. :func:`huge_zeros` marks a fresh
-allocation before its first touch, so the pages are huge from the start; where the
-call fails (another OS, THP ``never``) the tensor is the same, on small pages.
+``madvise`` (the usual default) or ``always``. :func:`huge_zeros` maps fresh anonymous
+memory of its own (not the allocator's, which may hand back pages already touched, on
+small pages for good) and marks it before the first touch, so its pages are huge from
+the start. Where that is not possible (another OS, THP ``never``, under 2 MB) the
+tensor is the same, on small pages.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
-from functools import cache
+import math
+import mmap
 
 import torch
 
 HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # linux/mman.h
-
-
-@cache
-def _madvise():
-    """libc's ``madvise`` (``None`` off Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    fn = libc.madvise
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def advise_huge_pages(tensor: torch.Tensor) -> bool:
-    """Ask for huge pages under ``tensor``'s memory (the whole 2 MB pages inside it);
-    whether the kernel took the advice. Effective for pages not yet touched."""
-    madvise = _madvise()
-    if madvise is None or tensor.device.type != "cpu":
-        return False
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first = -(-start // HUGE_PAGE) * HUGE_PAGE
-    last = end // HUGE_PAGE * HUGE_PAGE
-    if last <= first:
-        return False
-    return madvise(first, last - first, MADV_HUGEPAGE) == 0
 
 
 def huge_zeros(*shape: int, dtype: torch.dtype = torch.float32,
                huge: bool = True) -> torch.Tensor:
     """``torch.zeros(shape)`` on huge pages where the OS gives them (``huge=False``: as
-    ``torch.zeros``, for comparison)."""
-    tensor = torch.empty(shape, dtype=dtype)
-    if huge:
-        advise_huge_pages(tensor)
-    return tensor.zero_()
+    ``torch.zeros``, for comparison). The tensor keeps its mapping alive."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if not huge or advice is None or nbytes < HUGE_PAGE:
+        return torch.zeros(shape, dtype=dtype)
+    # private anonymous memory (shared would be shmem, under another THP setting):
+    # zero pages, none touched yet
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(advice)
+    except OSError:  # THP not built into this kernel: small pages
+        pass
+    return torch.frombuffer(region, dtype=dtype).view(shape)
