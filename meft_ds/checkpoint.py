@@ -129,6 +129,12 @@ def latest_tag(root: Path) -> str | None:
     return tag if (root / tag).is_dir() else None
 
 
+def tag_step(tag: str) -> int | None:
+    """The step of a checkpoint tag (``None`` for a tag not written by :func:`tag_for`)."""
+    head, _, digits = tag.partition("_")
+    return int(digits) if head == "step" and digits.isdigit() else None
+
+
 def load(engine: Any, method: Any, root: Path) -> dict[str, Any]:
     """Restore the newest checkpoint into ``engine`` and ``method``; returns client state."""
     tag = latest_tag(root)

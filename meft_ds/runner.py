@@ -248,6 +248,10 @@ def _start_problem(out: Path, cfg: TrainConfig, identity: dict[str, Any]) -> str
             run_dir.check_identity(out / "checkpoints" / tag, identity)
         except UserError as exc:
             problem = str(exc)
+    step = checkpoint.tag_step(tag) if tag is not None else None
+    if problem is None and step is not None and cfg.max_steps < step:
+        problem = (f"--resume: the checkpoint is at step {step}, past --max_steps "
+                   f"{cfg.max_steps}; give --max_steps >= {step}")
     return problem
 
 

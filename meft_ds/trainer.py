@@ -77,7 +77,13 @@ class Trainer:
     def client_state(self) -> dict[str, Any]:
         """What the engine checkpoint carries besides weights/optimizer/scheduler."""
         return {"step": self.step, "rng": checkpoint.rng_state(), "world_size": self.world_size,
-                "train_batch_size": self.engine.train_batch_size()}
+                "train_batch_size": self.engine.train_batch_size(),
+                "max_steps": self.cfg.max_steps, "schedule_steps": self._schedule_steps()}
+
+    def _schedule_steps(self) -> int | None:
+        """The steps the learning-rate schedule spans (``None``: no such schedule)."""
+        steps = getattr(self.engine.lr_scheduler, "total_num_steps", None)
+        return int(steps) if isinstance(steps, (int, float)) else None
 
     def resume(self) -> None:
         """Load the newest checkpoint and continue from its step with its RNG state.
@@ -88,9 +94,20 @@ class Trainer:
         state = checkpoint.load(self.engine, self.method, self.ckpt_root)
         self._check_batch(state)
         self.step = int(state["step"])
+        self._check_length(state)
         checkpoint.set_rng_state(state["rng"])
         if self.rank == 0:
             run_dir.truncate_metrics(self.metrics_path, self.step)
+
+    def _check_length(self, state: dict[str, Any]) -> None:
+        """A schedule laid out over another number of steps is noted (the rates from here
+        on differ); a --max_steps short of the checkpoint is refused before (runner)."""
+        saved, now = state.get("schedule_steps"), self._schedule_steps()
+        if saved is not None and now is not None and saved != now and self.rank == 0:
+            print(f"note: the learning-rate schedule now spans {now} steps (the checkpoint's "
+                  f"{saved}, --max_steps {state.get('max_steps')} -> {self.cfg.max_steps}); "
+                  f"the rates from step {self.step + 1} on differ from an uninterrupted run "
+                  f"of {state.get('max_steps')} steps", flush=True)
 
     def _check_batch(self, state: dict[str, Any]) -> None:
         saved, now = state.get("train_batch_size"), self.engine.train_batch_size()

@@ -103,6 +103,15 @@ def test_resume_under_the_main_config_is_exact(tmp_path: Path) -> None:
     results = json.loads((split / "results.json").read_text())
     assert results["final_loss"] == want[4] and results["steps"] == 4
     assert results["peak_rss_gib"] > 0 and results["mean_tokens_per_s"] > 0
+    # a shorter run than the checkpoint is refused; a longer one notes the new schedule
+    refused = _train(split, "parallel_adapter", "--adapter_size", "16", "--max_steps", "3",
+                     "--resume", code=2, config="24gb.json")
+    assert "past --max_steps 3" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    longer = _train(split, "parallel_adapter", "--adapter_size", "16", "--max_steps", "5",
+                    "--resume", config="24gb.json")
+    assert "--max_steps 4 -> 5" in longer.stdout and "from step 5 on differ" in longer.stdout
+    assert sorted(_losses(split)) == [1, 2, 3, 4, 5]
 
 
 def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(tmp_path: Path) -> None:
