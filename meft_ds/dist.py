@@ -53,6 +53,16 @@ def nodes_from_env(env: dict[str, str] | None = None) -> int:
     return 1
 
 
+def local_world_size(env: dict[str, str] | None = None) -> int:
+    """Processes the launcher started on this node (torchrun: ``LOCAL_WORLD_SIZE``, the
+    deepspeed launcher: ``LOCAL_SIZE``; 1 when it did not say)."""
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if env.get(key, "").isdigit():
+            return max(1, int(env[key]))
+    return 1
+
+
 def check_master_address(env: dict[str, str] | None = None) -> None:
     """A multi-node run cannot guess where rank 0 lives: refuse without MASTER_ADDR."""
     env = os.environ if env is None else env

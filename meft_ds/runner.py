@@ -116,10 +116,14 @@ def run(spec: RunSpec) -> dict[str, Any]:
     probe = spec.method_cls(spec.method_options, hf_config)
     probe.check_config(hf_config)
     probe.check_deepspeed(spec.deepspeed)
+    # Every rank of this node loads the weights at once; the row store is one per node.
+    local = mdist.local_world_size()
     memory.require_ram(
-        estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES, cuda)
+        local * estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES,
+                                    cuda)
         + probe.host_bytes(hf_config),
-        f"model {cfg.model} with method {cfg.method}",
+        f"model {cfg.model} with method {cfg.method}"
+        + (f" on {local} ranks of this node" if local > 1 else ""),
     )
     init_distributed(cfg.dist_timeout)
     mdist.check_same_config(_config_identity(spec))

@@ -139,6 +139,21 @@ def test_ram_check_refuses_before_allocating() -> None:
     proc = _launch("--deepspeed", str(ROOT / "ds_configs" / "24gb.json"),
                    "--model", "llama2-7b-shape")
     assert proc.returncode == 2 and "with method sparse needs" in proc.stderr, proc.stderr[-2000:]
+    # Every rank of a node loads the weights at once: 64 local ranks of SmolLM2 (fp32,
+    # 0.5 GB each) need more RAM than this machine has; the launchers say how many.
+    from meft_ds import dist as mdist
+
+    assert mdist.local_world_size({"LOCAL_SIZE": "8"}) == 8  # the deepspeed launcher
+    assert mdist.local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4  # torchrun
+    assert mdist.local_world_size({}) == 1
+    many = int(2 * memory.available_ram() / (4 * count_params(loader.model_config(
+        "smollm2-135m")))) + 1
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed", CPU,
+         "--method", "lora"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**subprocess_env(), "LOCAL_WORLD_SIZE": str(many)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"on {many} ranks of this node needs" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_smollm2_shape_has_the_real_architecture(smollm2) -> None:
