@@ -225,3 +225,14 @@ def start_schedule(engine: Any) -> bool:
         return False
     sched.step(1)
     return True
+
+
+def reapply_schedule(engine: Any) -> None:
+    """After a checkpoint load: set the optimizer's rate from the scheduler at its loaded
+    iteration. The checkpoint restores the rate the *saved* schedule set for the next
+    step; with another --max_steps or --lr the scheduler (built from this run's config)
+    gives another one, and the next step must use it. Unchanged, it is the same number."""
+    sched = getattr(engine, "lr_scheduler", None)
+    iteration = getattr(sched, "last_batch_iteration", None)
+    if isinstance(iteration, int) and iteration >= 0:
+        sched.step(iteration)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from meft_ds import checkpoint, memory, run_dir
+from meft_ds import checkpoint, ds_config, memory, run_dir
 from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
 from meft_ds.data import IGNORE, BatchSchedule
@@ -94,6 +94,7 @@ class Trainer:
         state = checkpoint.load(self.engine, self.method, self.ckpt_root)
         self._check_batch(state)
         self.step = int(state["step"])
+        ds_config.reapply_schedule(self.engine)
         self._check_length(state)
         checkpoint.set_rng_state(state["rng"])
         if self.rank == 0:
@@ -106,8 +107,7 @@ class Trainer:
         if saved is not None and now is not None and saved != now and self.rank == 0:
             print(f"note: the learning-rate schedule now spans {now} steps (the checkpoint's "
                   f"{saved}, --max_steps {state.get('max_steps')} -> {self.cfg.max_steps}); "
-                  f"the rates from step {self.step + 1} on differ from an uninterrupted run "
-                  f"of {state.get('max_steps')} steps", flush=True)
+                  f"steps {self.step + 1} on follow the new schedule", flush=True)
 
     def _check_batch(self, state: dict[str, Any]) -> None:
         saved, now = state.get("train_batch_size"), self.engine.train_batch_size()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +111,33 @@ def test_resume_under_the_main_config_is_exact(tmp_path: Path) -> None:
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     longer = _train(split, "parallel_adapter", "--adapter_size", "16", "--max_steps", "5",
                     "--resume", config="24gb.json")
-    assert "--max_steps 4 -> 5" in longer.stdout and "from step 5 on differ" in longer.stdout
-    assert sorted(_losses(split)) == [1, 2, 3, 4, 5]
+    assert "--max_steps 4 -> 5" in longer.stdout and "steps 5 on follow" in longer.stdout
+    rates = {r["step"]: r["lr"] for r in map(json.loads, (split / "metrics.jsonl").open())
+             if "loss" in r}
+    assert sorted(rates) == [1, 2, 3, 4, 5]
+    # step 5 runs at the 5-step schedule's rate, not the 4-step one's (0 at its end)
+    assert rates[5] == pytest.approx(_scheduled_rate(5, 5)) and _scheduled_rate(4, 5) == 0
+    assert rates[5] > 0
+
+
+def _scheduled_rate(max_steps: int, step: int) -> float:
+    """The rate DeepSpeed's scheduler of 24gb.json, filled for ``max_steps`` and _train's
+    --lr, gives step ``step`` (step k runs at iteration k: ds_config.start_schedule)."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from meft_ds import ds_config
+    from meft_ds.config import TrainConfig
+
+    raw = json.loads((ROOT / "ds_configs" / "24gb.json").read_text())
+    ds = ds_config.finalize(raw, world_size=1, max_steps=max_steps,
+                            warmup_ratio=TrainConfig.warmup_ratio, lr=2e-3, micro_batch=2,
+                            grad_accum=2, cuda=False)
+    params = {k: v for k, v in ds["scheduler"]["params"].items() if k != "warmup_type"}
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = WarmupDecayLR(optimizer, warmup_type=ds["scheduler"]["params"]["warmup_type"],
+                          **params)
+    sched.step(step)
+    return optimizer.param_groups[0]["lr"]
 
 
 def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(tmp_path: Path) -> None:
