@@ -40,7 +40,7 @@ def summarise(run: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default=str(ROOT / "runs" / "latest"))
     parser.add_argument("--command", default="make train = deepspeed launch/train.py "
                         "--deepspeed ds_configs/24gb.json (the config's values; without CUDA "

@@ -240,7 +240,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=6144)
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--fractions", type=float, nargs="+",

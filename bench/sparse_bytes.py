@@ -268,7 +268,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="7B-shape layers built")
     parser.add_argument("--rank", type=int, default=6144)
     parser.add_argument("--smol_ranks", type=int, nargs="*", default=[6144])

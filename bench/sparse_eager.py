@@ -113,7 +113,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "sparse_eager"))
     parser.add_argument("--note", default="", help="how the machine was loaded")
     parser.add_argument("extra", nargs="*", help="more launch/train.py arguments (after --)")

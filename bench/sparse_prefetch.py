@@ -99,7 +99,7 @@ def summarise(records: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=2048)
     parser.add_argument("--top_k", type=int, default=64)
     parser.add_argument("--seq", type=int, default=64)

@@ -35,7 +35,7 @@ def mean_step(records: list[dict]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--top_k", type=int, default=64)
     parser.add_argument("--cache", type=float, default=0.25, help="sparse_cache_rows")

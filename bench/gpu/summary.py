@@ -11,9 +11,9 @@ figures (CPU Adam, the optimizer step the GPU waits for, prefetch wait, bytes mo
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 TARGET = 1.25
@@ -35,7 +35,11 @@ def load(run: Path) -> dict:
 
 
 def main() -> None:
-    runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="directory holding the sparse/ and dense/ runs")
+    parser.add_argument("out", type=Path, help="directory for sparse_gpu.json and .png")
+    args = parser.parse_args()
+    runs, out = args.runs, args.out
     report = {"benchmark": "sparse_gpu", "runs": {k: load(runs / k) for k in ("sparse", "dense")},
               "target_ratio_max": TARGET}
     ratio = report["runs"]["sparse"]["mean_step_s"] / report["runs"]["dense"]["mean_step_s"]
