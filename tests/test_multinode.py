@@ -167,11 +167,16 @@ def test_prefetch_with_the_shared_replicated_store_on_two_ranks(tmp_path: Path) 
     """--sparse_prefetch selects on a worker thread from the node's shared store copy:
     two ranks (replicas compared every step) equal one process with two micro-batches."""
     ref, out = tmp_path / "ref", tmp_path / "out"
-    prefetch = [*COMMON, *SPARSE, "--sparse_prefetch"]
+    # the eager row update asked for: on in the one process, off with a note on 2 ranks
+    prefetch = [*COMMON, *SPARSE, "--sparse_prefetch", "--sparse_eager_update", "true"]
     _ok(_run([*PYTHON, *prefetch, "--grad_accum", "2", "--output_dir", str(ref)]))
-    _ok(_run([*_torchrun(2), *prefetch, "--sparse_store", "replicated",
-              "--sparse_check_every", "1", "--grad_accum", "1", "--output_dir", str(out)]))
+    two = _run([*_torchrun(2), *prefetch, "--sparse_store", "replicated",
+                "--sparse_check_every", "1", "--grad_accum", "1", "--output_dir", str(out)])
+    _ok(two)
     _same_run(out, ref)
+    assert "--sparse_eager_update is off in this run (2 data-parallel ranks)" in two.stdout
+    assert _metric(ref, "sparse_eager_layers") + _metric(ref, "sparse_eager_layers_deferred") == 2
+    assert "sparse_eager_layers" not in (out / "metrics.jsonl").read_text()
     assert _metric(out, "sparse_prefetched_layers") == 2  # layers 28 and 29, every step
     assert _metric(out, "sparse_store_bytes") == _metric(ref, "sparse_store_bytes") / 2
 

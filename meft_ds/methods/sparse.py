@@ -93,6 +93,7 @@ class SparseMethod(Method):
         self.runtime: SparseRuntime | None = None
         self.rev_model: ReversibleLM | None = None  # --reversible
         self.adapters: dict[int, SparseAdapter] = {}
+        self._eager_on = False  # set by attach_engine
         self.engine = None
         self._steps = 0  # optimizer steps of this process (for the replica checks)
 
@@ -186,23 +187,35 @@ class SparseMethod(Method):
         runtime.engine = engine
         runtime.group = getattr(engine, "data_parallel_group", None)
         runtime.row_optimizer()  # built now, so a failure is reported before training
+        self._eager_on = self._eager_update_on(engine)
 
     def before_backward(self) -> None:
         """Arm the eager row update for the last micro-batch of a step, where it is exact
         (speculative with clipping; see :mod:`meft_ds.sparse.eager`)."""
-        runtime = self._runtime()
-        engine = self.engine
-        wanted = self.options.sparse_eager_update
-        if engine is None or wanted is False:
+        if not self._eager_on:
             return
-        if wanted is None and getattr(engine, "device", torch.device("cpu")).type != "cuda":
-            return  # on CPU the thread would take cores from backward
+        runtime, engine = self._runtime(), self.engine
         runtime.eager.arm(None)
-        if not engine.is_gradient_accumulation_boundary() or engine.fp16_enabled():
-            return
-        if mdist.world_size(runtime.group) > 1:
-            return
-        runtime.eager.arm(float(engine.get_lr()[0]), float(engine.gradient_clipping() or 0.0))
+        if engine.is_gradient_accumulation_boundary():
+            runtime.eager.arm(float(engine.get_lr()[0]),
+                              float(engine.gradient_clipping() or 0.0))
+
+    def _eager_update_on(self, engine: Any) -> bool:
+        """Whether this run updates rows eagerly: asked for (unset: on CUDA only; on CPU
+        the thread would take cores from backward) and exact (one rank, no fp16). Asked
+        for where it is not exact, it is off with a note."""
+        wanted = self.options.sparse_eager_update
+        if wanted is False:
+            return False
+        ranks = mdist.world_size(self._runtime().group)
+        why = [w for w, bad in (("fp16 loss scaling", engine.fp16_enabled()),
+                                (f"{ranks} data-parallel ranks", ranks > 1)) if bad]
+        if why:
+            if wanted and mdist.rank() == 0:
+                print(f"note: --sparse_eager_update is off in this run ({', '.join(why)}): "
+                      "rows are updated after backward, where that is exact", flush=True)
+            return False
+        return wanted or getattr(engine, "device", torch.device("cpu")).type == "cuda"
 
     def external_grad_sq_norm(self) -> float:
         return self._runtime().grad_sq_norm()
