@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation length (default: 24)")
     p.add_argument("--output", default=None,
                    help="write the JSON report (with predictions) here; parent dirs are created")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="compute dtype of the adapted model (auto: the one it trained in, as "
+                   "recorded in adapter_config.json, so scores reproduce training's own; fp32 "
+                   "for a base model)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -65,24 +69,31 @@ def run(args: argparse.Namespace) -> dict:
     if args.adapter:
         from meft_ds.inference import load_adapted
 
-        adapted = load_adapted(args.adapter, device=device)
+        adapted = load_adapted(args.adapter, device=device,
+                               dtype=None if args.dtype == "auto" else args.dtype)
         logits_fn, tokenizer = adapted.logits, adapted.tokenizer
+        dtype = adapted.config["dtype"]
+        hf_model = adapted.method.generation_model(adapted.module)  # as training scores
         vocab = int(adapted.module.config.vocab_size) if hasattr(adapted.module, "config") else None
     else:
         from meft_ds.models.loader import load_model
 
         loaded = load_model(args.model)
-        model = loaded.model.to(device).eval()
+        dtype = "fp32" if args.dtype == "auto" else args.dtype
+        model = loaded.model.to(device=device, dtype=export.DTYPES[dtype]).eval()
         tokenizer, vocab = loaded.tokenizer, int(model.config.vocab_size)
+        hf_model = model
 
         def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     metric = "gsm8k_accuracy" if args.dataset == "gsm8k" and not args.data_file else "exact_match"
     report = evaluate_qa(logits_fn, tokenizer, examples, metric, args.max_new_tokens,
-                         args.batch_size, device, vocab, progress=not args.no_progress)
+                         args.batch_size, device, vocab, progress=not args.no_progress,
+                         hf_model=hf_model)
     report["source"] = args.adapter or args.model
     report["split"] = args.split
+    report["dtype"] = dtype
     report["data"] = args.data_file or args.dataset
     return report
 

@@ -14,6 +14,16 @@ from meft_ds.errors import UserError
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def module_dtype(module: torch.nn.Module) -> str:
+    """Name of the dtype ``module`` computes in (its floating parameters'; DeepSpeed
+    casts the whole module for bf16/fp16)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return next((k for k, v in DTYPES.items() if v == p.dtype), "fp32")
+    return "fp32"
 
 
 def _gathered(engine: Any):
@@ -44,6 +54,8 @@ def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: A
         "model": cfg.model,
         "options": dataclasses.asdict(options),
         "max_seq_len": cfg.max_seq_len,
+        # the dtype the model ran in: evaluate.py rebuilds it so, to score as training did
+        "dtype": module_dtype(engine.module),
         "dataset": cfg.dataset,
         # what it trained on, so that evaluate.py scores the same questions by default
         "data_file": str(Path(cfg.data_file).resolve()) if cfg.data_file else None,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from meft_ds import export, methods, options
+from meft_ds.errors import UserError
 from meft_ds.methods.base import Method
 from meft_ds.models import loader
 
@@ -30,10 +31,16 @@ class AdaptedModel:
 
 
 def load_adapted(directory: str | Path, model: str | None = None,
-                 device: str | torch.device = "cpu", weights: bool = True) -> AdaptedModel:
+                 device: str | torch.device = "cpu", weights: bool = True,
+                 dtype: str | None = None) -> AdaptedModel:
     """Load the base model named in the adapter config (or ``model``) plus the adapter
-    (``weights=False``: the same adapter freshly initialised, as before training)."""
+    (``weights=False``: the same adapter freshly initialised, as before training), in
+    ``dtype`` (fp32/bf16/fp16; ``None``: the dtype it trained in, fp32 where the adapter
+    does not say)."""
     meta, tensors = export.read_adapter(Path(directory))
+    name = dtype or meta.get("dtype") or "fp32"
+    if name not in export.DTYPES:
+        raise UserError(f"adapter {directory}: unknown dtype {name!r} (fp32, bf16 or fp16)")
     method_cls = methods.get(meta["method"])
     opts = options.build(method_cls.Options, meta["options"], context=f"adapter {directory}")
     loaded = loader.load_model(model or meta["model"])
@@ -42,5 +49,5 @@ def load_adapted(directory: str | Path, model: str | None = None,
     module = method.apply(loaded.model)
     if weights:
         method.load_trainable_state(module, tensors)
-    module.to(device).eval()
-    return AdaptedModel(method, module, loaded.tokenizer, meta)
+    module.to(device=device, dtype=export.DTYPES[name]).eval()
+    return AdaptedModel(method, module, loaded.tokenizer, {**meta, "dtype": name})

@@ -47,6 +47,18 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     assert all(r["sparse_rows_updated"] > 0 for r in records)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["after"]["heldout"]["n"] == 4
+    # evaluate.py rebuilds the adapted model in the dtype it trained in (bf16 here) and
+    # reproduces the run's own answers (in fp32 they may differ)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["dtype"] == "bf16"
+    report_path = tmp_path / "again.json"
+    assert evaluate_main(["--adapter", str(tmp_path / "adapter"), "--split", "train",
+                          "--limit", "4", "--max_new_tokens", "6", "--no_progress",
+                          "--output", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    trained = json.loads((tmp_path / "predictions.json").read_text())["trained"]
+    assert report["dtype"] == "bf16"
+    assert [r["prediction"] for r in report["predictions"]] == [
+        r["prediction"] for r in trained["predictions"]]
 
 
 def test_exported_adapter_evaluates_like_the_trained_model(tmp_path: Path) -> None:
