@@ -48,8 +48,8 @@ class ReversibleOptions:
         None, "exact streams: run each coupling's lattice arithmetic as one compiled kernel "
         "(torch.compile; bit-identical to the eager ops, which it falls back to with a warning "
         "where it cannot compile); false: eager torch ops (unset: fused on CUDA, where the "
-        "eager ops are a dozen kernel launches per coupling; eager on CPU, where fusing saves "
-        "~1.5%% of a step and compiling costs 10-20 s per process)",
+        "eager ops are a dozen kernel launches per coupling; eager on CPU, where fusing "
+        "changed the step time by less than the noise and compiling costs 10-20 s per process)",
     )
     rev_compute_dtype: str = _opt(
         "auto", "dtype F and G compute in (auto: the weights' dtype; bf16: autocast inside F/G)",

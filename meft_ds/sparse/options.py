@@ -71,7 +71,7 @@ class SparseOptions:
         None, "update a layer's rows on a CPU thread as soon as its last micro-batch's "
         "gradient is complete (one rank, no fp16; with clipping speculatively, rolled back "
         "when the step clips); unset: on when the model runs on CUDA, off on CPU, where the "
-        "thread takes cores from backward itself (make train: 1.44x the step time)"
+        "thread takes cores from backward itself (make train: 1.54x the step time)"
     )
     sparse_prefetch: bool = _opt(
         False, "route each layer from its attention input and select + fetch its rows on a "
