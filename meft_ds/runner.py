@@ -252,6 +252,8 @@ def _start_problem(out: Path, cfg: TrainConfig, identity: dict[str, Any]) -> str
             run_dir.check_identity(out / "checkpoints" / tag, identity)
         except UserError as exc:
             problem = str(exc)
+    if problem is None and cfg.resume and tag is None:
+        problem = f"--resume: no checkpoint found in {out / 'checkpoints'}"
     step = checkpoint.tag_step(tag) if tag is not None else None
     if problem is None and step is not None and cfg.max_steps < step:
         problem = (f"--resume: the checkpoint is at step {step}, past --max_steps "

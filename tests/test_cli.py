@@ -101,6 +101,15 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None
         (["--deepspeed", CPU, "--micro_batch_size", "0"], "micro_batch_size must be > 0"),
         (["--deepspeed", CPU, "--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),
         (["--deepspeed", CPU, "--save_final", "maybe"], "expected true/false, got 'maybe'"),
+        (["--deepspeed", CPU, "--method", "sparse", "--sparse_cache_rows", "2.5"],
+         "whole number of rows"),
+        (["--deepspeed", CPU, "--method", "sparse", "--sparse_rank", "64",
+          "--sparse_experts", "8", "--sparse_top_k", "8", "--sparse_cache_rows", "1000"],
+         "exceeds the 64 rows per layer"),
+        (["--deepspeed", CPU, "--method", "reversible", "--rev_keep_top", "2",
+          "--rev_backward", "autograd"], "rev_keep_top applies to rev_backward reversible"),
+        (["--deepspeed", CPU, "--resume", "--output_dir", str(tmp_path / "nothing")],
+         "--resume: no checkpoint found"),
     ]
     for argv, message in cases:
         proc = _launch(*argv)

@@ -127,6 +127,9 @@ class ReversibleOptions:
             raise UserError(f"reversible: rev_keep_top must be >= 0, got {self.rev_keep_top}")
         if self.rev_backward not in BACKWARDS:
             raise UserError(f"reversible: rev_backward must be one of {', '.join(BACKWARDS)}")
+        if self.rev_keep_top and self.rev_backward != "reversible":
+            raise UserError("reversible: rev_keep_top applies to rev_backward reversible (with "
+                            "autograd every layer keeps its activations already)")
 
     @property
     def lam(self) -> float:

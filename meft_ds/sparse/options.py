@@ -109,9 +109,11 @@ class SparseOptions:
             raise UserError(
                 f"sparse: sparse_check_every must be >= 0, got {self.sparse_check_every}"
             )
-        if self.sparse_cache_rows < 0 or not math.isfinite(self.sparse_cache_rows):
+        cache = self.sparse_cache_rows
+        if cache < 0 or not math.isfinite(cache) or (cache >= 1 and cache != int(cache)):
             raise UserError(
-                f"sparse: sparse_cache_rows must be >= 0, got {self.sparse_cache_rows}"
+                f"sparse: sparse_cache_rows must be a whole number of rows >= 1, a fraction "
+                f"of sparse_rank in (0, 1), or 0, got {cache:g}"
             )
         if self.sparse_prefetch and self.sparse_store == "sharded":
             raise UserError(
@@ -195,6 +197,11 @@ def resolve_sizes(
             f"sparse: sparse_top_k ({top_k}) exceeds the {per_token * rows_per_expert} keys "
             f"of the {per_token} chosen experts of {rows_per_expert} rows; lower sparse_top_k "
             "or raise sparse_experts_per_token / sparse_rank"
+        )
+    if options.sparse_cache_rows > rank:
+        raise UserError(
+            f"sparse: sparse_cache_rows ({options.sparse_cache_rows:g}) exceeds the "
+            f"{rank} rows per layer (sparse_rank); give at most {rank}"
         )
     return SparseSizes(
         hidden=hidden, rank=rank, num_experts=num_experts, experts_per_token=per_token,
