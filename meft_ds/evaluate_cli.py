@@ -61,6 +61,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.output:  # before the generation, not after it
         _prepare_output(Path(args.output))
     _default_data(args)
+    if (args.question_field or args.answer_field) and not args.data_file:
+        raise UserError("--question_field/--answer_field name the fields of a --data_file")
+    if args.no_progress:
+        from meft_ds.models.loader import hide_loading_bars
+
+        hide_loading_bars()
     examples = load_split(
         args.dataset, args.split, Path(args.data_dir) if args.data_dir else None,
         args.data_file, args.question_field, args.answer_field, args.limit,

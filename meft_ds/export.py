@@ -72,7 +72,10 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
     cfg_path, weights = directory / CONFIG, directory / WEIGHTS
     if not cfg_path.is_file() or not weights.is_file():
-        raise UserError(f"{directory} is not an exported adapter ({CONFIG} + {WEIGHTS})")
+        inner = directory / "adapter"
+        hint = (f"; a training run's adapter is in {inner}" if (inner / CONFIG).is_file()
+                else "")
+        raise UserError(f"{directory} is not an exported adapter ({CONFIG} + {WEIGHTS}){hint}")
     try:
         meta = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -112,6 +112,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     cfg = spec.train
     cuda = torch.cuda.is_available()
     bf16 = ds_config.bf16_enabled(spec.deepspeed)
+    if not cfg.progress:
+        loader.hide_loading_bars()
     hf_config = loader.model_config(cfg.model)
     probe = spec.method_cls(spec.method_options, hf_config)
     probe.check_config(hf_config)

@@ -242,7 +242,10 @@ class Trainer:
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save()
             if cfg.eval_steps and self.periodic_eval and self.step % cfg.eval_steps == 0:
-                self._log({"step": self.step, "periodic_eval": self.periodic_eval()})
+                score = self.periodic_eval()
+                self._log({"step": self.step, "periodic_eval": score})
+                if self.rank == 0:
+                    bar.write(f"step {self.step}: periodic evaluation {100 * score:.1f}%")
             if cfg.stop_after is not None and self.step >= cfg.stop_after:
                 if cfg.stop_rank is None:
                     bar.close()

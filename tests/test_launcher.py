@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -118,6 +120,16 @@ def _damaged_adapters_are_refused(adapter: Path, work: Path) -> None:
         assert proc.returncode == 2 and message in proc.stderr, (message, proc.stderr[-2000:])
         errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    # the run directory instead of its adapter/; fields without a data file
+    for argv, message in (
+        (["--adapter", str(adapter.parent)], f"a training run's adapter is in {adapter}"),
+        (["--adapter", str(adapter), "--question_field", "q", "--dataset", "nq_open"],
+         "name the fields of a --data_file"),
+    ):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert evaluate_main([*argv, "--no_progress"]) == 2
+        assert message in err.getvalue(), err.getvalue()
 
 
 def test_evaluate_rejects_bad_input(tmp_path: Path, capsys) -> None:

@@ -163,6 +163,13 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def hide_loading_bars() -> None:
+    """No transformers progress bars (weights loading) in this process (--progress false)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     device: torch.device | str = "cpu",
