@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation length (default: 24)")
     p.add_argument("--output", default=None,
                    help="write the JSON report (with predictions) here; parent dirs are created")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    p.add_argument("--dtype", choices=("auto", *export.DTYPES), default="auto",
                    help="compute dtype of the adapted model (auto: the one it trained in, as "
                    "recorded in adapter_config.json, so scores reproduce training's own; fp32 "
                    "for a base model)")
