@@ -206,6 +206,11 @@ def test_row_adamw_cpu_adam_refuses_tensors_it_cannot_update_in_place():
         optimizer.step(store, m, v, steps, torch.tensor([1, 2]), torch.ones(2, 40), 1e-2)
     with pytest.raises(ValueError, match="grad"):
         optimizer.step(m, store.contiguous(), v, steps, torch.tensor([1]), torch.ones(2, 40), 1)
+    # the op counts steps itself: a bad row index anywhere leaves every count as it was
+    with pytest.raises(RuntimeError, match="out of range"):
+        optimizer.step(m, store.contiguous(), v, steps, torch.tensor([1, 12]), torch.ones(2, 40), 1)
+    with pytest.raises(RuntimeError, match="one per store row"):
+        optimizer.step(m, store.contiguous(), v, steps[:5], torch.tensor([1]), torch.ones(1, 40), 1)
     assert not steps.any(), "a refused step must not count"
 
 
