@@ -41,7 +41,7 @@ memory against fresh buffers, same kernel, same contiguous layout). Times are fr
 this machine and only compared side by side.
 
 Writes ``bench/results/sparse_adam.json`` and ``.png``.
-Run: ``OMP_NUM_THREADS=2 .venv/bin/python bench/sparse_adam.py --threads 1 2 --repeats 15``.
+Run: ``OMP_NUM_THREADS=2 .venv/bin/python bench/sparse_adam.py --threads 1 2 --repeats 31``.
 """
 
 from __future__ import annotations
