@@ -17,9 +17,9 @@ Each row (one key and one value of the adapter) is its own little AdamW problem:
   call per row costs ~8 us of overhead, measured 1.9x the kernel's own time at 7B
   shape.) Measured in ``bench/sparse_adam.py``.
 
-Backends: ``cpu_adam`` (DeepSpeed's vectorised CPU AdamW kernel, built on first use) and
-``torch`` (the same arithmetic in plain torch on gathered rows, per-row bias correction
-as a broadcast).
+Backends: ``cpu_adam`` (DeepSpeed's vectorised CPU AdamW kernel, built by ``make setup``
+or else on first use) and ``torch`` (the same arithmetic in plain torch on gathered rows,
+per-row bias correction as a broadcast).
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ class RowAdamW:
                                self.eps, self.weight_decay, PARALLEL_MIN_ELEMENTS)
 
     @torch.no_grad()
-    def _torch_step(self, weight, exp_avg, exp_avg_sq, steps, rows, g, lr) -> None:
+    def _torch_step(self, weight: torch.Tensor, exp_avg: torch.Tensor,
+                    exp_avg_sq: torch.Tensor, steps: torch.Tensor, rows: torch.Tensor,
+                    g: torch.Tensor, lr: float) -> None:
         """The ``torch`` backend of :meth:`step`."""
         steps[rows] += 1
         row_steps = steps[rows]
