@@ -197,6 +197,44 @@ def test_row_op_equals_deepspeed_cpu_adam_bit_for_bit(width):
             assert torch.equal(got.index_select(0, rows), want)
 
 
+def test_row_op_threads_from_a_worker_thread_equal_one_thread(monkeypatch):
+    """The op's OpenMP region started from a Python worker thread (as the eager update and
+    the prefetcher do), rows split over two threads, gives what one thread gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(3)
+    rows, width = torch.tensor([9, 0, 33, 4, 17, 21, 2]), 1157
+    base = [torch.randn(40, width, generator=gen) * s for s in (1.0, 0.1, 0.01)]
+    base[2].abs_()
+    grads = [torch.randn(len(rows), width, generator=gen) for _ in range(3)]
+
+    def run(threads: int, in_worker: bool) -> list[torch.Tensor]:
+        store, steps = [t.clone() for t in base], torch.zeros(40, dtype=torch.int64)
+        optimizer = RowAdamW("cpu_adam", weight_decay=0.1)
+
+        def steps_() -> None:
+            torch.set_num_threads(threads)
+            for grad in grads:
+                optimizer.step(*store, steps, rows, grad, 1e-2)
+
+        if in_worker:
+            with ThreadPoolExecutor(1) as pool:
+                pool.submit(steps_).result()
+        else:
+            steps_()
+        assert steps[rows].tolist() == [3] * len(rows) and int(steps.sum()) == 3 * len(rows)
+        return store
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(optim, "PARALLEL_MIN_ELEMENTS", 0)
+    try:
+        want = run(1, in_worker=False)
+        for got in (run(2, in_worker=True), run(2, in_worker=False)):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_row_adamw_cpu_adam_refuses_tensors_it_cannot_update_in_place():
     optimizer = RowAdamW("cpu_adam")
     store = torch.zeros(40, 12).t()  # [12, 40], not contiguous
