@@ -1,0 +1,17 @@
+"""meft_ds: memory-efficient fine-tuning of LLMs on DeepSpeed.
+
+Importing the package puts this interpreter's own ``bin`` directory first on ``PATH`` when
+it holds a ``ninja``: DeepSpeed's ops and meft_ds's row op are JIT-built with the ``ninja``
+found on ``PATH``, and two ninja versions (the one pip installs with DeepSpeed into the
+virtual environment, and a system one) hash build commands differently, so each rebuilds
+what the other built (~2 minutes of compiling on two cores, at any run that follows a run
+started the other way, e.g. ``deepspeed`` from the venv after ``.venv/bin/python``).
+"""
+
+import os
+import sys
+
+_BIN = os.path.dirname(sys.executable)
+if os.path.isfile(os.path.join(_BIN, "ninja")) and not os.environ.get("PATH", "").startswith(
+        _BIN + os.pathsep):
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")

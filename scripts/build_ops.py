@@ -12,23 +12,24 @@ Run by ``scripts/setup.sh``; by hand: ``.venv/bin/python scripts/build_ops.py``.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# the launch scripts' start-up: import path and the extension cache the runs will use
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+import _bootstrap  # noqa: E402, F401
 
 
-def builders() -> list[tuple[str, object]]:
+def builders() -> list[tuple[str, Callable[[], object]]]:
     """(name, zero-argument loader) of every op to build on this machine."""
     from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     from meft_ds.sparse.row_op import load_row_adam
 
-    ops: list[tuple[str, object]] = [("DeepSpeed CPU Adam", CPUAdamBuilder().load),
+    ops: list[tuple[str, Callable[[], object]]] = [("DeepSpeed CPU Adam", CPUAdamBuilder().load),
                                      ("meft_ds row-sparse Adam", load_row_adam)]
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
