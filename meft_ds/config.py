@@ -19,12 +19,34 @@ class TrainConfig:
 
     method: str = _opt("parallel_adapter", "fine-tuning method (see --help for the list)")
     model: str = _opt("smollm2-135m", "smollm2-135m, llama2-7b-shape, mistral-7b-shape or a dir")
-    dataset: str = _opt("nq_open", "nq_open or gsm8k (from --data_dir), or use --data_file")
-    data_dir: str | None = _opt(None, "data directory (default: $MEFT_DS_DATA or ../shared/data)")
-    data_file: str | None = _opt(None, "custom training JSONL (then also --heldout_file)")
-    heldout_file: str | None = _opt(None, "custom held-out JSONL for evaluation")
-    question_field: str | None = _opt(None, "question field name in custom JSONL")
-    answer_field: str | None = _opt(None, "answer field name (string or list) in custom JSONL")
+    dataset: str = _opt(
+        "nq_open", "nq_open or gsm8k (shipped), a data file (jsonl/json/csv/parquet/arrow), a "
+        "save_to_disk directory, or a Hub dataset id")
+    data_dir: str | None = _opt(None, "directory with the shipped datasets' files (default: "
+                                "$MEFT_DS_DATA, else the copy in the package)")
+    data_file: str | None = _opt(None, "training data file (same as --dataset FILE)")
+    heldout_file: str | None = _opt(None, "held-out data file for evaluation")
+    split: str = _opt("train", "training split of the dataset")
+    heldout_split: str | None = _opt(
+        None, "held-out split (default: the dataset's heldout/validation/test split)")
+    heldout_fraction: float = _opt(
+        0.0, "carve this fraction of the training split off as the held-out set (seeded)")
+    record_format: str = _opt("auto", "record shape: question/answer (qa), instruction/input/"
+                              "output (alpaca), chat messages (chat), or auto-detect",
+                              choices=("auto", "qa", "alpaca", "chat"))
+    column_map: str | None = _opt(None, "dataset columns for the record fields, e.g. "
+                                  "question=query,answer=target or messages=conversation")
+    question_field: str | None = _opt(None, "question column (shorthand for --column_map "
+                                      "question=...)")
+    answer_field: str | None = _opt(None, "answer column: a string or a list of accepted "
+                                    "strings (shorthand for --column_map answer=...)")
+    prompt_format: str = _opt(
+        "plain", "plain: 'Question: ...\\nAnswer:' prompts; chat: the tokenizer's chat "
+        "template, loss on the assistant turn only", choices=("plain", "chat"))
+    precision: str = _opt(
+        "auto", "auto: the DeepSpeed config's bf16, except without CUDA on a CPU without "
+        "native bf16 (AVX512-BF16/AMX), where fp32 is used; bf16 or fp32 to choose",
+        choices=("auto", "bf16", "fp32"))
     train_examples: int = _opt(256, "training questions (the first N of the training split)")
     eval_trained: int = _opt(128, "trained questions scored before/after (0 = none)")
     eval_heldout: int = _opt(128, "held-out questions scored before/after (0 = none)")
@@ -96,8 +118,11 @@ class TrainConfig:
             raise UserError(f"gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if (self.data_file is None) != (self.heldout_file is None):
-            raise UserError("--data_file and --heldout_file go together")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise UserError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.data_file is not None and self.dataset != "nq_open" and (
+                self.dataset != self.data_file):
+            raise UserError("--data_file and --dataset name two training sources; give one")
         if self.resume and self.overwrite_output_dir:
             raise UserError("--resume and --overwrite_output_dir exclude each other")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from meft_ds.data import QAExample, format_prompt
+from meft_ds.data import QAExample, prompt_text
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -140,10 +140,12 @@ def evaluate_qa(
     vocab_size: int | None = None,
     progress: bool = True,
     hf_model: Any = None,
+    prompt_format: str = "plain",
 ) -> dict[str, Any]:
-    """Score ``examples``: ``{"score", "n", "predictions": [{question, prediction, ok}]}``."""
+    """Score ``examples`` prompted in ``prompt_format`` (as in training):
+    ``{"score", "n", "predictions": [{question, prediction, ok}]}``."""
     scorer = METRICS[metric]
-    prompts = [format_prompt(e.question) for e in examples]
+    prompts = [prompt_text(e, prompt_format, tokenizer) for e in examples]
     raw = generate(
         logits_fn, tokenizer, prompts, max_new_tokens, batch_size, device, vocab_size, progress,
         hf_model,

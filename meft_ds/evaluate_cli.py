@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from meft_ds import export
-from meft_ds.data import load_split
+from meft_ds.data import DataSpec, check_format, open_split
 from meft_ds.errors import OneLineArgumentParser, UserError
 from meft_ds.eval import evaluate_qa
 
@@ -25,17 +25,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--adapter", help="directory written by training (<output_dir>/adapter)")
     src.add_argument("--model", help="evaluate a base model (smollm2-135m or a HF dir)")
     p.add_argument("--dataset", default=None,
-                   help="nq_open or gsm8k (default: what the adapter trained on, else nq_open)")
+                   help="nq_open, gsm8k, a data file, a save_to_disk directory or a Hub id "
+                        "(default: what the adapter trained on, else nq_open)")
     p.add_argument("--data_dir", default=None,
-                   help="data directory (default $MEFT_DS_DATA, else ../shared/data)")
-    p.add_argument("--data_file", default=None,
-                   help="custom JSONL instead of --dataset (default with --adapter: the "
-                        "training run's --data_file for --split train, --heldout_file for "
-                        "heldout)")
-    p.add_argument("--question_field", default=None,
-                   help="question field of --data_file (default: question)")
-    p.add_argument("--answer_field", default=None,
-                   help="answer field of --data_file (default: answer)")
+                   help="directory of the shipped datasets' files (default $MEFT_DS_DATA, else "
+                        "the package's copy)")
+    p.add_argument("--data_file", default=None, help="same as --dataset FILE")
+    p.add_argument("--heldout_file", default=None, help="held-out data file")
+    p.add_argument("--heldout_split", default=None, help="held-out split of the dataset")
+    p.add_argument("--heldout_fraction", type=float, default=None,
+                   help="held-out fraction carved off the training split (as in training)")
+    p.add_argument("--record_format", choices=("auto", "qa", "alpaca", "chat"), default=None,
+                   help="record shape (default: auto-detect)")
+    p.add_argument("--column_map", default=None, help="e.g. question=query,answer=target")
+    p.add_argument("--question_field", default=None, help="question column")
+    p.add_argument("--answer_field", default=None, help="answer column")
+    p.add_argument("--prompt_format", choices=("plain", "chat"), default=None,
+                   help="default: the adapter's training format, else plain")
     p.add_argument("--split", choices=("train", "heldout"), default="heldout",
                    help="which split to score (default: heldout)")
     p.add_argument("--limit", type=int, default=128, help="first N examples (default: 128)")
@@ -60,17 +66,17 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError(f"--{name} must be > 0")
     if args.output:  # before the generation, not after it
         _prepare_output(Path(args.output))
-    _default_data(args)
-    if (args.question_field or args.answer_field) and not args.data_file:
-        raise UserError("--question_field/--answer_field name the fields of a --data_file")
+    meta = _adapter_meta(args.adapter)
+    spec = _data_spec(args, meta)
+    fmt = args.prompt_format or meta.get("prompt_format") or "plain"
     if args.no_progress:
+        import datasets
+
         from meft_ds.models.loader import hide_loading_bars
 
         hide_loading_bars()
-    examples = load_split(
-        args.dataset, args.split, Path(args.data_dir) if args.data_dir else None,
-        args.data_file, args.question_field, args.answer_field, args.limit,
-    )
+        datasets.disable_progress_bars()
+    examples = open_split(spec, args.split, args.limit).examples
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.adapter:
         from meft_ds.inference import load_adapted
@@ -93,35 +99,44 @@ def run(args: argparse.Namespace) -> dict:
         def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
-    metric = "gsm8k_accuracy" if args.dataset == "gsm8k" and not args.data_file else "exact_match"
-    report = evaluate_qa(logits_fn, tokenizer, examples, metric, args.max_new_tokens,
+    check_format(fmt, tokenizer)
+    report = evaluate_qa(logits_fn, tokenizer, examples, spec.metric, args.max_new_tokens,
                          args.batch_size, device, vocab, progress=not args.no_progress,
-                         hf_model=hf_model)
+                         hf_model=hf_model, prompt_format=fmt)
     report["source"] = args.adapter or args.model
     report["split"] = args.split
     report["dtype"] = dtype
-    report["data"] = args.data_file or args.dataset
+    report["data"] = spec.source
+    report["prompt_format"] = fmt
     return report
 
 
-def _default_data(args: argparse.Namespace) -> None:
-    """Without --dataset/--data_file, score what the adapter trained on (recorded in its
-    config by export), else nq_open."""
-    if args.dataset is not None or args.data_file is not None:
-        args.dataset = args.dataset or "nq_open"
-        return
-    meta = {}
-    if args.adapter:
-        try:
-            meta = json.loads((Path(args.adapter) / export.CONFIG).read_text())
-        except (OSError, ValueError):
-            meta = {}  # read_adapter reports a missing or damaged config
-    meta = meta if isinstance(meta, dict) else {}
-    args.dataset = meta.get("dataset") or "nq_open"
-    args.data_file = meta.get("data_file" if args.split == "train" else "heldout_file")
-    if args.data_file:
-        args.question_field = args.question_field or meta.get("question_field")
-        args.answer_field = args.answer_field or meta.get("answer_field")
+DATA_FLAGS = ("dataset", "data_file", "data_dir", "heldout_file", "heldout_split",
+              "heldout_fraction", "record_format", "column_map", "question_field",
+              "answer_field")
+
+
+def _adapter_meta(adapter: str | None) -> dict:
+    """The adapter's recorded config, or {} (read_adapter reports a missing or damaged one)."""
+    if not adapter:
+        return {}
+    try:
+        meta = json.loads((Path(adapter) / export.CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _data_spec(args: argparse.Namespace, meta: dict) -> DataSpec:
+    """The data flags given; without --dataset/--data_file, what the adapter trained on
+    (recorded by export), else nq_open."""
+    given = {k: getattr(args, k) for k in DATA_FLAGS if getattr(args, k) is not None}
+    recorded = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    base = {} if "dataset" in given or "data_file" in given else recorded
+    try:
+        return DataSpec(**{**base, **given})
+    except TypeError:
+        raise UserError("the adapter's recorded data options are not meft_ds's") from None
 
 
 def _prepare_output(path: Path) -> None:

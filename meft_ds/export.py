@@ -38,6 +38,18 @@ def _gathered(engine: Any):
     return contextlib.nullcontext()
 
 
+def data_record(cfg: Any) -> dict[str, Any]:
+    """The run's data options, local paths made absolute (the evaluator may run elsewhere)."""
+    from meft_ds.data import DataSpec
+
+    record = dataclasses.asdict(DataSpec.of(cfg))
+    for key in ("dataset", "data_file", "heldout_file", "data_dir"):
+        value = record[key]
+        if value and Path(value).expanduser().exists():
+            record[key] = str(Path(value).expanduser().resolve())
+    return record
+
+
 def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: Any) -> None:
     """Write the method's trained tensors and the config needed to rebuild the model."""
     from safetensors.torch import save_file
@@ -56,12 +68,10 @@ def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: A
         "max_seq_len": cfg.max_seq_len,
         # the dtype the model ran in: evaluate.py rebuilds it so, to score as training did
         "dtype": module_dtype(engine.module),
-        "dataset": cfg.dataset,
-        # what it trained on, so that evaluate.py scores the same questions by default
-        "data_file": str(Path(cfg.data_file).resolve()) if cfg.data_file else None,
-        "heldout_file": str(Path(cfg.heldout_file).resolve()) if cfg.heldout_file else None,
-        "question_field": cfg.question_field,
-        "answer_field": cfg.answer_field,
+        # what it trained on and how it was prompted, so that evaluate.py scores the same
+        # questions in the same format by default
+        "data": data_record(cfg),
+        "prompt_format": cfg.prompt_format,
     }
     (directory / CONFIG).write_text(json.dumps(meta, indent=2))
 

@@ -65,16 +65,21 @@ def build(cls: type[T], *sources: dict[str, Any], context: str = "config") -> T:
     dataclass's ``validate()`` (if any) runs last. Bad values raise :class:`UserError`.
     """
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
     for source in sources:
         for key, value in source.items():
-            if key in names and value is not None:
+            if key in fields and value is not None:
                 values[key] = _coerce(hints[key], value, key, context)
     obj = cls(**values)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
+    for key, value in values.items():  # choices from config files, not only flags
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"{context}: {key}={value!r} is not one of "
+                            f"{', '.join(map(str, choices))}")
     return obj
 
 

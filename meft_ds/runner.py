@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from meft_ds import checkpoint, ds_config, export, memory, run_dir
+from meft_ds import build_lock, checkpoint, ds_config, export, memory, precision, run_dir
 from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
-from meft_ds.data import BatchSchedule, check_answers_kept, encode, load_split
+from meft_ds.data import BatchSchedule, DataSpec, check_answers_kept, check_format, open_split
+from meft_ds.data import tokenize as tokenize_split
 from meft_ds.errors import UserError
 from meft_ds.eval import evaluate_qa
 from meft_ds.methods.base import Method
@@ -83,6 +84,7 @@ def _say(text: str) -> None:
 
 def _evaluate(method: Method, engine: Any, tokenizer: Any, examples, metric: str,
               cfg: TrainConfig, dev: torch.device, vocab: int) -> dict[str, Any]:
+    """Score ``examples`` with the engine's model, prompted as in training."""
     def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return method.forward(engine, ids, mask)
 
@@ -91,7 +93,7 @@ def _evaluate(method: Method, engine: Any, tokenizer: Any, examples, metric: str
         return evaluate_qa(
             logits_fn, tokenizer, examples, metric, cfg.max_new_tokens, cfg.eval_batch_size,
             dev, vocab, progress=cfg.progress and world()[0] == 0,
-            hf_model=method.generation_model(engine.module),
+            hf_model=method.generation_model(engine.module), prompt_format=cfg.prompt_format,
         )
     finally:
         engine.train()
@@ -111,6 +113,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     """Train and evaluate; returns the results written to ``results.json``."""
     cfg = spec.train
     cuda = torch.cuda.is_available()
+    deepspeed_cfg, precision_note = precision.resolve(spec.deepspeed, cfg.precision, cuda)
+    spec = RunSpec(spec.train, spec.method_cls, spec.method_options, deepspeed_cfg)
     bf16 = ds_config.bf16_enabled(spec.deepspeed)
     if not cfg.progress:
         loader.hide_loading_bars()
@@ -133,16 +137,17 @@ def run(spec: RunSpec) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     identity = _run_identity(spec)
     mdist.refuse_if_any(_start_problem(out, cfg, identity))
-    # the data first: a bad dataset, directory or file fails before the model loads (and
-    # before --overwrite_output_dir removes anything)
-    train_examples = load_split(
-        cfg.dataset, "train", Path(cfg.data_dir) if cfg.data_dir else None, cfg.data_file,
-        cfg.question_field, cfg.answer_field, cfg.train_examples,
-    )
-    heldout = load_split(
-        cfg.dataset, "heldout", Path(cfg.data_dir) if cfg.data_dir else None, cfg.heldout_file,
-        cfg.question_field, cfg.answer_field, cfg.eval_heldout or 1,
-    )
+    if precision_note:
+        _say(precision_note)
+    build_lock.clear_stale_locks()  # a killed op build would make the engine wait forever
+    # the data and the prompt format first: a bad dataset, column, record or template fails
+    # before the model loads (and before --overwrite_output_dir removes anything)
+    data = DataSpec.of(cfg)
+    train_split = open_split(data, "train", cfg.train_examples)
+    train_examples = train_split.examples
+    heldout = open_split(data, "heldout", cfg.eval_heldout).examples if cfg.eval_heldout else []
+    tokenizer = loader.load_tokenizer(cfg.model)
+    check_format(cfg.prompt_format, tokenizer)
     if cfg.overwrite_output_dir and rank == 0:
         run_dir.clear(out)
     mdist.barrier()
@@ -151,7 +156,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     seed_everything(cfg.seed)
     dtype = torch.bfloat16 if bf16 and cfg.model in loader.SHAPES else torch.float32
     loaded = loader.load_model(cfg.model, dtype=dtype, seed=cfg.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     vocab = int(model.config.vocab_size)
     method = spec.method_cls(spec.method_options, model.config)
     method.check_model(model)
@@ -159,8 +164,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = method.apply(model)
 
-    metric = "gsm8k_accuracy" if cfg.dataset == "gsm8k" and cfg.data_file is None else "exact_match"
-    encoded = [encode(e, tokenizer, cfg.max_seq_len, vocab) for e in train_examples]
+    metric = data.metric
+    encoded = tokenize_split(train_split, cfg.prompt_format, tokenizer, cfg.max_seq_len, vocab,
+                             progress=cfg.progress and rank == 0)
     lost = check_answers_kept(encoded, cfg.max_seq_len)
     if lost:
         _say(f"warning: {lost} of {len(encoded)} training examples lose their whole answer "
@@ -221,6 +227,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     after = score_all() if evals else {}
     results = {
         "method": cfg.method, "model": cfg.model, "steps": trainer.step,
+        "precision": "bf16" if bf16 else "fp32", "prompt_format": cfg.prompt_format,
         "final_loss": history[-1]["loss"] if history else None,
         "before": _strip(before), "after": _strip(after),
         "peak_rss_gib": max((h["rss_gib"] for h in history), default=None),

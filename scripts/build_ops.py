@@ -41,6 +41,9 @@ def builders() -> list[tuple[str, Callable[[], object]]]:
 
 
 def main() -> int:
+    from meft_ds.build_lock import clear_stale_locks
+
+    clear_stale_locks()  # a lock left by a killed build would block its op's build forever
     failed = 0
     for name, load in builders():
         start = time.perf_counter()

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from meft_ds.runner import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
 
+# before anything imports huggingface_hub, which reads these once
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-os.environ.setdefault("MEFT_DS_DATA", str(ROOT.parent / "shared" / "data"))
 
+from meft_ds.runner import free_port  # noqa: E402
 
 for key, value in {
     "RANK": "0",
@@ -52,8 +51,10 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The shared data directory (``../shared/data``)."""
-    return Path(os.environ["MEFT_DS_DATA"])
+    """The shipped datasets' directory (``$MEFT_DS_DATA`` overrides it)."""
+    from meft_ds.data import default_data_dir
+
+    return default_data_dir()
 
 
 def tiny_llama(layers: int = 3):
@@ -67,3 +68,15 @@ def tiny_llama(layers: int = 3):
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
+
+
+KINDS = ("unit", "integration", "multiprocess")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test says what it is (``pytest -m unit`` must stay fast): one of KINDS."""
+    for item in items:
+        marks = {m.name for m in item.iter_markers()} & set(KINDS)
+        if len(marks) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: mark it with exactly one of "
+                                    f"{', '.join(KINDS)} (has: {sorted(marks) or 'none'})")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from bench.flops import FlopCounter
 
 
+@pytest.mark.unit
 def test_counts_matmuls_of_forward_and_backward():
     x = torch.randn(8, 16, requires_grad=True)
     w = torch.randn(32, 16, requires_grad=True)
@@ -23,6 +25,7 @@ def test_counts_matmuls_of_forward_and_backward():
     assert counter.counts["matmul"] == 2 * 3 * 4 * 5 * 6 and counter.calls["matmul"] == 1
 
 
+@pytest.mark.unit
 def test_counts_attention_by_its_shapes():
     q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
     with FlopCounter() as counter:
@@ -35,6 +38,7 @@ def test_counts_attention_by_its_shapes():
     assert counter.total == 5 * forward // 2
 
 
+@pytest.mark.unit
 def test_other_ops_count_the_bytes_they_write():
     x = torch.randn(100, dtype=torch.float32)
     with FlopCounter() as counter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU = str(ROOT / "ds_configs" / "cpu.json")
 
 
+@pytest.mark.unit
 def test_deepspeed_path_flag_and_meft_section_defaults() -> None:
     spec = cli.parse(["--deepspeed", CPU])
     assert spec.train.method == "parallel_adapter"
@@ -26,6 +28,7 @@ def test_deepspeed_path_flag_and_meft_section_defaults() -> None:
     assert spec.deepspeed["optimizer"]["type"] == "AdamW"
 
 
+@pytest.mark.unit
 def test_deepspeed_config_alias_and_precedence(tmp_path: Path) -> None:
     extra = tmp_path / "opts.json"
     extra.write_text(json.dumps({"max_steps": 7, "adapter_size": 32}))
@@ -34,6 +37,7 @@ def test_deepspeed_config_alias_and_precedence(tmp_path: Path) -> None:
     assert spec.method_options.adapter_size == 48  # flags beat the config file
 
 
+@pytest.mark.unit
 def test_24gb_config_has_cpu_overrides() -> None:
     spec = cli.parse(["--deepspeed", str(ROOT / "ds_configs" / "24gb.json")])
     assert spec.deepspeed["zero_optimization"]["stage"] == 2
@@ -42,11 +46,13 @@ def test_24gb_config_has_cpu_overrides() -> None:
     assert spec.train.max_steps == 160  # when_no_cuda: this machine has no GPU
 
 
+@pytest.mark.unit
 def test_each_method_is_selectable() -> None:
     for name in ("full", "lora", "parallel_adapter"):
         assert cli.parse(["--deepspeed", CPU, "--method", name]).train.method == name
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -56,14 +62,16 @@ def test_each_method_is_selectable() -> None:
         (["--method", "lora", "--lora_r", "0"], "lora_r must be > 0"),
         (["--adapter_size", "-1"], "adapter_size must be > 0"),
         (["--warmup_ratio", "1.5"], "warmup_ratio must be in"),
-        (["--data_file", "x.jsonl"], "--data_file and --heldout_file go together"),
+        (["--dataset", "gsm8k", "--data_file", "x.jsonl"], "name two training sources"),
+        (["--heldout_fraction", "1"], "heldout_fraction must be in [0, 1)"),
     ],
 )
 def test_bad_options_raise_one_line(argv: list[str], message: str) -> None:
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         cli.parse(["--deepspeed", CPU, *argv])
 
 
+@pytest.mark.unit
 def test_bad_config_files(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text('{"train_micro_batch_size_per_gpu": 4,\n "x": }')
@@ -91,6 +99,7 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.multiprocess
 def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys) -> None:
     cases = [
         (["--deepspeed", CPU, "--max_steps", "-3"], "max_steps must be > 0"),
@@ -98,6 +107,11 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys)
         (["--deepspeed", CPU, "--dataset", "gsm8k", "--data_dir", str(tmp_path),
           "--output_dir", str(tmp_path / "out")], "does not exist"),
         (["--deepspeed", CPU, "--max_steps", "abc"], "invalid int value"),
+        (["--deepspeed", CPU, "--prompt_format", "xml"], "invalid choice: 'xml'"),
+        (["--deepspeed", CPU, "--precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--deepspeed", CPU, "--dataset", "no-such-org/no-such-set"], "neither shipped"),
+        (["--deepspeed", CPU, "--dataset", "nq_open", "--question_field", "query"],
+         "no known record shape"),
         (["--deepspeed", CPU, "--micro_batch_size", "0"], "micro_batch_size must be > 0"),
         (["--deepspeed", CPU, "--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),
         (["--deepspeed", CPU, "--save_final", "maybe"], "expected true/false, got 'maybe'"),
@@ -136,6 +150,7 @@ def _main_in_process(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for runs without CUDA")
 def test_gpu_memory_cap_without_cuda_is_refused(tmp_path: Path) -> None:
     proc = _launch("--deepspeed", CPU, "--gpu_memory_gib", "24", "--output_dir", str(tmp_path))
@@ -144,6 +159,7 @@ def test_gpu_memory_cap_without_cuda_is_refused(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.multiprocess
 def test_ram_check_refuses_before_allocating() -> None:
     from meft_ds import memory
     from meft_ds.models import loader
@@ -182,6 +198,7 @@ def test_ram_check_refuses_before_allocating() -> None:
     assert f"on {many} ranks of this node needs" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.unit
 def test_smollm2_shape_has_the_real_architecture(smollm2) -> None:
     from meft_ds.models import loader
 
@@ -193,6 +210,7 @@ def test_smollm2_shape_has_the_real_architecture(smollm2) -> None:
     assert abs(shape.rms_norm_eps - real.rms_norm_eps) < 1e-9
 
 
+@pytest.mark.unit
 def test_help_lists_methods_and_marks_shared_options(capsys) -> None:
     from meft_ds import methods
 
@@ -204,6 +222,7 @@ def test_help_lists_methods_and_marks_shared_options(capsys) -> None:
     assert "[methods: parallel_adapter, sparse]" in text  # --layer_start, --layer_end
 
 
+@pytest.mark.unit
 def test_empty_layer_range_says_so() -> None:
     from conftest import tiny_llama
 
@@ -217,6 +236,7 @@ def test_empty_layer_range_says_so() -> None:
     assert arch.check_layer_range(model, 1, None, "adapter") == range(1, 3)
 
 
+@pytest.mark.unit
 def test_config_file_options_of_another_method_are_refused(tmp_path: Path) -> None:
     extra = tmp_path / "opts.json"
     extra.write_text(json.dumps({"max_steps": True}))
@@ -227,6 +247,7 @@ def test_config_file_options_of_another_method_are_refused(tmp_path: Path) -> No
         cli.parse(["--deepspeed", CPU, "--config", str(extra)])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("meft", "where"), [
     (5, "'meft'"), ("sparse", "'meft'"), ([], "'meft'"), ({"when_no_cuda": 5}, "meft.when_no_cuda"),
     ({"when_no_cuda": {"deepspeed": 5}}, "meft.when_no_cuda.deepspeed"),
@@ -241,6 +262,7 @@ def test_meft_section_of_the_wrong_type_is_one_line(tmp_path: Path, meft, where:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.unit
 def test_gradient_clipping_must_be_a_number(tmp_path: Path) -> None:
     from meft_ds import ds_config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from meft_ds import cpu_adam_state
@@ -21,6 +22,7 @@ def _fresh(params: list[torch.Tensor]) -> torch.optim.Optimizer:
     return DeepSpeedCPUAdam(params, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
 
 
+@pytest.mark.integration
 def test_replayed_steps_match_an_uninterrupted_run() -> None:
     init = [torch.randn(37, generator=torch.Generator().manual_seed(0)), torch.randn(5, 3)]
     whole = [t.clone() for t in init]
@@ -42,6 +44,7 @@ def test_replayed_steps_match_an_uninterrupted_run() -> None:
     assert not all(torch.equal(a, b) for a, b in zip(results[False], whole, strict=True))
 
 
+@pytest.mark.unit
 def test_nothing_to_replay_without_cpu_adam() -> None:
     params = [torch.zeros(3, requires_grad=True)]
     assert cpu_adam_state.replay_steps(torch.optim.AdamW(params)) == 0

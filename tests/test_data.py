@@ -1,8 +1,9 @@
-"""Data loading, prompt/label construction and the deterministic batch order."""
+"""Data sources, record shapes, prompt formats, loss masks and the deterministic batch order."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,52 +12,188 @@ import torch
 from meft_ds.data import (
     IGNORE,
     BatchSchedule,
+    DataSpec,
     Encoded,
     check_answers_kept,
+    check_format,
     encode,
     load_split,
-    read_jsonl,
+    open_split,
+    prompt_text,
+    tokenize,
 )
+from meft_ds.data.sources import SHIPPED_DIR
 from meft_ds.errors import UserError
 from meft_ds.trainer import lm_loss
 
+pytestmark = pytest.mark.unit
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
+SUMS = [(f"what is {a} plus {b}", str(a + b)) for a, b in ((1, 2), (3, 4), (5, 6), (7, 8),
+                                                           (9, 10), (11, 12))]
 
-def test_nq_open_loads_with_all_answers(data_dir: Path) -> None:
-    examples = load_split("nq_open", "train", data_dir, limit=5)
-    assert len(examples) == 5
-    assert all(e.answers and e.question for e in examples)
-    heldout = load_split("nq_open", "heldout", data_dir, limit=3)
+
+def test_shipped_datasets_load_without_any_data_directory(monkeypatch) -> None:
+    """nq_open and gsm8k come from the package itself: no ../shared, no $MEFT_DS_DATA."""
+    monkeypatch.delenv("MEFT_DS_DATA", raising=False)
+    examples = load_split("nq_open", "train", limit=5)
+    assert examples[0].question == "when was the last time anyone was on the moon"
+    assert examples[0].answers == ("14 December 1972 UTC", "December 1972")
+    heldout = load_split("nq_open", "heldout", limit=3)
     assert heldout[0].question != examples[0].question
+    gsm = load_split("gsm8k", "train", limit=1)[0]
+    assert "####" in gsm.answers[0] and DataSpec(dataset="gsm8k").metric == "gsm8k_accuracy"
+    assert (SHIPPED_DIR / "nq_open" / "LICENSE").is_file()
+    assert (SHIPPED_DIR / "gsm8k" / "LICENSE").is_file()
 
 
-def test_gsm8k_answer_keeps_reasoning_and_number(data_dir: Path) -> None:
-    ex = load_split("gsm8k", "train", data_dir, limit=1)[0]
-    assert "####" in ex.answers[0]
+def test_data_dir_overrides_the_shipped_copy(tmp_path: Path) -> None:
+    (tmp_path / "nq_open").mkdir()
+    for name in ("NQ-open.dev.jsonl", "NQ-open.efficientqa.dev.1.1.jsonl"):
+        (tmp_path / "nq_open" / name).write_text(
+            json.dumps({"question": f"from {name}", "answer": ["x"]}) + "\n")
+    assert load_split("nq_open", "train", tmp_path)[0].question == "from NQ-open.dev.jsonl"
+    with pytest.raises(UserError, match="gsm8k/train.jsonl of dataset gsm8k does not exist"):
+        load_split("gsm8k", "train", tmp_path)
 
 
-def test_malformed_line_is_reported_with_file_and_line(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q1", "answer": ["a"]}\n{"question": "q2", "answer": \n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: malformed JSON"):
-        read_jsonl(bad, "question", "answer")
+@pytest.mark.parametrize("name", ["qa.jsonl", "qa.json", "qa.csv", "qa.parquet", "qa.arrow"])
+def test_every_local_file_format_gives_the_same_examples(name: str) -> None:
+    spec = DataSpec(dataset=str(FIXTURES / name), column_map="question=q,answer=a",
+                    heldout_fraction=0.5)
+    both = open_split(spec, "train", None).examples + open_split(spec, "heldout", None).examples
+    assert sorted((e.question, e.answers[0]) for e in both) == sorted(SUMS)
+    if name != "qa.csv":  # a CSV cell holds one answer, the others keep the list
+        assert all(len(e.answers) == 2 for e in both)
 
 
-def test_missing_field_and_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "x.jsonl"
-    path.write_text(json.dumps({"q": "x", "answer": "y"}) + "\n")
-    with pytest.raises(UserError, match=r"x\.jsonl:1: missing field 'question'"):
-        read_jsonl(path, "question", "answer")
-    with pytest.raises(UserError, match="does not exist"):
-        read_jsonl(tmp_path / "nope.jsonl", "question", "answer")
-    with pytest.raises(UserError, match="unknown dataset"):
-        load_split("squad", "train")
+def test_save_to_disk_directory_with_named_splits() -> None:
+    spec = DataSpec(dataset=str(FIXTURES / "qa_saved"), question_field="q", answer_field="a")
+    train = open_split(spec, "train", None).examples
+    heldout = open_split(spec, "heldout", None).examples  # its "validation" split by default
+    assert [e.question for e in train] == [q for q, _ in SUMS[:4]]
+    assert [e.question for e in heldout] == [q for q, _ in SUMS[4:]]
+    swapped = DataSpec(dataset=spec.dataset, split="validation", heldout_split="train",
+                       question_field="q", answer_field="a")
+    assert len(open_split(swapped, "train", None).examples) == 2
+    with pytest.raises(UserError, match="has no split 'test' .splits: train, validation"):
+        open_split(DataSpec(dataset=spec.dataset, split="test", question_field="q",
+                            answer_field="a"), "train", None)
 
 
-def test_custom_fields(tmp_path: Path) -> None:
-    path = tmp_path / "c.jsonl"
-    path.write_text(json.dumps({"q": "who?", "a": "me"}) + "\n")
-    ex = load_split("custom", "train", data_file=str(path), question_field="q", answer_field="a")
-    assert ex[0].answers == ("me",)
+def test_heldout_fraction_is_disjoint_seeded_and_limits_apply() -> None:
+    spec = DataSpec(dataset=str(FIXTURES / "qa.jsonl"), column_map="question=q,answer=a",
+                    heldout_fraction=1 / 3, seed=7)
+    train = [e.question for e in open_split(spec, "train", None).examples]
+    held = [e.question for e in open_split(spec, "heldout", None).examples]
+    assert len(train) == 4 and len(held) == 2 and not set(train) & set(held)
+    assert held == [e.question for e in open_split(spec, "heldout", None).examples]
+    assert len(open_split(spec, "train", 3).examples) == 3
+    with pytest.raises(UserError, match="has no held-out split"):
+        open_split(DataSpec(dataset=spec.dataset, column_map=spec.column_map), "heldout", None)
+
+
+def test_record_shapes_alpaca_and_chat() -> None:
+    alpaca = open_split(DataSpec(dataset=str(FIXTURES / "alpaca.jsonl")), "train", None)
+    assert alpaca.reader.shape == "alpaca"
+    assert alpaca.examples[0].question == "Name the capital of the country.\n\nFrance"
+    assert alpaca.examples[1].question == "Who wrote Hamlet?"  # an empty input is left out
+    assert alpaca.examples[0].answers == ("Paris",)
+    chat = open_split(DataSpec(dataset=str(FIXTURES / "chat.jsonl")), "train", None)
+    assert chat.reader.shape == "chat"
+    first, second = chat.examples
+    assert (first.question, first.answers, first.context) == (
+        "who painted the mona lisa", ("Leonardo da Vinci",), (("system", "Answer briefly."),))
+    assert second.question == "and of spain?" and second.answers == ("Madrid",)
+    assert second.context == (("user", "capital of italy?"), ("assistant", "Rome"))
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bad_data_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = {
+        "not a local file or directory": DataSpec(dataset=str(tmp_path / "nope.jsonl")),
+        "unknown data file type": DataSpec(dataset=_write(tmp_path / "x.txt", [{}])),
+        "missing column 'query' for qa records": DataSpec(
+            dataset=str(FIXTURES / "qa.jsonl"), record_format="qa", question_field="query"),
+        "no known record shape in columns q, a": DataSpec(dataset=str(FIXTURES / "qa.jsonl")),
+        "row 1: a chat record without an assistant turn": DataSpec(dataset=_write(
+            tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "yo"}]},
+                                   {"messages": [{"role": "user", "content": "hi"}]}])),
+        "row 0: empty question or answer": DataSpec(dataset=_write(
+            tmp_path / "e.jsonl", [{"question": "q", "answer": ""}])),
+    }
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"question": "q1", "answer": ["a"]}\n{"question": "q2", "answer": \n')
+    cases["could not be loaded"] = DataSpec(dataset=str(bad_json))
+    cases["is empty"] = DataSpec(dataset=str(FIXTURES / "qa_saved"), question_field="q",
+                                 answer_field="a", split="validation", heldout_fraction=0.5)
+    for message, spec in cases.items():
+        with pytest.raises(UserError, match=message) as info:
+            open_split(spec, "train", 0 if message == "is empty" else None)
+        assert "\n" not in str(info.value), message
+
+
+def test_hub_id_offline_and_not_cached_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set and 'no-such-org/no-such-set' is "
+                       "neither shipped") as info:
+        open_split(DataSpec(dataset="no-such-org/no-such-set"), "train", None)
+    assert "\n" not in str(info.value)
+
+
+def test_chat_format_trains_only_the_assistant_turn(smollm2) -> None:
+    """The labels cover exactly what the template adds for the assistant's answer; the
+    evaluation prompt is the training prompt, token for token."""
+    tok = smollm2.tokenizer
+    split = open_split(DataSpec(dataset=str(FIXTURES / "chat.jsonl")), "train", None)
+    for example, enc in zip(split.examples, tokenize(split, "chat", tok, 512, len(tok),
+                                                     progress=False)):
+        trained = [i for i, t in enumerate(enc.labels) if t != IGNORE]
+        assert trained == list(range(trained[0], len(enc.labels)))
+        assert tok.decode(enc.input_ids[trained[0]:]) == f"{example.answers[0]}<|im_end|>\n"
+        prompt = prompt_text(example, "chat", tok)
+        assert prompt.endswith("<|im_start|>assistant\n") and example.question in prompt
+        assert enc.input_ids[: trained[0]] == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert "Rome" in prompt and "capital of italy?" in prompt  # earlier turns are context
+    plain = tokenize(split, "plain", tok, 512, len(tok), progress=False)[0]
+    assert tok.decode([t for t in plain.labels if t != IGNORE]) == " Leonardo da Vinci<|im_end|>"
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(smollm2) -> None:
+    import copy
+
+    tok = copy.deepcopy(smollm2.tokenizer)
+    tok.chat_template = None
+    check_format("plain", tok)
+    with pytest.raises(UserError, match="--prompt_format chat: this tokenizer has no chat"):
+        check_format("chat", tok)
+
+
+def test_tokenize_uses_the_datasets_cache(smollm2, tmp_path: Path, monkeypatch) -> None:
+    """A second tokenization of the same file-backed split reads datasets' cache file."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    tok = smollm2.tokenizer
+    split = open_split(DataSpec(dataset=str(FIXTURES / "qa.jsonl"),
+                                column_map="question=q,answer=a"), "train", None)
+    first = tokenize(split, "plain", tok, 64, len(tok), progress=False)
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("cache-*.arrow"))
+    again = tokenize(split, "plain", tok, 64, len(tok), progress=False)
+    assert cached and sorted(p.name for p in (tmp_path / "cache").rglob("cache-*.arrow")) == cached
+    assert [e.input_ids for e in again] == [e.input_ids for e in first]
+    assert [e.labels for e in first] == [encode(x, tok, 64, len(tok)).labels
+                                         for x in split.examples]
+    assert os.environ["HF_DATASETS_CACHE"] == str(tmp_path / "cache")
 
 
 def test_loss_only_on_answer_tokens(smollm2) -> None:

@@ -163,6 +163,7 @@ def _check(rank: int, world: int, directory: Path) -> None:
         ShardedStore(bad)
 
 
+@pytest.mark.multiprocess
 def test_sharded_store_equals_replicated_on_two_ranks(tmp_path: Path) -> None:
     # A failed assertion in either rank raises ProcessRaisedException here.
     mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import subprocess_env
 
 from meft_ds.runner import free_port
@@ -37,6 +38,7 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run(
@@ -65,6 +67,7 @@ def _tokens(out: Path) -> list[int]:
     return [r["tokens"] for r in rows if "loss" in r]
 
 
+@pytest.mark.multiprocess
 def test_two_rank_resume_restores_each_ranks_dropout(tmp_path: Path) -> None:
     """Each rank draws its own dropout masks: a resume restores every rank's RNG, so the
     losses equal an uninterrupted two-rank run's."""

@@ -29,6 +29,7 @@ def _finalize(ds: dict, world_size: int = 1, max_steps: int = 10, warmup: float 
                               cuda=False)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("sizes", "world", "accum"),
     [
@@ -44,6 +45,7 @@ def test_batch_sizes_follow_deepspeed_relation(sizes: dict, world: int, accum: i
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * accum * world
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("sizes", "message"),
     [
@@ -58,6 +60,7 @@ def test_contradictory_batch_sizes_are_refused(sizes: dict, message: str) -> Non
         _finalize({**SCHEDULED, **sizes})
 
 
+@pytest.mark.integration
 def test_auto_schedule_fills_and_first_step_trains() -> None:
     """Step k runs at scheduler iteration k: step 1 already trains (DeepSpeed's WarmupLR
     alone would run steps 1 and 2 at the minimum rate), and the rate logged for a step
@@ -88,6 +91,7 @@ def test_auto_schedule_fills_and_first_step_trains() -> None:
     assert rates[-1] > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["Foo", 3, None])
 def test_unknown_optimizer_type_is_refused(name) -> None:
     ds = {**SCHEDULED, "optimizer": {"type": name, "params": {}}}
@@ -95,11 +99,13 @@ def test_unknown_optimizer_type_is_refused(name) -> None:
         _finalize(ds)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["AdamW", "adam", "Lamb", "SGD", "RMSprop"])
 def test_deepspeed_and_torch_optimizer_names_pass(name: str) -> None:
     _finalize({**SCHEDULED, "optimizer": {"type": name, "params": {}}})
 
 
+@pytest.mark.unit
 def test_schema_errors_are_one_line() -> None:
     """DeepSpeed's own config schema (pydantic) rejects an unknown ZeRO key: one line."""
     ds = _finalize({**SCHEDULED, "zero_optimization": {"stage": 0, "bogus_key": 1}})

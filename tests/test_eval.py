@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from meft_ds.data import QAExample, format_prompt
@@ -16,12 +17,14 @@ from meft_ds.eval import (
 )
 
 
+@pytest.mark.unit
 def test_normalisation_follows_squad() -> None:
     assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
     assert normalize_answer("an Apple, a day") == "apple day"
     assert normalize_answer("U.S.A.") == "usa"
 
 
+@pytest.mark.unit
 def test_exact_match_any_accepted_answer() -> None:
     assert exact_match("the Beatles", ["Beatles", "The Fab Four"])
     assert exact_match("fab four.", ["Beatles", "The Fab Four"])
@@ -29,6 +32,7 @@ def test_exact_match_any_accepted_answer() -> None:
     assert not exact_match("", ["Beatles"])
 
 
+@pytest.mark.unit
 def test_gsm8k_numbers() -> None:
     ref = "Natalia sold 48/2 = 24 clips in May.\n#### 72"
     assert gsm8k_number(ref) == 72
@@ -39,6 +43,7 @@ def test_gsm8k_numbers() -> None:
     assert not gsm8k_correct("no number here", [ref])
 
 
+@pytest.mark.integration
 def test_greedy_generation_matches_transformers(smollm2) -> None:
     model, tok = smollm2.model, smollm2.tokenizer
     prompts = ["The capital of France is", "Question: What is 2+2?\nAnswer:"]
@@ -55,6 +60,7 @@ def test_greedy_generation_matches_transformers(smollm2) -> None:
     assert "Paris" in ours[0]
 
 
+@pytest.mark.integration
 def test_evaluate_qa_scores_the_real_model(smollm2) -> None:
     model, tok = smollm2.model, smollm2.tokenizer
 

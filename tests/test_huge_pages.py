@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from meft_ds.sparse.huge_pages import HUGE_PAGE, huge_zeros
@@ -37,6 +38,7 @@ def _huge_bytes(tensor: torch.Tensor) -> int:
     return total
 
 
+@pytest.mark.unit
 def test_store_tensors_are_on_huge_pages_where_the_os_gives_them() -> None:
     plain = huge_zeros(8 * HUGE_PAGE // 4, huge=False)
     huge = huge_zeros(8 * HUGE_PAGE // 4)

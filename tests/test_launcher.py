@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import subprocess_env
 
 from meft_ds import cli
@@ -19,9 +20,14 @@ from meft_ds.runner import run
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     """The main job's config: ``--method sparse`` (rows + Adam in the CPU store) with the
-    routers under ZeRO-2 + DeepSpeedCPUAdam offload + bf16, started like ``make train``."""
+    routers under ZeRO-2 + DeepSpeedCPUAdam offload, started like ``make train``, in the
+    precision ``make train`` picks on this machine (bf16 where the CPU computes it natively,
+    else fp32 with a note); evaluate.py then reproduces the run's own answers."""
+    from meft_ds.precision import cpu_native_bf16
+
     launcher = Path(sys.executable).parent / "deepspeed"
     env = subprocess_env()
     env["PATH"] = f"{launcher.parent}:{env['PATH']}"
@@ -33,8 +39,10 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert ("engine: ZeRO stage 2, bf16=True, gradient clipping 1.0, optimizer DeepSpeedCPUAdam"
-            in proc.stdout)
+    bf16 = torch.cuda.is_available() or cpu_native_bf16()
+    assert (f"engine: ZeRO stage 2, bf16={bf16}, gradient clipping 1.0, optimizer "
+            "DeepSpeedCPUAdam" in proc.stdout)
+    assert ("precision: fp32, not the config's bf16" in proc.stdout) == (not bf16)
     assert "in the CPU row store)" in proc.stdout  # the rows are counted too
     assert "step 3/3 loss" in proc.stdout  # --progress false: plain lines instead of bars
     assert "Attempting to get learning rate" not in proc.stdout + proc.stderr
@@ -49,20 +57,27 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     assert all(r["sparse_rows_updated"] > 0 for r in records)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["after"]["heldout"]["n"] == 4
-    # evaluate.py rebuilds the adapted model in the dtype it trained in (bf16 here) and
-    # reproduces the run's own answers (in fp32 they may differ)
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["dtype"] == "bf16"
+    assert results["precision"] == ("bf16" if bf16 else "fp32")
+    # evaluate.py rebuilds the adapted model in the dtype it trained in and reproduces the
+    # run's own answers: same dtype, batch shape and thread count (a process like the run's)
+    dtype = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["dtype"]
+    assert dtype == results["precision"]
     report_path = tmp_path / "again.json"
-    assert evaluate_main(["--adapter", str(tmp_path / "adapter"), "--split", "train",
-                          "--limit", "4", "--max_new_tokens", "6", "--no_progress",
-                          "--output", str(report_path)]) == 0
+    again = subprocess.run(
+        [sys.executable, "launch/evaluate.py", "--adapter", str(tmp_path / "adapter"),
+         "--split", "train", "--limit", "4", "--max_new_tokens", "6", "--no_progress",
+         "--output", str(report_path)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
     report = json.loads(report_path.read_text())
     trained = json.loads((tmp_path / "predictions.json").read_text())["trained"]
-    assert report["dtype"] == "bf16"
+    assert report["dtype"] == dtype
     assert [r["prediction"] for r in report["predictions"]] == [
         r["prediction"] for r in trained["predictions"]]
 
 
+@pytest.mark.multiprocess
 def test_exported_adapter_evaluates_like_the_trained_model(tmp_path: Path) -> None:
     spec = cli.parse([
         "--deepspeed", str(ROOT / "ds_configs" / "cpu.json"), "--output_dir", str(tmp_path),
@@ -124,7 +139,7 @@ def _damaged_adapters_are_refused(adapter: Path, work: Path) -> None:
     for argv, message in (
         (["--adapter", str(adapter.parent)], f"a training run's adapter is in {adapter}"),
         (["--adapter", str(adapter), "--question_field", "q", "--dataset", "nq_open"],
-         "name the fields of a --data_file"),
+         "no known record shape in columns question, answer"),
     ):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
@@ -132,6 +147,7 @@ def _damaged_adapters_are_refused(adapter: Path, work: Path) -> None:
         assert message in err.getvalue(), err.getvalue()
 
 
+@pytest.mark.unit
 def test_evaluate_rejects_bad_input(tmp_path: Path, capsys) -> None:
     assert evaluate_main(["--adapter", str(tmp_path)]) == 2
     assert "is not an exported adapter" in capsys.readouterr().err
@@ -146,6 +162,7 @@ def test_evaluate_rejects_bad_input(tmp_path: Path, capsys) -> None:
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.multiprocess
 def test_evaluate_scores_the_custom_data_the_adapter_trained_on(tmp_path: Path) -> None:
     """An adapter trained on --data_file records it: evaluate.py without data flags scores
     those questions (not nq_open), with the run's field names."""

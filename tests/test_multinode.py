@@ -111,6 +111,7 @@ def sparse_ref(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("store", ["sharded", "replicated"])
 def test_two_nodes_of_two_ranks(store: str, sparse_ref: Path, tmp_path: Path) -> None:
     """Either store on 2 nodes x 2 ranks; the replicated one keeps one copy per node
@@ -136,6 +137,7 @@ def test_two_nodes_of_two_ranks(store: str, sparse_ref: Path, tmp_path: Path) ->
     assert share == pytest.approx(0.25 if store == "sharded" else 0.5)
 
 
+@pytest.mark.multiprocess
 def test_dead_rank_fails_then_resume_on_one_rank(sparse_ref: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [*COMMON, *SPARSE, "--sparse_store", "sharded", "--output_dir", str(out)]
@@ -149,6 +151,7 @@ def test_dead_rank_fails_then_resume_on_one_rank(sparse_ref: Path, tmp_path: Pat
     _same_run(out, sparse_ref)
 
 
+@pytest.mark.multiprocess
 def test_resume_one_rank_checkpoint_on_two_replicated(sparse_ref: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "checkpoints").mkdir(parents=True)
@@ -163,6 +166,7 @@ def test_resume_one_rank_checkpoint_on_two_replicated(sparse_ref: Path, tmp_path
     _same_run(out, sparse_ref)
 
 
+@pytest.mark.multiprocess
 def test_prefetch_with_the_shared_replicated_store_on_two_ranks(tmp_path: Path) -> None:
     """--sparse_prefetch selects on a worker thread from the node's shared store copy:
     two ranks (replicas compared every step) equal one process with two micro-batches."""
@@ -181,6 +185,7 @@ def test_prefetch_with_the_shared_replicated_store_on_two_ranks(tmp_path: Path) 
     assert _metric(out, "sparse_store_bytes") == _metric(ref, "sparse_store_bytes") / 2
 
 
+@pytest.mark.multiprocess
 def test_lora_on_two_torchrun_nodes(tmp_path: Path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "out"
     _ok(_run([*PYTHON, *COMMON, *LORA, "--grad_accum", "2", "--output_dir", str(ref)]))
@@ -192,6 +197,7 @@ def test_lora_on_two_torchrun_nodes(tmp_path: Path) -> None:
     _same_run(out, ref)
 
 
+@pytest.mark.multiprocess
 def test_ranks_with_different_configs_refuse(tmp_path: Path) -> None:
     port = free_port()
     runs = _nodes([
@@ -203,6 +209,7 @@ def test_ranks_with_different_configs_refuse(tmp_path: Path) -> None:
     assert "error: ranks resolved different configurations" in runs[0].stderr
 
 
+@pytest.mark.unit
 def test_multinode_without_master_address_refuses() -> None:
     """The check ``init_distributed`` runs first (its ``UserError`` exits 2, one line)."""
     env = {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
@@ -214,6 +221,7 @@ def test_multinode_without_master_address_refuses() -> None:
         mdist.check_master_address({"CROSS_SIZE": "3"})  # the deepspeed launcher's variable
 
 
+@pytest.mark.integration
 def test_multinode_config_trains(tmp_path: Path) -> None:
     """``ds_configs/multinode.json`` as shipped (bf16, ZeRO-3 base, sparse with the sharded
     store), with small sizes, on one rank: it trains rows and exports."""

@@ -79,6 +79,7 @@ def read_model(smollm2):
 
 
 # --- options and bad input ---------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -95,6 +96,7 @@ def test_bad_options_raise_one_line(values, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.unit
 def test_stride_beyond_model_depth_is_a_user_error(smollm2):
     method = make_method(smollm2.model, read_stride=31)
     message = r"read_stride 31 is outside the model \(it has 30 layers\)"
@@ -103,6 +105,7 @@ def test_stride_beyond_model_depth_is_a_user_error(smollm2):
     make_method(smollm2.model, read_stride=30).check_model(smollm2.model)
 
 
+@pytest.mark.unit
 def test_read_layer_ids_count_back_from_the_last_layer():
     assert read_layer_ids(30, 1) == list(range(30))
     assert read_layer_ids(30, 4) == [1, 5, 9, 13, 17, 21, 25, 29]
@@ -110,6 +113,7 @@ def test_read_layer_ids_count_back_from_the_last_layer():
 
 
 # --- identity, gradients, no_grad backbone -----------------------------------------------
+@pytest.mark.unit
 def test_step0_logits_equal_base_model(smollm2, read_model, batch):
     method, module = read_model
     ids, mask = batch
@@ -120,6 +124,7 @@ def test_step0_logits_equal_base_model(smollm2, read_model, batch):
     assert torch.equal(logits.detach(), base)
 
 
+@pytest.mark.unit
 def test_only_read_parameters_train_and_count_is_independent_of_depth(smollm2, read_model):
     _, module = read_model
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -133,6 +138,7 @@ def test_only_read_parameters_train_and_count_is_independent_of_depth(smollm2, r
     assert sum(p.numel() for p in strided.parameters() if p.requires_grad) == expected
 
 
+@pytest.mark.unit
 def test_backbone_runs_without_grad_and_gets_no_gradient(read_model, batch):
     method, module = read_model
     randomise_output(module)
@@ -163,6 +169,7 @@ def test_backbone_runs_without_grad_and_gets_no_gradient(read_model, batch):
     ]
 
 
+@pytest.mark.unit
 def test_grad_mode_restored_when_a_layer_fails(read_model, batch):
     _, module = read_model
 
@@ -178,6 +185,7 @@ def test_grad_mode_restored_when_a_layer_fails(read_model, batch):
     assert torch.is_grad_enabled()
 
 
+@pytest.mark.unit
 def test_stride_reads_every_mth_layer(smollm2, batch):
     method, module = applied(smollm2.model, read_hidden=16, read_stride=4)
     calls = []
@@ -188,6 +196,7 @@ def test_stride_reads_every_mth_layer(smollm2, batch):
     assert len(calls) == len(read_layer_ids(30, 4)) == 8
 
 
+@pytest.mark.unit
 def test_cached_decoding_matches_full_forward(read_model, batch):
     """READ is per position, so KV-cached decoding (generate) includes the correction."""
     _, module = read_model
@@ -208,6 +217,7 @@ def test_cached_decoding_matches_full_forward(read_model, batch):
     assert (full - plain).abs().max() > 1e-2  # the correction is really there
 
 
+@pytest.mark.integration
 def test_bf16_backbone_step0_and_backward(smollm2, batch):
     method, module = applied(smollm2.model, read_hidden=16)
     module.to(torch.bfloat16)
@@ -235,6 +245,7 @@ def _engine(module, lr: float):
     return engine
 
 
+@pytest.mark.integration
 def test_deepspeed_training_lowers_loss_and_checkpoint_roundtrip(smollm2, batch, tmp_path):
     torch.manual_seed(0)
     method, module = applied(smollm2.model, read_hidden=64)
@@ -284,6 +295,7 @@ def launch(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.multiprocess
 def test_launcher_trains_resumes_and_exports_read(tmp_path, batch):
     out = tmp_path / "run"
     common = [
@@ -312,6 +324,7 @@ def test_launcher_trains_resumes_and_exports_read(tmp_path, batch):
     assert adapted.logits(*batch).shape[:2] == batch[0].shape
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -331,6 +344,7 @@ def test_launcher_bad_input_exits_2_with_one_line(tmp_path, flags, message):
     assert "Loading weights" not in result.stderr  # refused from the config, before loading
 
 
+@pytest.mark.unit
 def test_gradient_checkpointing_flag_changes_nothing(smollm2):
     """The launcher may enable HF checkpointing first; READ's gradients must not change."""
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -33,20 +35,38 @@ OTHER = {"lora": ("--lora_r", "4"), "reversible": ("--rev_adapter_size", "32"),
 EVAL = ("--eval_trained", "2", "--max_new_tokens", "4")
 
 
-def _train(out: Path, method: str, *extra: str, code: int = 0,
-           config: str = "cpu.json") -> subprocess.CompletedProcess:
-    argv = [
-        sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
-        str(ROOT / "ds_configs" / config), *METHODS.get(method, ("--method", method)),
+def _args(out: Path, method: str, *extra: str, config: str = "cpu.json") -> list[str]:
+    return [
+        "--deepspeed", str(ROOT / "ds_configs" / config),
+        *METHODS.get(method, ("--method", method)),
         "--max_steps", "6", "--train_examples", "10", "--micro_batch_size", "2",
         "--grad_accum", "2", "--max_seq_len", "40", "--eval_trained", "0",
         "--eval_heldout", "0", "--progress", "false", "--lr", "2e-3",
         "--output_dir", str(out), *extra,
     ]
+
+
+def _train(out: Path, method: str, *extra: str, code: int = 0,
+           config: str = "cpu.json") -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(ROOT / "launch" / "train.py"),
+            *_args(out, method, *extra, config=config)]
     env = subprocess_env()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == code, proc.stderr[-3000:]
     return proc
+
+
+def _refused(out: Path, method: str, *extra: str, config: str = "cpu.json") -> str:
+    """A start that must be refused before anything loads: run in this process (a
+    subprocess would spend seconds importing to print one line); its one error line."""
+    from meft_ds import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(_args(out, method, *extra, config=config)) == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -56,6 +76,7 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, method: str) -> None:
     full, split = tmp_path / "full", tmp_path / "split"
@@ -69,11 +90,10 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, method: str) -> 
     # what remains is the adapter with its Adam moments (lora: 59 MB, sparse: < 1 MB).
     saved = sum(f.stat().st_size for f in (split / "checkpoints").rglob("*model_states.pt"))
     assert 0 < saved < 100 * 2**20, saved
-    refused = _train(split, method, *OTHER[method], "--resume", code=2)
-    assert "was written by another configuration" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-    refused = _train(split, method, code=2)  # a fresh run into it would mix two runs
-    assert "already holds a run" in refused.stderr
+    assert "was written by another configuration" in _refused(split, method, *OTHER[method],
+                                                              "--resume")
+    # a fresh run into it would mix two runs
+    assert "already holds a run" in _refused(split, method)
     proc = _train(split, method, *EVAL, "--resume")
     assert "resumed from step 3" in proc.stdout
     want, got = _losses(full), _losses(split)
@@ -86,6 +106,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, method: str) -> 
     assert before == json.loads((full / "results.json").read_text())["before"]
 
 
+@pytest.mark.multiprocess
 def test_resume_under_the_main_config_is_exact(tmp_path: Path) -> None:
     """ds_configs/24gb.json: ZeRO-2 with DeepSpeedCPUAdam offload and bf16. A fresh C++
     optimizer would start step 3 from pow(0.999, 3), one float32 bit off the product an
@@ -105,10 +126,8 @@ def test_resume_under_the_main_config_is_exact(tmp_path: Path) -> None:
     assert results["final_loss"] == want[4] and results["steps"] == 4
     assert results["peak_rss_gib"] > 0 and results["mean_tokens_per_s"] > 0
     # a shorter run than the checkpoint is refused; a longer one notes the new schedule
-    refused = _train(split, "parallel_adapter", "--adapter_size", "16", "--max_steps", "3",
-                     "--resume", code=2, config="24gb.json")
-    assert "past --max_steps 3" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "past --max_steps 3" in _refused(split, "parallel_adapter", "--adapter_size", "16",
+                                            "--max_steps", "3", "--resume", config="24gb.json")
     longer = _train(split, "parallel_adapter", "--adapter_size", "16", "--max_steps", "5",
                     "--resume", config="24gb.json")
     assert "--max_steps 4 -> 5" in longer.stdout and "steps 5 on follow" in longer.stdout
@@ -140,6 +159,7 @@ def _scheduled_rate(max_steps: int, step: int) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.multiprocess
 def test_ctrl_c_stops_with_one_line_and_keeps_the_checkpoint(tmp_path: Path) -> None:
     import signal
 

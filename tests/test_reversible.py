@@ -59,6 +59,7 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # --- exactness at full depth (SmolLM2, 30 layers, dropout on) ---------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("variant", "compute"), [("meft1", "auto"), ("meft2", "auto"), ("meft3", "auto"),
                              ("meft3", "bf16")],
@@ -89,6 +90,7 @@ def test_gradients_equal_autograd_at_full_depth(smollm2, variant: str, compute: 
     assert not torch.equal(a, b)
 
 
+@pytest.mark.unit
 def test_float_streams_error_grows_and_restart_points_bound_it() -> None:
     model = ReversibleLM(_tiny(12), ReversibleOptions(
         rev_variant="meft3", rev_exact=False, rev_restart_every=0, rev_adapter_size=8))
@@ -104,6 +106,7 @@ def test_float_streams_error_grows_and_restart_points_bound_it() -> None:
     assert max(model.last_run.errors.values()) < 1e-5
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", [(10000,), (3, 7, 5)])  # odd sizes: packing pads
 def test_rational_scale_is_exactly_invertible(shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -123,6 +126,7 @@ def test_rational_scale_is_exactly_invertible(shape: tuple[int, ...]) -> None:
     assert (RationalScale(0.1).p, RationalScale(0.1).q) == (1, 10)
 
 
+@pytest.mark.unit
 def test_lattice_rejects_values_outside_its_range() -> None:
     streams = LatticeStreams()
     streams.quantize(torch.tensor([1.0, float("inf")]))
@@ -133,6 +137,7 @@ def test_lattice_rejects_values_outside_its_range() -> None:
 # --- step 0 -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_step0_output_close_to_base_model(smollm2) -> None:
     tok = smollm2.tokenizer
     ids = tok(["The capital of France is Paris. Many tourists visit it every year to see "
@@ -155,6 +160,7 @@ def test_step0_output_close_to_base_model(smollm2) -> None:
         assert kl[variant, True] < 0.1 * kl[variant, False]
 
 
+@pytest.mark.unit
 def test_tiny_lambda_reproduces_base_model_exactly_enough() -> None:
     base = _tiny(4)
     ids = torch.randint(0, 128, (2, 8))
@@ -168,6 +174,7 @@ def test_tiny_lambda_reproduces_base_model_exactly_enough() -> None:
 # --- layer ranges ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("position", ["top", "bottom"])
 def test_partial_stacks_train_only_their_layers(position: str) -> None:
     model = ReversibleLM(_tiny(6), ReversibleOptions(
@@ -191,6 +198,7 @@ def test_partial_stacks_train_only_their_layers(position: str) -> None:
         assert saved[1] - saved[0] == 4 * ids.numel() * 32 // 2
 
 
+@pytest.mark.unit
 def test_kept_top_layers_store_activations_with_the_same_gradients() -> None:
     """rev_keep_top: the top layers run with plain autograd on top of the reversible
     stack; gradients equal the all-reversible backward's, saved bytes grow per kept layer."""
@@ -214,6 +222,7 @@ def test_kept_top_layers_store_activations_with_the_same_gradients() -> None:
     assert one_layer > 0 and saved[3] - saved[0] == pytest.approx(3 * one_layer, rel=0.05)
 
 
+@pytest.mark.unit
 def test_saved_bytes_do_not_grow_with_depth() -> None:
     ids = torch.randint(0, 128, (2, 8))
     sizes = []
@@ -236,6 +245,7 @@ def test_saved_bytes_do_not_grow_with_depth() -> None:
 # --- training -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_thirty_steps_lower_the_loss(smollm2) -> None:
     # Top 8 of 30 layers reversible (the 22 below run without a graph) to keep CI short.
     model = ReversibleLM(copy.deepcopy(smollm2.model), ReversibleOptions(
@@ -259,6 +269,7 @@ TINY_RUN = ["--train_examples", "8", "--max_seq_len", "40", "--eval_trained", "0
             "--eval_heldout", "0", "--progress", "false", "--micro_batch_size", "2"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", ["meft1", "meft2", "meft3"])
 def test_variant_runs_under_deepspeed(tmp_path: Path, variant: str) -> None:
     spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path), *TINY_RUN,
@@ -272,6 +283,7 @@ def test_variant_runs_under_deepspeed(tmp_path: Path, variant: str) -> None:
     assert all(r["rev_inexact_backwards"] == 0 for r in records)
 
 
+@pytest.mark.unit
 def test_a_recompute_that_differs_from_the_forward_is_detected(caplog) -> None:
     """Exact streams checksum the stack's inputs: weights changed between forward and
     backward (as a non-deterministic kernel would) make the reconstruction inexact."""
@@ -292,6 +304,7 @@ def test_a_recompute_that_differs_from_the_forward_is_detected(caplog) -> None:
 # --- bad input ------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -312,11 +325,13 @@ def test_bad_options_raise_one_line(values: dict, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.unit
 def test_bad_flags_through_the_cli() -> None:
     with pytest.raises(UserError, match="rev_lambda must be > 0"):
         cli.parse(["--deepspeed", CPU, "--method", "reversible", "--rev_lambda", "-0.5"])
 
 
+@pytest.mark.unit
 def test_layers_outside_the_model_and_unsplittable_layers() -> None:
     cls = methods.get("reversible")
     model = _tiny(4)
@@ -357,6 +372,7 @@ def _zero_config(path: Path, stage: int) -> str:
     return str(path)
 
 
+@pytest.mark.multiprocess
 def test_zero1_zero2_accumulation_and_resume(tmp_path: Path) -> None:
     """Top 3 layers reversible. ZeRO-1 with two micro-batches of one equals ZeRO-2 with one
     batch of two (fp32 tolerance; dropout off, as its masks depend on the micro-batch
@@ -364,13 +380,14 @@ def test_zero1_zero2_accumulation_and_resume(tmp_path: Path) -> None:
     Bit-exact resume with dropout on is test_resume.py's ``reversible`` case."""
     from test_resume import _losses, _train
 
-    from meft_ds.data import encode, read_jsonl
+    from meft_ds.data import encode, load_split
     from meft_ds.models.loader import load_tokenizer
 
     data = _qa_file(tmp_path / "sums.jsonl")
     tok = load_tokenizer("smollm2-135m")
     shapes = {(len(e.input_ids), sum(x != -100 for x in e.labels))
-              for e in (encode(q, tok, 40, 49152) for q in read_jsonl(data, "question", "answer"))}
+              for e in (encode(q, tok, 40, 49152)
+                        for q in load_split("", "train", data_file=str(data)))}
     assert len(shapes) == 1, shapes  # the equivalence below needs equal token counts
     common = ("--data_file", str(data), "--heldout_file", str(data), "--train_examples", "8",
               "--max_steps", "4", "--rev_adapter_dropout", "0", "--rev_keep_top", "1")
@@ -398,6 +415,7 @@ SPARSE_TINY = {"sparse_rank": 64, "sparse_experts": 8, "sparse_top_k": 4,
                "sparse_optimizer": "torch"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["meft1", "meft3"])
 def test_sparse_reversible_gradients_equal_autograd(variant: str) -> None:
     """Through the method's own model: router, dense adapter and row gradients of the
@@ -430,6 +448,7 @@ def test_sparse_reversible_gradients_equal_autograd(variant: str) -> None:
             torch.testing.assert_close(rows_rev[layer][1], grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.unit
 def test_sparse_reversible_runs_under_deepspeed(tmp_path: Path) -> None:
     spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path), *TINY_RUN,
                       "--method", "sparse", "--reversible", "--rev_variant", "meft1",
@@ -446,6 +465,7 @@ def test_sparse_reversible_runs_under_deepspeed(tmp_path: Path) -> None:
     assert exported.is_file()
 
 
+@pytest.mark.unit
 def test_sparse_reversible_bad_input() -> None:
     with pytest.raises(UserError, match="--rev_variant needs --reversible"):
         cli.parse(["--deepspeed", CPU, "--method", "sparse", "--rev_variant", "meft3"])
@@ -458,6 +478,7 @@ def test_sparse_reversible_bad_input() -> None:
         cls(opts, None).check_model(_tiny(4))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "extra", [("--method", "reversible"), ("--method", "sparse", "--reversible")])
 def test_zero3_is_refused_with_the_reversible_backward(tmp_path: Path, extra: tuple) -> None:

@@ -26,6 +26,7 @@ def _states(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, ...]:
     return a, base, value
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("q", [1, 2, 3, 7, 10, 100, 255])
 def test_floordiv_is_exact_over_the_int64_range(q: int) -> None:
     gen = torch.Generator().manual_seed(q)
@@ -37,6 +38,7 @@ def test_floordiv_is_exact_over_the_int64_range(q: int) -> None:
     assert torch.equal(remainder, torch.remainder(t, q))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shape", [(2, 9, 60), (3, 5, 60), (2, 3, 7)])
 def test_fused_couple_is_bit_identical_to_eager_and_exactly_invertible(shape) -> None:
     """(2, 3, 7): no digit count divides 7, so the fused streams fall back to eager ops."""
@@ -55,6 +57,7 @@ def test_fused_couple_is_bit_identical_to_eager_and_exactly_invertible(shape) ->
     assert fused.enabled()
 
 
+@pytest.mark.integration
 def test_fused_streams_give_the_same_gradients_as_eager_ones() -> None:
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     base = _tiny(6)
@@ -72,6 +75,7 @@ def test_fused_streams_give_the_same_gradients_as_eager_ones() -> None:
     assert all(torch.equal(grads[True][k], grads[False][k]) for k in grads[False])
 
 
+@pytest.mark.unit
 def test_a_compiler_failure_falls_back_to_eager_ops_with_one_warning(monkeypatch, caplog) -> None:
     def broken(name: str, key: tuple):
         raise RuntimeError("no compiler here\nsecond line")

@@ -23,6 +23,7 @@ def _earlier_run(out: Path) -> None:
     (out / "notes.txt").write_text("mine")
 
 
+@pytest.mark.unit
 def test_check_fresh_and_clear(tmp_path: Path) -> None:
     assert run_dir.check_fresh(tmp_path / "new", resume=False, overwrite=False) is None
     _earlier_run(tmp_path)
@@ -36,6 +37,7 @@ def test_check_fresh_and_clear(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").read_text() == "mine", "other files stay"
 
 
+@pytest.mark.unit
 def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5},
@@ -55,6 +57,7 @@ def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path: Path) -> 
     assert [json.loads(x) for x in path.read_text().splitlines()] == records[:3]
 
 
+@pytest.mark.unit
 def test_identity_mismatch_names_the_differences(tmp_path: Path) -> None:
     identity = {"model": "smollm2-135m", "method": "sparse",
                 "options": {"sparse_rank": 400, "sparse_top_k": 8}}
@@ -69,6 +72,7 @@ def test_identity_mismatch_names_the_differences(tmp_path: Path) -> None:
                                           "options": {}})
 
 
+@pytest.mark.unit
 def test_before_scores_round_trip(tmp_path: Path) -> None:
     assert run_dir.load_before(tmp_path) is None
     scores = {"trained": {"score": 0.25, "n": 4, "metric": "exact_match"}}
@@ -76,6 +80,7 @@ def test_before_scores_round_trip(tmp_path: Path) -> None:
     assert run_dir.load_before(tmp_path) == scores
 
 
+@pytest.mark.unit
 def test_run_refuses_an_output_dir_with_an_earlier_run(tmp_path: Path, capsys) -> None:
     """Refused before the model is loaded; the option pair is refused at parse time."""
     _earlier_run(tmp_path)
@@ -93,6 +98,7 @@ def test_run_refuses_an_output_dir_with_an_earlier_run(tmp_path: Path, capsys) -
     assert "expected true/false, got 'sure'" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_resume_free_options_exist() -> None:
     """Every option a resume may change is a real option of its method."""
     import dataclasses
@@ -105,6 +111,7 @@ def test_resume_free_options_exist() -> None:
         assert cls.resume_free <= fields, (name, sorted(cls.resume_free - fields))
 
 
+@pytest.mark.unit
 def test_bad_data_fails_before_overwrite_removes_anything(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

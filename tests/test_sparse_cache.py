@@ -67,6 +67,7 @@ def _state(runtime):
     }
 
 
+@pytest.mark.unit
 def test_cache_capacity_setting():
     assert cache_capacity(0, 64) == 0
     assert cache_capacity(0.25, 64) == 16
@@ -74,6 +75,7 @@ def test_cache_capacity_setting():
     assert cache_capacity(1000, 64) == 64
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("backend", ["torch", "cpu_adam"])
 def test_cache_on_trains_exactly_like_cache_off(backend):
     data = _inputs(steps=6, micro=2)
@@ -112,6 +114,7 @@ def test_cache_on_trains_exactly_like_cache_off(backend):
                 torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_cache_flush_and_restore_resume_bit_exactly():
     """Save after 3 of 6 steps (flush + membership), load into a fresh runtime and go on:
     the same weights and moments as an uninterrupted run, with the cpu_adam backend
@@ -198,6 +201,7 @@ def _assert_same_store(*states) -> None:
             assert all(torch.equal(tensors[0], t) for t in tensors[1:])
 
 
+@pytest.mark.unit
 def test_eager_row_update_equals_the_end_of_step_update():
     reference, m_ref = _engine_run(eager=False, clip=0.0, cache_rows=0)
     eager, m_eager = _engine_run(eager=True, clip=0.0, cache_rows=0)
@@ -211,6 +215,7 @@ def test_eager_row_update_equals_the_end_of_step_update():
     _assert_same_store(reference, eager, both)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("clip, coef", [(1e9, 1.0), (1e9, 0.37), (1e-9, None)])
 def test_speculative_eager_update_under_clipping_equals_the_end_of_step_update(clip, coef):
     """Clipping on: a step that does not clip keeps the speculative updates; one that
@@ -229,6 +234,7 @@ def test_speculative_eager_update_under_clipping_equals_the_end_of_step_update(c
         assert m["sparse_rows_updated"] > 0
 
 
+@pytest.mark.unit
 def test_a_skipped_step_rolls_the_speculative_updates_back():
     """As the end-of-step path, a skipped step (fp16 overflow, a non-finite gradient)
     leaves every row as it was: weights, moments and step counts."""

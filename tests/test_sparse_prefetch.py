@@ -40,6 +40,7 @@ def _loss(logits, ids, mask):
                            labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+@pytest.mark.unit
 def test_rows_are_selected_from_the_attention_input():
     method, module = _method(tiny_llama(), sparse_prefetch=True)
     layers = arch.layers(module)
@@ -87,6 +88,7 @@ def _train_once(prefetch: bool, decisions: dict | None = None):
     return float(loss.detach()), grads, routers, taken
 
 
+@pytest.mark.unit
 def test_prefetch_trains_like_the_default_path_given_its_selection():
     """Same rows chosen -> same loss, router and row gradients: only the selection
     differs between the two orderings (forced equal here by giving the default path the
@@ -101,6 +103,7 @@ def test_prefetch_trains_like_the_default_path_given_its_selection():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.unit
 def test_checkpointed_recompute_does_not_prefetch_again_and_training_lowers_the_loss():
     method, module = _method(tiny_llama(), sparse_prefetch=True, sparse_cache_rows=32)
     module.activation_checkpointing_enable(
@@ -124,6 +127,7 @@ def test_checkpointed_recompute_does_not_prefetch_again_and_training_lowers_the_
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.unit
 def test_evaluation_prefetches_every_call_without_counting():
     method, module = _method(tiny_llama(), sparse_prefetch=True)
     module.eval()
@@ -136,6 +140,7 @@ def test_evaluation_prefetches_every_call_without_counting():
     assert "sparse_prefetched_layers" not in method.runtime._counters
 
 
+@pytest.mark.unit
 def test_bad_prefetch_flags_are_one_line_errors(capsys):
     cpu = str(ROOT / "ds_configs" / "cpu.json")
     with pytest.raises(UserError, match="sparse_prefetch needs sparse_store replicated"):
@@ -149,6 +154,7 @@ def test_bad_prefetch_flags_are_one_line_errors(capsys):
         cli.parse(["--deepspeed", cpu, "--method", "lora", "--sparse_prefetch"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["meft1", "meft3"])
 def test_reversible_recompute_reuses_the_prefetched_rows(variant):
     """``--sparse_prefetch --reversible``: the backward's recomputation of each layer

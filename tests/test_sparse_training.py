@@ -75,6 +75,7 @@ def _train_step(method, engine, batch, lr):
     return float(loss.detach())
 
 
+@pytest.mark.unit
 def test_adapted_smollm2_starts_as_the_pretrained_model(smollm2):
     model = copy.deepcopy(smollm2.model)
     ids = smollm2.tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
@@ -86,6 +87,7 @@ def test_adapted_smollm2_starts_as_the_pretrained_model(smollm2):
     assert torch.equal(before, after)
 
 
+@pytest.mark.integration
 def test_deepspeed_training_updates_only_cpu_rows(smollm2, data_dir, tmp_path):
     lr = 3e-3
     model = copy.deepcopy(smollm2.model)
@@ -151,6 +153,7 @@ def test_deepspeed_training_updates_only_cpu_rows(smollm2, data_dir, tmp_path):
         fresh_method.load_trainable_state(fresh, wrong)
 
 
+@pytest.mark.unit
 def test_activation_checkpointing_reuses_the_working_set():
     results = []
     for checkpointing in (False, True):
@@ -178,6 +181,7 @@ def test_activation_checkpointing_reuses_the_working_set():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.unit
 def test_clip_coefficient_scales_the_row_update():
     updates = []
     for clip in (1.0, 0.25):
@@ -194,6 +198,7 @@ def test_clip_coefficient_scales_the_row_update():
     torch.testing.assert_close(updates[1], 0.25 * updates[0])
 
 
+@pytest.mark.unit
 def test_model_checks_are_user_errors():
     model = tiny_llama(layers=2)
     cls = methods.get("sparse")
@@ -218,6 +223,7 @@ def _rank_worker(rank, port, result_path):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_ranks_average_row_gradients(tmp_path):
     import socket
 
@@ -234,6 +240,7 @@ def test_data_parallel_ranks_average_row_gradients(tmp_path):
     assert grad[:, 0].tolist() == [0.5, 1.5, 1.0, 1.0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["meft1", "meft3"])
 def test_sparse_adapters_in_the_reversible_backward_match_autograd(variant):
     """Reversible layers recompute F and G in backward with ``torch.autograd.grad``: the
@@ -281,6 +288,7 @@ def test_sparse_adapters_in_the_reversible_backward_match_autograd(variant):
     assert rt_rev.metrics()["sparse_rows_moved"] == rt_ref.metrics()["sparse_rows_moved"]
 
 
+@pytest.mark.unit
 def test_resolved_sizes_are_written_back_for_export():
     import dataclasses
 
@@ -294,6 +302,7 @@ def test_resolved_sizes_are_written_back_for_export():
     assert again.sizes(tiny_llama(layers=2)) == sizes
 
 
+@pytest.mark.integration
 def test_zero3_base_trains_like_zero0(tmp_path):
     """ZeRO-3 partitions the frozen base and the router; the run (losses, rows, exported
     adapter) equals ZeRO-0's."""

@@ -19,6 +19,7 @@ from meft_ds.sparse.runtime import SparseRuntime
 
 
 # --- options ---------------------------------------------------------------------------
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "values, message",
     [
@@ -40,6 +41,7 @@ def test_bad_options_are_user_errors(values, message):
         opt.build(SparseOptions, values, context="sparse")
 
 
+@pytest.mark.unit
 def test_options_are_cli_flags():
     parser = argparse.ArgumentParser()
     opt.add_dataclass_args(parser, SparseOptions, "sparse")
@@ -51,6 +53,7 @@ def test_options_are_cli_flags():
     assert built.sparse_experts is None
 
 
+@pytest.mark.unit
 def test_resolve_sizes_defaults_and_errors():
     base = SparseOptions()
     # 10% of a 1M-parameter model, 4 layers of width 64: ~195 rows -> 14 experts x 14.
@@ -71,6 +74,7 @@ def test_resolve_sizes_defaults_and_errors():
 
 
 # --- selection -------------------------------------------------------------------------
+@pytest.mark.unit
 def test_select_rows_matches_brute_force():
     gen = torch.Generator().manual_seed(1)
     r, n, d, t, e, k = 96, 8, 16, 40, 3, 10
@@ -147,6 +151,7 @@ def row_adamw_backend(request, monkeypatch) -> str:
     torch.set_num_threads(before)
 
 
+@pytest.mark.unit
 def test_row_adamw_matches_torch_adamw_per_row(row_adamw_backend):
     gen = torch.Generator().manual_seed(1)
     selections = [torch.sort(torch.randperm(12, generator=gen)[:5]).values for _ in range(6)]
@@ -160,12 +165,14 @@ MIXED_SELECTIONS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("width", [40, 1157])  # kernel's SIMD tails; a wide row
 def test_row_adamw_unsorted_rows_mixed_step_counts(row_adamw_backend, width):
     selections = [torch.tensor(s) for s in MIXED_SELECTIONS]
     _row_adamw_against_torch(row_adamw_backend, selections, width=width)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("width", [40, 1157, 8240])  # scalar, span-4 and span-8 tails
 def test_row_op_equals_deepspeed_cpu_adam_bit_for_bit(width):
     """The in-place row op (span 4) gives exactly what DeepSpeed's own ``adam_update``
@@ -197,6 +204,7 @@ def test_row_op_equals_deepspeed_cpu_adam_bit_for_bit(width):
             assert torch.equal(got.index_select(0, rows), want)
 
 
+@pytest.mark.unit
 def test_row_op_threads_from_a_worker_thread_equal_one_thread(monkeypatch):
     """The op's OpenMP region started from a Python worker thread (as the eager update and
     the prefetcher do), rows split over two threads, gives what one thread gives."""
@@ -235,6 +243,7 @@ def test_row_op_threads_from_a_worker_thread_equal_one_thread(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.unit
 def test_row_adamw_cpu_adam_refuses_tensors_it_cannot_update_in_place():
     optimizer = RowAdamW("cpu_adam")
     store = torch.zeros(40, 12).t()  # [12, 40], not contiguous
@@ -263,6 +272,7 @@ def _runtime(rank=64, experts=8, per_token=2, top_k=6, hidden=16, activation="re
     return SparseRuntime(options, sizes)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("activation", ["relu", "silu"])
 def test_adapter_output_and_grads_match_dense_reference(activation):
     torch.manual_seed(0)
@@ -307,6 +317,7 @@ def test_adapter_output_and_grads_match_dense_reference(activation):
     assert full.grad[outside].abs().max() == 0
 
 
+@pytest.mark.unit
 def test_padding_tokens_select_no_rows_and_do_not_change_real_tokens():
     torch.manual_seed(0)
     runtime = _runtime()
@@ -326,6 +337,7 @@ def test_padding_tokens_select_no_rows_and_do_not_change_real_tokens():
     assert adapter._cache.selection.local.shape[0] == int(real.sum())
 
 
+@pytest.mark.unit
 def test_selection_is_reused_within_a_micro_batch_only():
     runtime = _runtime()
     adapter = SparseAdapter(runtime, 0).train()
@@ -345,6 +357,7 @@ def test_selection_is_reused_within_a_micro_batch_only():
     assert adapter._cache is cached, "eval calls (generation) never use the cache"
 
 
+@pytest.mark.unit
 def test_coalesce_sums_micro_batches_and_survives_repeated_calls():
     runtime = _runtime()
     store = runtime.store
@@ -363,6 +376,7 @@ def test_coalesce_sums_micro_batches_and_survives_repeated_calls():
     assert rows.numel() == 0 and grad.shape == (0, width)
 
 
+@pytest.mark.unit
 def test_no_grad_pass_then_grad_recompute_fetches_once():
     runtime = _runtime()
     runtime.store.layers[0].weight[:, runtime.sizes.hidden :].normal_()
@@ -380,6 +394,7 @@ def test_no_grad_pass_then_grad_recompute_fetches_once():
     assert runtime.metrics()["sparse_rows_moved"] == rows.numel()
 
 
+@pytest.mark.unit
 def test_reversible_capture_replay_and_autograd_grad_reach_the_store():
     """The reversible backward's pattern: a no-grad forward recorded with rev_capture,
     then a replay on a slightly different input under torch.autograd.grad that asks
@@ -407,6 +422,7 @@ def test_reversible_capture_replay_and_autograd_grad_reach_the_store():
     assert runtime.metrics()["sparse_rows_moved"] == rows.numel()
 
 
+@pytest.mark.unit
 def test_evaluation_traffic_is_not_counted_in_step_figures():
     runtime = _runtime()
     adapter = SparseAdapter(runtime, 0)
@@ -421,6 +437,7 @@ def test_evaluation_traffic_is_not_counted_in_step_figures():
     assert runtime.metrics()["sparse_tokens"] == 4
 
 
+@pytest.mark.unit
 def test_capture_records_a_cached_decision_and_applies_to_one_call_only():
     runtime = _runtime()
     adapter = SparseAdapter(runtime, 0).train()

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
+from meft_ds.build_lock import clear_stale_locks
+
 CSRC = Path(__file__).resolve().parent / "csrc"
 NAME = "meft_row_adam"
 
@@ -38,4 +40,5 @@ def load_row_adam() -> ModuleType:
             # ~30% of the row's update).
             return [arg for arg in super().cxx_args() if arg != "-fopenmp"]
 
+    clear_stale_locks()  # a killed build's lock would make the load wait forever
     return RowAdamBuilder().load(verbose=False)
