@@ -250,3 +250,10 @@ def test_schedule_same_global_batch_for_accumulation_and_ranks() -> None:
     assert sorted(sum(first_epoch, [])) == list(range(40))
     with pytest.raises(UserError, match="fewer than one micro-batch"):
         BatchSchedule(items[:1], micro_batch=2, seed=0, pad_id=0)
+
+
+def test_a_heldout_fraction_too_small_for_the_split_is_one_line() -> None:
+    spec = DataSpec(dataset=str(FIXTURES / "alpaca.jsonl"), heldout_fraction=0.9)
+    with pytest.raises(UserError, match="--heldout_fraction 0.9: ") as info:
+        open_split(spec, "heldout", None)
+    assert "\n" not in str(info.value)

@@ -116,9 +116,20 @@ def test_bad_data_fails_before_overwrite_removes_anything(tmp_path: Path) -> Non
     out = tmp_path / "out"
     out.mkdir()
     _earlier_run(out)
-    spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(out), "--progress", "false",
-                      "--overwrite_output_dir", "true", "--dataset", "gsm8k",
-                      "--data_dir", str(tmp_path / "nodata")])
-    with pytest.raises(UserError, match="does not exist"):
-        run(spec)
-    assert run_dir.earlier_run(out) == ["metrics.jsonl", "checkpoints", "adapter"]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "data"
+    cases = {
+        "does not exist": ["--dataset", "gsm8k", "--data_dir", str(tmp_path / "nodata")],
+        "neither shipped": ["--dataset", "no-such-org/no-such-set"],
+        "missing column 'query'": ["--dataset", str(fixtures / "alpaca.jsonl"),
+                                   "--record_format", "qa", "--question_field", "query"],
+        "without an assistant turn": ["--dataset", str(chat), "--heldout_file",
+                                      str(fixtures / "chat.jsonl")],
+    }
+    for message, argv in cases.items():
+        spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(out), "--progress", "false",
+                          "--overwrite_output_dir", "true", *argv])
+        with pytest.raises(UserError, match=message):
+            run(spec)
+        assert run_dir.earlier_run(out) == ["metrics.jsonl", "checkpoints", "adapter"], message

@@ -75,8 +75,11 @@ def open_split(spec: DataSpec, which: str, limit: int | None) -> Split:
     fraction = spec.heldout_fraction if not spec.heldout_file and not spec.heldout_split else 0
     if fraction > 0:
         # carved from the training split with the run's seed: the two never share a row
-        parts = sources.choose_split(splits, spec.split, source).train_test_split(
-            test_size=fraction, seed=spec.seed, shuffle=True)
+        try:
+            parts = sources.choose_split(splits, spec.split, source).train_test_split(
+                test_size=fraction, seed=spec.seed, shuffle=True)
+        except ValueError as exc:  # too few rows for the fraction
+            raise UserError(f"--heldout_fraction {fraction}: {exc}") from None
         rows = parts["test" if which == "heldout" else "train"]
     elif name is None:
         raise UserError(f"dataset {source!r} has no held-out split (splits: "
