@@ -51,9 +51,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout_s: int = 1800) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU); a collective that
-    waits longer than ``timeout_s`` for another rank fails instead of hanging."""
+def start_process(timeout_s: int = 1800) -> torch.device:
+    """Bind this rank to its device, then join the process group (gloo on CPU, NCCL on
+    CUDA); returns the device. A collective that waits longer than ``timeout_s`` for
+    another rank fails instead of hanging.
+
+    The order matters: NCCL binds the group to the device current at its first
+    collective, and every collective builds its tensors on ``cuda:current_device()``
+    (:func:`meft_ds.dist.comm_device`); before ``set_device`` that is ``cuda:0`` on every
+    rank of a node, which DeepSpeed's group (bound to ``cuda:LOCAL_RANK``) refuses.
+    """
     from datetime import timedelta
 
     import deepspeed
@@ -64,12 +71,14 @@ def init_distributed(timeout_s: int = 1800) -> None:
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dev = device()
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    return dev
 
 
 def device() -> torch.device:
-    """This rank's device."""
+    """This rank's device (on CUDA: made current, ``cuda:LOCAL_RANK``)."""
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -131,7 +140,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
         f"model {cfg.model} with method {cfg.method}"
         + (f" on {local} ranks of this node" if local > 1 else ""),
     )
-    init_distributed(cfg.dist_timeout)
+    dev = start_process(cfg.dist_timeout)  # before any collective: see its docstring
     mdist.check_same_config(_config_identity(spec))
     rank, world_size = world()
     out = Path(cfg.output_dir)
@@ -151,7 +160,6 @@ def run(spec: RunSpec) -> dict[str, Any]:
     if cfg.overwrite_output_dir and rank == 0:
         run_dir.clear(out)
     mdist.barrier()
-    dev = device()
     memory.cap_device_memory(cfg.gpu_memory_gib, dev)
     seed_everything(cfg.seed)
     dtype = torch.bfloat16 if bf16 and cfg.model in loader.SHAPES else torch.float32

@@ -211,7 +211,7 @@ def test_ranks_with_different_configs_refuse(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 def test_multinode_without_master_address_refuses() -> None:
-    """The check ``init_distributed`` runs first (its ``UserError`` exits 2, one line)."""
+    """The check ``start_process`` runs first (its ``UserError`` exits 2, one line)."""
     env = {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
     with pytest.raises(UserError, match=r"multi-node run \(2 nodes\) without a master address"):
         mdist.check_master_address(env)
