@@ -38,12 +38,19 @@ def test_deepspeed_config_alias_and_precedence(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_24gb_config_has_cpu_overrides() -> None:
+def test_24gb_config_has_cpu_overrides(monkeypatch) -> None:
     spec = cli.parse(["--deepspeed", str(ROOT / "ds_configs" / "24gb.json")])
     assert spec.deepspeed["zero_optimization"]["stage"] == 2
     assert spec.deepspeed["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert spec.deepspeed["bf16"]["enabled"] is True
-    assert spec.train.max_steps == 160  # when_no_cuda: this machine has no GPU
+    # the when_no_cuda block shortens the job on a machine without CUDA only
+    assert spec.train.max_steps == (1500 if torch.cuda.is_available() else 160)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.parse(["--deepspeed", str(ROOT / "ds_configs" / "24gb.json")]
+                     ).train.max_steps == 1500
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.parse(["--deepspeed", str(ROOT / "ds_configs" / "24gb.json")]
+                     ).train.max_steps == 160
 
 
 @pytest.mark.unit

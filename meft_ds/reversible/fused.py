@@ -8,8 +8,12 @@ remainders, value range)`` and its inverse are one traced function each, compile
 Inductor (C++/OpenMP on CPU, Triton on CUDA) into one or two kernels.
 
 The floor division is exact for every int64 without integer division: ``t = hi·2^32 +
-lo``; ``floor(hi/q)`` and then ``floor((hi mod q)·2^32 + lo)/q)`` are each computed in
-fp64 on integers below 2^40, where the rounded quotient's floor is the true floor.
+lo``; ``floor(hi/q)`` and then ``floor((hi mod q)·2^32 + lo)/q)`` are each estimated in
+fp64 on integers below 2^40 through the reciprocal ``x·(1/q)`` and then corrected in
+exact arithmetic (:func:`floor_quotient`). No quotient ``x / q`` is left for a compiler
+to rewrite: Inductor on CUDA turns ``x / q`` into ``x·(1/q)``, whose floor is one unit low
+for some exact multiples (λ = 0.49, q = 49: 61% of values), and the correction step is
+what makes that form exact.
 
 Shapes: tensors are viewed as ``[rows, d]`` with ``rows`` dynamic (one compilation
 serves every batch and sequence length) and ``d`` static, which keeps the remainder
@@ -31,14 +35,28 @@ log = logging.getLogger(__name__)
 _state = {"failed": False}
 
 
+def floor_quotient(x: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ``(floor(x / q), x mod q)`` of a float tensor holding integers (``|x| < 2^50``
+    in fp64, ``< 2^22`` in fp32) for ``1 <= q <= 255``.
+
+    The estimate ``floor(x·(1/q))`` is within one unit of the true floor (its relative
+    error is a few ulps, far below ``1/|x|``); one exact step on the remainder corrects it.
+    """
+    whole = torch.floor(x * (1.0 / q))
+    rest = x - whole * q  # exact: integers far below the mantissa's limit
+    whole = whole + (rest >= q).to(x.dtype) - (rest < 0).to(x.dtype)
+    return whole, x - whole * q
+
+
 def floordiv(t: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``(floor(t / q), t mod q)`` of int64 ``t`` for ``1 <= q <= 255``, elementwise."""
     hi = torch.bitwise_right_shift(t, 32)
     lo = torch.bitwise_and(t, 0xFFFFFFFF)
-    q_hi = torch.floor(hi.to(torch.float64) / q).to(torch.int64)
-    mid = torch.bitwise_left_shift(hi - q_hi * q, 32) + lo
-    q_lo = torch.floor(mid.to(torch.float64) / q).to(torch.int64)
-    return torch.bitwise_left_shift(q_hi, 32) + q_lo, mid - q_lo * q
+    q_hi, r_hi = floor_quotient(hi.to(torch.float64), q)
+    mid = torch.bitwise_left_shift(r_hi.to(torch.int64), 32) + lo
+    q_lo, r_lo = floor_quotient(mid.to(torch.float64), q)
+    whole = torch.bitwise_left_shift(q_hi.to(torch.int64), 32) + q_lo.to(torch.int64)
+    return whole, r_lo.to(torch.int64)
 
 
 def pack(remainder: torch.Tensor, q: int, digits: int) -> torch.Tensor:
@@ -52,14 +70,12 @@ def pack(remainder: torch.Tensor, q: int, digits: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, q: int, digits: int) -> torch.Tensor:
     """int64 remainders of :func:`pack` (last dimension ``digits`` times as wide)."""
-    # In fp32, which holds bytes exactly: the floor of a rounded quotient of integers
-    # below 256 by q <= 255 is the true floor (its rounding error is < 2^-16 < 1/q).
+    # in fp32, which holds bytes exactly
     rest = packed.to(torch.float32)
     chunks = []
     for _ in range(digits):
-        whole = torch.floor(rest / q)
-        chunks.append((rest - whole * q).to(torch.int64))
-        rest = whole
+        rest, remainder = floor_quotient(rest, q)
+        chunks.append(remainder.to(torch.int64))
     return torch.cat(chunks, dim=-1)
 
 
@@ -107,13 +123,20 @@ def _kernel(name: str, key: tuple) -> Callable:
         fn = _FUNCTIONS[name]
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
         copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
-        _compiled[name, key] = torch.compile(copy, dynamic=False)
+        # dynamic=None: only the dims marked below are symbolic, d stays a constant
+        _compiled[name, key] = torch.compile(copy, dynamic=None)
     return _compiled[name, key]
 
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    # [rows, d]; after the first change of rows, Dynamo recompiles once with rows dynamic.
-    return None if t is None else t.reshape(-1, t.shape[-1])
+    """``[rows, d]`` with ``rows`` marked dynamic: one compilation serves every batch,
+    sequence length and generation step (``maybe``: a first call with one row must not
+    make Dynamo refuse the mark by specialising it)."""
+    if t is None:
+        return None
+    rows = t.reshape(-1, t.shape[-1])
+    torch._dynamo.maybe_mark_dynamic(rows, 0)
+    return rows
 
 
 def enabled() -> bool:
