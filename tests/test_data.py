@@ -33,7 +33,8 @@ SUMS = [(f"what is {a} plus {b}", str(a + b)) for a, b in ((1, 2), (3, 4), (5, 6
 
 
 def test_shipped_datasets_load_without_any_data_directory(monkeypatch) -> None:
-    """nq_open and gsm8k come from the package itself: no ../shared, no $MEFT_DS_DATA."""
+    """nq_open and gsm8k come from the package itself: no data directory beside the
+    repository, no $MEFT_DS_DATA."""
     monkeypatch.delenv("MEFT_DS_DATA", raising=False)
     examples = load_split("nq_open", "train", limit=5)
     assert examples[0].question == "when was the last time anyone was on the moon"

@@ -1,5 +1,7 @@
 """Data: sources (shipped, local, Hub) -> records -> prompts -> token batches."""
 
+from pathlib import Path
+
 from meft_ds.data.batches import BatchSchedule, Encoded, check_answers_kept, collate, encode
 from meft_ds.data.load import DataSpec, Split, open_split, tokenize
 from meft_ds.data.prompts import FORMATS, IGNORE, check_format, format_prompt, prompt_text
@@ -13,7 +15,8 @@ __all__ = [
 ]
 
 
-def load_split(dataset: str, split: str, data_dir=None, data_file: str | None = None,
+def load_split(dataset: str, split: str, data_dir: str | Path | None = None,
+               data_file: str | None = None,
                question_field: str | None = None, answer_field: str | None = None,
                limit: int | None = None) -> list[QAExample]:
     """Examples of ``split`` ("train" or "heldout") of a dataset or file (benchmarks' and
