@@ -120,8 +120,7 @@ class TrainConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise UserError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.data_file is not None and self.dataset != "nq_open" and (
-                self.dataset != self.data_file):
+        if self.data_file is not None and self.dataset not in ("nq_open", self.data_file):
             raise UserError("--data_file and --dataset name two training sources; give one")
         if self.resume and self.overwrite_output_dir:
             raise UserError("--resume and --overwrite_output_dir exclude each other")
