@@ -131,7 +131,9 @@ def _data_spec(args: argparse.Namespace, meta: dict) -> DataSpec:
     """The data flags given; without --dataset/--data_file, what the adapter trained on
     (recorded by export), else nq_open."""
     given = {k: getattr(args, k) for k in DATA_FLAGS if getattr(args, k) is not None}
-    recorded = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    recorded = meta.get("data") if isinstance(meta.get("data"), dict) else {
+        # adapters exported before the "data" record kept these keys at the top level
+        k: meta[k] for k in DATA_FLAGS if meta.get(k) is not None}
     base = {} if "dataset" in given or "data_file" in given else recorded
     try:
         return DataSpec(**{**base, **given})

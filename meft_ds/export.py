@@ -40,11 +40,13 @@ def _gathered(engine: Any):
 
 def data_record(cfg: Any) -> dict[str, Any]:
     """The run's data options, local paths made absolute (the evaluator may run elsewhere)."""
-    from meft_ds.data import DataSpec
+    from meft_ds.data import SHIPPED, DataSpec
 
     record = dataclasses.asdict(DataSpec.of(cfg))
     for key in ("dataset", "data_file", "heldout_file", "data_dir"):
         value = record[key]
+        if key == "dataset" and value in SHIPPED:
+            continue  # a shipped name stays a name, as the run read it
         if value and Path(value).expanduser().exists():
             record[key] = str(Path(value).expanduser().resolve())
     return record

@@ -15,7 +15,14 @@ import torch
 from meft_ds import build_lock, checkpoint, ds_config, export, memory, precision, run_dir
 from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
-from meft_ds.data import BatchSchedule, DataSpec, check_answers_kept, check_format, open_split
+from meft_ds.data import (
+    BatchSchedule,
+    DataSpec,
+    check_answers_kept,
+    check_format,
+    open_split,
+    prompt_text,
+)
 from meft_ds.data import tokenize as tokenize_split
 from meft_ds.errors import UserError
 from meft_ds.eval import evaluate_qa
@@ -157,6 +164,13 @@ def run(spec: RunSpec) -> dict[str, Any]:
     heldout = open_split(data, "heldout", cfg.eval_heldout).examples if cfg.eval_heldout else []
     tokenizer = loader.load_tokenizer(cfg.model)
     check_format(cfg.prompt_format, tokenizer)
+    # every prompt rendered and every training example tokenized now, so that a record the
+    # template cannot render fails here too (the config's vocabulary is the model's)
+    encoded = tokenize_split(train_split, cfg.prompt_format, tokenizer, cfg.max_seq_len,
+                             int(hf_config.vocab_size), progress=cfg.progress and rank == 0)
+    lost = check_answers_kept(encoded, cfg.max_seq_len)
+    for example in train_examples[: max(cfg.eval_trained, cfg.eval_periodic)] + heldout:
+        prompt_text(example, cfg.prompt_format, tokenizer)
     if cfg.overwrite_output_dir and rank == 0:
         run_dir.clear(out)
     mdist.barrier()
@@ -166,6 +180,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
     loaded = loader.load_model(cfg.model, dtype=dtype, seed=cfg.seed)
     model = loaded.model
     vocab = int(model.config.vocab_size)
+    if lost:
+        _say(f"warning: {lost} of {len(encoded)} training examples lose their whole answer "
+             f"at --max_seq_len {cfg.max_seq_len} and add no loss")
     method = spec.method_cls(spec.method_options, model.config)
     method.check_model(model)
     if cfg.gradient_checkpointing:
@@ -173,12 +190,6 @@ def run(spec: RunSpec) -> dict[str, Any]:
     module = method.apply(model)
 
     metric = data.metric
-    encoded = tokenize_split(train_split, cfg.prompt_format, tokenizer, cfg.max_seq_len, vocab,
-                             progress=cfg.progress and rank == 0)
-    lost = check_answers_kept(encoded, cfg.max_seq_len)
-    if lost:
-        _say(f"warning: {lost} of {len(encoded)} training examples lose their whole answer "
-             f"at --max_seq_len {cfg.max_seq_len} and add no loss")
     ds = ds_config.finalize(
         spec.deepspeed, world_size=world_size, max_steps=cfg.max_steps,
         warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,

@@ -258,3 +258,23 @@ def test_a_heldout_fraction_too_small_for_the_split_is_one_line() -> None:
     with pytest.raises(UserError, match="--heldout_fraction 0.9: ") as info:
         open_split(spec, "heldout", None)
     assert "\n" not in str(info.value)
+
+
+def test_adapter_data_records_round_trip_and_old_adapters_still_say_their_data(
+        tmp_path: Path, monkeypatch) -> None:
+    """A shipped name stays a name even beside a folder of that name; adapters exported
+    before the "data" record (top-level keys) are scored on their own data."""
+    import argparse
+
+    from meft_ds.config import TrainConfig
+    from meft_ds.evaluate_cli import DATA_FLAGS, _data_spec
+    from meft_ds.export import data_record
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gsm8k").mkdir()
+    record = data_record(TrainConfig(dataset="gsm8k"))
+    assert record["dataset"] == "gsm8k"
+    flags = argparse.Namespace(**dict.fromkeys(DATA_FLAGS))
+    assert _data_spec(flags, {"data": record}) == DataSpec(**record)
+    old = _data_spec(flags, {"dataset": "gsm8k", "data_file": None, "question_field": None})
+    assert old.dataset == "gsm8k" and old.metric == "gsm8k_accuracy"

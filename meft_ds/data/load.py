@@ -98,6 +98,16 @@ def open_split(spec: DataSpec, which: str, limit: int | None) -> Split:
     return Split(rows, reader, [reader.example(row, i) for i, row in enumerate(rows)])
 
 
+def _code_digest() -> str:
+    """Digest of the code that turns rows into token ids."""
+    import hashlib
+
+    from meft_ds.data import prompts, records
+
+    text = "".join(Path(m.__file__).read_text() for m in (prompts, records))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def tokenize(split: Split, fmt: str, tokenizer: Any, max_len: int, vocab_size: int,
              progress: bool = True) -> list[Encoded]:
     """Each example's ids and labels, through ``datasets.map`` (cached for file-backed
@@ -113,6 +123,12 @@ def tokenize(split: Split, fmt: str, tokenizer: Any, max_len: int, vocab_size: i
         import datasets
 
         datasets.disable_progress_bars()
+    from datasets.fingerprint import Hasher
+
+    # datasets hashes encode_row's closure but the module functions it calls only by name:
+    # their source goes into the fingerprint, so changed encoding code never reads an old cache
+    fingerprint = Hasher.hash((split.rows._fingerprint, fmt, max_len, vocab_size, reader.shape,
+                               reader.mapping, tokenizer, _code_digest()))
     mapped = split.rows.map(encode_row, with_indices=True, remove_columns=split.rows.column_names,
-                            desc="tokenize")
+                            desc="tokenize", new_fingerprint=fingerprint)
     return [Encoded(ids, labels) for ids, labels in zip(mapped["input_ids"], mapped["labels"])]
