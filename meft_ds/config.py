@@ -6,7 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from meft_ds.data.prompts import FORMATS
+from meft_ds.data.records import SHAPES
 from meft_ds.errors import UserError
+from meft_ds.precision import CHOICES as PRECISIONS
 
 
 def _opt(default, help_text: str, **meta):
@@ -33,7 +36,7 @@ class TrainConfig:
         0.0, "carve this fraction of the training split off as the held-out set (seeded)")
     record_format: str = _opt("auto", "record shape: question/answer (qa), instruction/input/"
                               "output (alpaca), chat messages (chat), or auto-detect",
-                              choices=("auto", "qa", "alpaca", "chat"))
+                              choices=SHAPES)
     column_map: str | None = _opt(None, "dataset columns for the record fields, e.g. "
                                   "question=query,answer=target or messages=conversation")
     question_field: str | None = _opt(None, "question column (shorthand for --column_map "
@@ -42,11 +45,11 @@ class TrainConfig:
                                     "strings (shorthand for --column_map answer=...)")
     prompt_format: str = _opt(
         "plain", "plain: 'Question: ...\\nAnswer:' prompts; chat: the tokenizer's chat "
-        "template, loss on the assistant turn only", choices=("plain", "chat"))
+        "template, loss on the assistant turn only", choices=FORMATS)
     precision: str = _opt(
         "auto", "auto: the DeepSpeed config's bf16, except without CUDA on a CPU without "
         "native bf16 (AVX512-BF16/AMX), where fp32 is used; bf16 or fp32 to choose",
-        choices=("auto", "bf16", "fp32"))
+        choices=PRECISIONS)
     train_examples: int = _opt(256, "training questions (the first N of the training split)")
     eval_trained: int = _opt(128, "trained questions scored before/after (0 = none)")
     eval_heldout: int = _opt(128, "held-out questions scored before/after (0 = none)")

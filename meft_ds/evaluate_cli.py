@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from meft_ds import export
-from meft_ds.data import DataSpec, check_format, open_split
+from meft_ds.data import FORMATS, DataSpec, check_format, open_split
+from meft_ds.data.records import SHAPES
 from meft_ds.errors import OneLineArgumentParser, UserError
 from meft_ds.eval import evaluate_qa
 
@@ -35,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout_split", default=None, help="held-out split of the dataset")
     p.add_argument("--heldout_fraction", type=float, default=None,
                    help="held-out fraction carved off the training split (as in training)")
-    p.add_argument("--record_format", choices=("auto", "qa", "alpaca", "chat"), default=None,
+    p.add_argument("--record_format", choices=SHAPES, default=None,
                    help="record shape (default: auto-detect)")
     p.add_argument("--column_map", default=None, help="e.g. question=query,answer=target")
     p.add_argument("--question_field", default=None, help="question column")
     p.add_argument("--answer_field", default=None, help="answer column")
-    p.add_argument("--prompt_format", choices=("plain", "chat"), default=None,
+    p.add_argument("--prompt_format", choices=FORMATS, default=None,
                    help="default: the adapter's training format, else plain")
     p.add_argument("--split", choices=("train", "heldout"), default="heldout",
                    help="which split to score (default: heldout)")
