@@ -30,6 +30,7 @@ from meft_ds.reversible.model import ReversibleLM
 from meft_ds.reversible.options import RESUME_FREE as REVERSIBLE_RESUME_FREE
 from meft_ds.reversible.options import check_deepspeed as check_reversible_deepspeed
 from meft_ds.sparse.adapter import SparseAdapter
+from meft_ds.sparse.diagnostics import Usage, summarise
 from meft_ds.sparse.options import SparseOptions, SparseSizes, resolve_sizes
 from meft_ds.sparse.runtime import SparseRuntime
 
@@ -85,7 +86,7 @@ class SparseMethod(Method):
     resume_free = frozenset({
         "sparse_lr_ratio", "sparse_weight_decay", "sparse_eps", "sparse_optimizer",
         "sparse_working_dtype", "sparse_store", "sparse_check_every", "sparse_cache_rows",
-        "sparse_eager_update", "sparse_prefetch", "sparse_huge_pages",
+        "sparse_eager_update", "sparse_prefetch", "sparse_huge_pages", "sparse_diagnostics",
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
@@ -142,6 +143,8 @@ class SparseMethod(Method):
         for param in model.parameters():
             param.requires_grad_(False)
         self.runtime = SparseRuntime(self.options, sizes)
+        if self.options.sparse_diagnostics:
+            self.runtime.usage = Usage(sizes)
         layers = arch.layers(model)
         if self.reversible:
             module = reversible_sparse.wrap(model, self.options, self.runtime, self.adapters)
@@ -241,7 +244,21 @@ class SparseMethod(Method):
         sent, store.comm_bytes = store.comm_bytes, 0
         rev = self.rev_model.step_metrics() if self.rev_model is not None else {}
         return {**self._runtime().metrics(), "sparse_comm_bytes": sent,
-                "sparse_store_bytes": store.nbytes(), **rev}
+                "sparse_store_bytes": store.nbytes(), **rev, **self._usage_metrics()}
+
+    def _usage_metrics(self) -> dict:
+        """Every ``sparse_diagnostics`` steps: the row-usage figures since the last report
+        (``sparse_usage_<figure>``: mean over layers; ``sparse_usage_layers``: figure ->
+        per-layer list), then the counts start again."""
+        usage, every = self._runtime().usage, self.options.sparse_diagnostics
+        if usage is None or not every or self._steps % every:
+            return {}
+        figures = summarise(usage, self._runtime().store)
+        usage.reset()
+        layers = list(figures["layers"].values())
+        out = {f"sparse_usage_{k}": v for k, v in figures["mean"].items()}
+        out["sparse_usage_layers"] = {k: [f[k] for f in layers] for k in figures["mean"]}
+        return out
 
     def save_state(self, directory: Path) -> None:
         runtime = self._runtime()

@@ -179,6 +179,7 @@ class SparseAdapter(nn.Module):
             return torch.zeros_like(hidden)
 
         logits = self.router(x)
+        fresh = decision is None  # not a recomputation (counted once by diagnostics)
         if decision is None:
             decision = self._prefetched(hidden)
         if decision is None:
@@ -193,6 +194,8 @@ class SparseAdapter(nn.Module):
         local = selection.local.to(x.device, non_blocking=True)
         slot = selection.slot.to(x.device, non_blocking=True)
         token_gates = gates.gather(1, slot).to(dtype)
+        if fresh and self.training and self.runtime.usage is not None:
+            self.runtime.usage.add_gates(self.layer, token_gates)
         sink = partial(self.runtime.add_row_grad, self.layer, selection.rows)
         out = _SparseRows.apply(x.to(dtype), token_gates, local, working, self.activation, sink)
         out = out.to(hidden.dtype)

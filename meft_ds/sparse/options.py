@@ -77,6 +77,10 @@ class SparseOptions:
         False, "route each layer from its attention input and select + fetch its rows on a "
         "CPU thread while attention runs (approximate routing; off = from the FFN input)"
     )
+    sparse_diagnostics: int = _opt(
+        0, "every N steps, log how the rows are used (meft_ds.sparse.diagnostics: distinct "
+        "rows, usage entropy, expert load, gates, row norms) to the metrics (0 = off)"
+    )
 
     def validate(self) -> None:
         """Check values that need no model; sizes are checked in :func:`resolve_sizes`."""
@@ -105,6 +109,10 @@ class SparseOptions:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise UserError(f"sparse: {name} must be in [0, 1), got {value}")
+        if self.sparse_diagnostics < 0:
+            raise UserError(
+                f"sparse: sparse_diagnostics must be >= 0, got {self.sparse_diagnostics}"
+            )
         if self.sparse_check_every < 0:
             raise UserError(
                 f"sparse: sparse_check_every must be >= 0, got {self.sparse_check_every}"

@@ -47,6 +47,7 @@ import torch
 
 from meft_ds import dist as mdist
 from meft_ds.sparse.cache import LayerCache, Moved, cache_capacity
+from meft_ds.sparse.diagnostics import Usage
 from meft_ds.sparse.eager import EagerRowUpdate
 from meft_ds.sparse.optim import RowAdamW
 from meft_ds.sparse.options import SparseOptions, SparseSizes
@@ -79,6 +80,7 @@ class SparseRuntime:
         self._last_rows_layer: list[float] = []
         self._eager: EagerRowUpdate | None = None
         self._prefetcher: ThreadPoolExecutor | None = None
+        self.usage: Usage | None = None  # row/expert counts (meft_ds.sparse.diagnostics)
 
     def row_optimizer(self) -> RowAdamW:
         """The store's AdamW, made on first use (inference never builds its kernel)."""
@@ -120,6 +122,8 @@ class SparseRuntime:
         hidden_cpu = hidden.detach().to("cpu")
         experts_cpu = experts.to("cpu")
         selection = self.store.select(layer, hidden_cpu, experts_cpu)
+        if count and self.usage is not None:
+            self.usage.add_selection(layer, experts_cpu, selection)
         if count:
             self._moved("d2h", Moved.of(hidden_cpu) + Moved.of(experts_cpu))
             self._counters["select_s"] += time.perf_counter() - start
@@ -329,6 +333,7 @@ class SparseRuntime:
         ))
         hot = sum(cache.grad_sq_norm() for cache in self.caches.values())
         eager = self._eager.sq_norm() if self._eager is not None else 0.0
+        self._counters["store_grad_norm"] = (cold + hot + eager) ** 0.5  # vs grad_norm
         return cold + hot + eager
 
     def step(self, lr: float, clip_coef: float = 1.0, skip: bool = False) -> None:
@@ -347,6 +352,7 @@ class SparseRuntime:
             for key, value in settled.items():
                 self._counters[key] += value
         store_lr = lr * self.options.sparse_lr_ratio
+        self._counters["clip_coef"] = clip_coef
         if skip or not finite:
             self._counters["store_steps_skipped"] += 1
         else:
@@ -402,7 +408,9 @@ class SparseRuntime:
         ``cache_evicted``, ``cache_rows`` (resident after the step, all layers);
         promotions, evictions and hot keys written back are in the byte counts.
         ``rows_per_layer``: rows selected per adapted layer (a list,
-        summed over micro-batches, hot and cold)."""
+        summed over micro-batches, hot and cold). ``clip_coef``: the factor gradient
+        clipping applied (1 = it did not fire); ``store_grad_norm``: the rows' share of
+        the global ``grad_norm``."""
         out: dict = {f"sparse_{key}": value for key, value in self._last.items()}
         if self._last_rows_layer:
             out["sparse_rows_per_layer"] = list(self._last_rows_layer)

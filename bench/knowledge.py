@@ -1,0 +1,289 @@
+"""Knowledge injection, measured: how many facts each method learns, side by side, and
+what it costs the model's other knowledge.
+
+Each configuration trains through the real launcher (``launch/train.py``, one process per
+run, ``ds_configs/cpu.json``: fp32) on the first N question/answer pairs of NQ-open
+(shipped), for the same number of passes over the facts, micro-batch and seed. Measured
+per run:
+
+- ``trained_em``: exact match on (up to 256 of) the trained questions: facts learned;
+- ``heldout_em``: exact match on unseen questions (EfficientQA dev): generalisation;
+- ``damage``: the change of the model's mean answer-token NLL on text it handled before
+  training (GSM8K test question -> worked answer, 128 examples, teacher-forced): positive
+  = the model got worse at what it knew;
+- ``memory_proxy_bytes``: GPU working memory a configuration needs, device-independent:
+  fp32 trainable state on the device (weights, gradients, two Adam moments: 16 B per
+  engine-trained parameter; the sparse store's rows stay on the host) + the bytes
+  autograd saved in a training forward at the same micro-batch (the run's mean
+  ``saved_activation_bytes``; it includes the sparse working sets).
+
+Every run keeps its directory under ``--work`` (``<config>/n<N>_lr<lr>``); a run with a
+``point.json`` is not run again, so an interrupted study resumes where it stopped.
+``--sweep`` first tries each configuration's learning rates at N = 256 and keeps the
+best (by trained EM, then final loss) for the study. Writes ``--out`` (JSON) and a plot.
+
+    .venv/bin/python bench/knowledge.py --sweep --sizes 64 256 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> launcher flags. LoRA on all linear layers (alpha = 2r, the project's ratio);
+# the dense adapter as wide as the 0.1 sparse store (391 rows per layer on SmolLM2-135M).
+CONFIGS: dict[str, list[str]] = {
+    "sparse_0.1": ["--method", "sparse", "--sparse_param_fraction", "0.1"],
+    "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0"],
+    "lora_r8": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16"],
+    "lora_r64": ["--method", "lora", "--lora_r", "64", "--lora_alpha", "128"],
+    "parallel_adapter": ["--method", "parallel_adapter", "--adapter_size", "391"],
+    "full": ["--method", "full"],
+    "reversible": ["--method", "reversible"],
+    "sparse_reversible": ["--method", "sparse", "--reversible", "true"],
+}
+SWEEP_LRS: dict[str, list[float]] = {
+    "sparse_0.1": [1e-3, 3e-3], "sparse_1.0": [1e-3, 3e-3], "lora_r8": [1e-3, 3e-3],
+    "lora_r64": [3e-4, 1e-3], "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4],
+    "reversible": [1e-3, 3e-3], "sparse_reversible": [1e-3, 3e-3],
+}
+SWEEP_N = 256
+MICRO_BATCH = 4  # ds_configs/cpu.json
+ADAM_BYTES = 16  # fp32 weight + gradient + two moments per engine-trained parameter
+
+
+@dataclass(frozen=True)
+class Study:
+    """What every run shares."""
+
+    epochs: int = 6
+    seed: int = 42
+    eval_trained: int = 256
+    eval_heldout: int = 128
+    damage_examples: int = 128
+    model: str = "smollm2-135m"
+    config: str = "ds_configs/cpu.json"
+    extra: tuple[str, ...] = ()  # more launcher flags for every run (tests: a tiny model)
+
+
+def steps_for(n: int, study: Study) -> int:
+    """Optimizer steps for ``study.epochs`` passes over ``n`` facts."""
+    return max(1, -(-study.epochs * n // MICRO_BATCH))
+
+
+def run_dir(work: Path, name: str, n: int, lr: float) -> Path:
+    return work / name / f"n{n}_lr{lr:g}"
+
+
+def train(name: str, n: int, lr: float, study: Study, work: Path) -> Path:
+    """Train one configuration through the launcher (unless finished before)."""
+    out = run_dir(work, name, n, lr)
+    if (out / "results.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
+           str(ROOT / study.config), *CONFIGS[name], "--model", study.model,
+           "--train_examples", str(n), "--max_steps", str(steps_for(n, study)),
+           "--lr", str(lr), "--seed", str(study.seed),
+           "--eval_trained", str(min(n, study.eval_trained)),
+           "--eval_heldout", str(study.eval_heldout), "--eval_before", "false",
+           "--save_final", "false", "--progress", "false",
+           "--output_dir", str(out), "--overwrite_output_dir", "true", *study.extra]
+    log = out.parent / f"{out.name}.log"  # beside the run dir: --overwrite_output_dir clears it
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise SystemExit(f"error: {name} n={n} lr={lr:g} failed (see {log}): "
+                         + " | ".join(tail))
+    (out / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    return out
+
+
+def answer_nll(adapted, examples, batch: int = 16) -> float:
+    """Mean next-token NLL of the answer tokens of ``examples`` (plain prompts, teacher
+    forced) through ``adapted`` (a :class:`meft_ds.inference.AdaptedModel`)."""
+    import torch
+
+    from meft_ds.data.batches import collate, encode
+    from meft_ds.trainer import lm_loss
+
+    tok = adapted.tokenizer
+    vocab = int(adapted.module.config.vocab_size) if hasattr(adapted.module, "config") else None
+    encoded = [encode(e, tok, 512, vocab or len(tok)) for e in examples]
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch):
+        b = collate(encoded[i : i + batch], tok.pad_token_id)
+        with torch.no_grad():
+            logits = adapted.logits(b["input_ids"], b["attention_mask"])
+        n = int((b["labels"][:, 1:] != -100).sum())
+        total += float(lm_loss(logits, b["labels"])) * n
+        count += n
+    return total / max(count, 1)
+
+
+def damage_examples(study: Study) -> list:
+    from meft_ds.data import DataSpec, open_split
+
+    spec = DataSpec(dataset="gsm8k", heldout_split="heldout")
+    return open_split(spec, "heldout", study.damage_examples).examples
+
+
+def base_nll(any_run: Path, study: Study, work: Path) -> float:
+    """The untrained model's answer NLL (any run's adapter, freshly initialised: every
+    method starts as the base model), computed once per study."""
+    path = work / "base_nll.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["nll"])
+    from meft_ds.inference import load_adapted
+
+    nll = answer_nll(load_adapted(any_run / "adapter", weights=False), damage_examples(study))
+    path.write_text(json.dumps({"nll": nll}))
+    return nll
+
+
+def trainable_parameters(log_text: str) -> int:
+    """Engine-trained parameters, from the launcher's ``engine:`` line."""
+    found = re.search(r"([\d,]+) trainable parameters", log_text)
+    if not found:
+        raise SystemExit("error: the run's log has no 'trainable parameters' line")
+    return int(found.group(1).replace(",", ""))
+
+
+def score(run: Path, study: Study, work: Path) -> dict:
+    """The run's point of the study (cached in ``point.json``)."""
+    cached = run / "point.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    from meft_ds.inference import load_adapted
+
+    results = json.loads((run / "results.json").read_text())
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "loss" in s]
+    trainable = trainable_parameters((run.parent / f"{run.name}.log").read_text())
+    activations = sum(s["saved_activation_bytes"] for s in steps) / len(steps)
+    nll = answer_nll(load_adapted(run / "adapter"), damage_examples(study))
+    before = base_nll(run, study, work)
+    after = results["after"]
+    point = {
+        "trained_em": after["trained"]["score"], "trained_n": after["trained"]["n"],
+        "heldout_em": after.get("heldout", {}).get("score"),
+        "final_loss": results["final_loss"],
+        "loss_last_pass": sum(s["loss"] for s in steps[-len(steps) // study.epochs :])
+        / max(1, len(steps) // study.epochs),
+        "nll_before": before, "nll_after": nll, "damage": nll - before,
+        "trainable_parameters": trainable,
+        "store_bytes": steps[-1].get("sparse_store_bytes", 0),
+        "saved_activation_bytes": activations,
+        "memory_proxy_bytes": ADAM_BYTES * trainable + activations,
+        "steps": results["steps"],
+        "wall_s": float((run / "wall_s.txt").read_text()) if (run / "wall_s.txt").is_file()
+        else None,
+    }
+    cached.write_text(json.dumps(point, indent=1))
+    return point
+
+
+def best_lr(points: dict[float, dict]) -> float:
+    """Highest trained EM; ties go to the lower loss over the last pass."""
+    return max(points, key=lambda lr: (points[lr]["trained_em"], -points[lr]["loss_last_pass"]))
+
+
+def run_study(names: list[str], sizes: list[int], study: Study, work: Path, sweep: bool,
+              lrs: dict[str, float]) -> dict:
+    """Sweep (optional), then every configuration at every size; returns the report."""
+    report: dict = {"study": {**study.__dict__, "extra": list(study.extra),
+                              "micro_batch": MICRO_BATCH, "configs": {n: CONFIGS[n]
+                                                                      for n in names}},
+                    "sweep": {}, "points": {}}
+    for name in names:
+        if sweep:
+            tried = {}
+            for lr in SWEEP_LRS[name]:
+                tried[lr] = score(train(name, SWEEP_N, lr, study, work), study, work)
+            lrs[name] = best_lr(tried)
+            report["sweep"][name] = {"n": SWEEP_N, "chosen": lrs[name],
+                                     "tried": {f"{lr:g}": p for lr, p in tried.items()}}
+        lr = lrs.get(name, SWEEP_LRS[name][0])
+        for n in sizes:
+            point = score(train(name, n, lr, study, work), study, work)
+            report["points"].setdefault(name, {})[str(n)] = {"lr": lr, **point}
+            print(f"{name:<18} N={n:<5} lr={lr:<7g} trained EM {100 * point['trained_em']:5.1f}%"
+                  f"  heldout {100 * (point['heldout_em'] or 0):4.1f}%  damage "
+                  f"{point['damage']:+.3f}  proxy {point['memory_proxy_bytes'] / 2**20:7.1f} MiB",
+                  flush=True)
+    return report
+
+
+def plot(report: dict, path: Path) -> None:
+    """EM on trained facts against N (a line per configuration), and against the memory
+    proxy at the largest N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in report["points"].items():
+        ns = sorted(points, key=int)
+        left.plot([int(n) for n in ns], [100 * points[n]["trained_em"] for n in ns], "o-",
+                  label=name)
+        top = points[ns[-1]]
+        right.scatter(top["memory_proxy_bytes"] / 2**20, 100 * top["trained_em"])
+        right.annotate(name, (top["memory_proxy_bytes"] / 2**20, 100 * top["trained_em"]),
+                       fontsize=7)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("facts trained (N)")
+    left.set_ylabel("EM on trained facts (%)")
+    left.legend(fontsize=7)
+    right.set_xscale("log")
+    right.set_xlabel("GPU working-memory proxy (MiB)")
+    right.set_ylabel("EM on trained facts at the largest N (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[64, 256, 1024])
+    parser.add_argument("--epochs", type=int, default=Study.epochs)
+    parser.add_argument("--sweep", action="store_true", help="choose each lr at N=256 first")
+    parser.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
+                        help="a configuration's learning rate (without --sweep)")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "knowledge"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "knowledge.json"))
+    parser.add_argument("--extra", default="", help="more launcher flags for every run")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    lrs = {}
+    for item in args.lr:
+        name, _, value = item.partition("=")
+        if name not in CONFIGS or not value:
+            parser.error(f"--lr {item!r}: give CONFIG=LR with CONFIG one of {', '.join(CONFIGS)}")
+        lrs[name] = float(value)
+    study = Study(epochs=args.epochs, extra=tuple(args.extra.split()))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report = run_study(args.configs, args.sizes, study, work, args.sweep, lrs)
+    report["machine"] = platform.machine()
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    plot(report, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

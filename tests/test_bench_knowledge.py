@@ -1,0 +1,87 @@
+"""The knowledge-injection study (bench/knowledge.py): its scoring and its resume, on a
+tiny random model trained through the real launcher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from bench import knowledge
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, 64-wide random LLaMA with SmolLM2's tokenizer, saved like a checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from meft_ds.models import loader
+
+    tokenizer = loader.load_tokenizer("smollm2-135m")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.unit
+def test_best_lr_prefers_em_then_lower_loss():
+    points = {1e-3: {"trained_em": 0.5, "loss_last_pass": 0.3},
+              3e-3: {"trained_em": 0.5, "loss_last_pass": 0.2},
+              1e-2: {"trained_em": 0.25, "loss_last_pass": 0.01}}
+    assert knowledge.best_lr(points) == 3e-3
+
+
+@pytest.mark.unit
+def test_steps_cover_the_passes_over_the_facts():
+    study = knowledge.Study(epochs=6)
+    assert knowledge.steps_for(256, study) == 384  # 6 * 256 / micro-batch 4
+    assert knowledge.steps_for(6, knowledge.Study(epochs=1)) == 2  # rounded up
+
+
+@pytest.mark.integration
+def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    study = knowledge.Study(epochs=1, eval_trained=8, eval_heldout=4, damage_examples=4,
+                            model=str(tiny_model_dir))
+    work = tmp_path / "work"
+    work.mkdir()
+    report = knowledge.run_study(["lora_r8", "sparse_0.1"], [8], study, work, sweep=False,
+                                 lrs={"lora_r8": 1e-3})
+    lora, sparse = report["points"]["lora_r8"]["8"], report["points"]["sparse_0.1"]["8"]
+    for point in (lora, sparse):
+        assert point["steps"] == 2 and point["trained_n"] == 8
+        assert 0.0 <= point["trained_em"] <= 1.0 and 0.0 <= point["heldout_em"] <= 1.0
+        assert point["damage"] == pytest.approx(point["nll_after"] - point["nll_before"])
+        assert point["nll_before"] > 0 and point["saved_activation_bytes"] > 0
+        assert point["memory_proxy_bytes"] == pytest.approx(
+            16 * point["trainable_parameters"] + point["saved_activation_bytes"])
+    # both start as the base model: one base NLL; the trained models moved away from it
+    assert lora["nll_before"] == sparse["nll_before"]
+    assert lora["nll_after"] != lora["nll_before"] and sparse["nll_after"] != lora["nll_before"]
+    assert lora["lr"] == 1e-3 and sparse["lr"] == knowledge.SWEEP_LRS["sparse_0.1"][0]
+    # the sparse store stays on the host: only its routers count as device state
+    assert sparse["store_bytes"] > 0 and lora["store_bytes"] == 0
+    assert sparse["trainable_parameters"] < sparse["store_bytes"] / 12
+
+    # resume: finished runs are neither trained nor scored again ...
+    def no_runs(*args, **kwargs):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(subprocess, "run", no_runs)
+    again = knowledge.run_study(["lora_r8", "sparse_0.1"], [8], study, work, sweep=False,
+                                lrs={"lora_r8": 1e-3})
+    assert again["points"] == report["points"]
+    # ... and a run trained but not yet scored is scored without training
+    run = knowledge.run_dir(work, "lora_r8", 8, 1e-3)
+    (run / "point.json").unlink()
+    rescored = knowledge.run_study(["lora_r8"], [8], study, work, sweep=False,
+                                   lrs={"lora_r8": 1e-3})
+    assert rescored["points"]["lora_r8"]["8"] == lora
+    assert json.loads((run / "point.json").read_text())["trained_em"] == lora["trained_em"]
