@@ -98,36 +98,45 @@ def test_select_rows_matches_brute_force():
 
 # --- row-sparse AdamW ------------------------------------------------------------------
 def _row_adamw_against_torch(backend: str, selections: list[torch.Tensor], rows: int = 12,
-                             width: int = 40) -> None:
+                             width: int = 40, key_lr_ratio: float = 1.0) -> None:
     """RowAdamW over ``selections`` (one tensor of unique rows per step) equals one
-    ``torch.optim.AdamW`` per row stepped only when selected; unselected rows stay as is."""
+    ``torch.optim.AdamW`` per row stepped only when selected; unselected rows stay as is.
+    With ``key_lr_ratio``, a row's first half (its key) is a param group at that lr ratio."""
     gen = torch.Generator().manual_seed(0)
-    lr, wd = 1e-2, 0.1
+    lr, wd, half = 1e-2, 0.1, width // 2
     weight = torch.randn(rows, width, generator=gen)
     m, v = torch.zeros_like(weight), torch.zeros_like(weight)
     steps = torch.zeros(rows, dtype=torch.int64)
-    reference = [torch.nn.Parameter(weight[i].clone()) for i in range(rows)]
-    ref_opt = [torch.optim.AdamW([p], lr=lr, weight_decay=wd) for p in reference]
-    optimizer = RowAdamW(backend, weight_decay=wd)
+    reference = [(torch.nn.Parameter(weight[i, :half].clone()),
+                  torch.nn.Parameter(weight[i, half:].clone())) for i in range(rows)]
+    ref_opt = [torch.optim.AdamW([{"params": [k], "lr": lr * key_lr_ratio}, {"params": [val]}],
+                                 lr=lr, weight_decay=wd) for k, val in reference]
+    optimizer = RowAdamW(backend, weight_decay=wd, key_lr_ratio=key_lr_ratio, key_width=half)
+    keys_at_start = weight[:, :half].clone()
     for chosen in selections:
         grad = torch.randn(len(chosen), width, generator=gen)
         before = weight.clone(), m.clone(), v.clone()
         optimizer.step(weight, m, v, steps, chosen, grad, lr)
         for j, i in enumerate(chosen.tolist()):
-            reference[i].grad = grad[j].clone()
+            reference[i][0].grad = grad[j, :half].clone()
+            reference[i][1].grad = grad[j, half:].clone()
             ref_opt[i].step()
         untouched = torch.ones(rows, dtype=torch.bool)
         untouched[chosen] = False
         for now, was in zip((weight, m, v), before):
             assert torch.equal(now[untouched], was[untouched]), "lazy rows must not change"
-    expected = torch.stack([p.detach() for p in reference])
+    expected = torch.stack([torch.cat([k.detach(), val.detach()]) for k, val in reference])
     torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-6)
+    if key_lr_ratio == 0:
+        assert torch.equal(weight[:, :half], keys_at_start), "frozen keys must not move"
     for i in range(rows):
-        state = ref_opt[i].state.get(reference[i], {})
-        assert int(steps[i]) == int(state.get("step", 0))
-        if state:
-            torch.testing.assert_close(m[i], state["exp_avg"], rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(v[i], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+        states = [ref_opt[i].state.get(p, {}) for p in reference[i]]
+        assert int(steps[i]) == int(states[0].get("step", 0))
+        if states[0]:
+            torch.testing.assert_close(m[i], torch.cat([s["exp_avg"] for s in states]),
+                                       rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(v[i], torch.cat([s["exp_avg_sq"] for s in states]),
+                                       rtol=1e-4, atol=1e-9)
 
 
 # backend, thresholds of meft_ds.sparse.optim, torch's thread count (the op splits rows
@@ -170,6 +179,31 @@ MIXED_SELECTIONS = [
 def test_row_adamw_unsorted_rows_mixed_step_counts(row_adamw_backend, width):
     selections = [torch.tensor(s) for s in MIXED_SELECTIONS]
     _row_adamw_against_torch(row_adamw_backend, selections, width=width)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("ratio", [0.0, 0.1])
+def test_row_adamw_key_lr_ratio_is_a_key_param_group_at_that_rate(row_adamw_backend, ratio):
+    selections = [torch.tensor(s) for s in MIXED_SELECTIONS]
+    _row_adamw_against_torch(row_adamw_backend, selections, width=40, key_lr_ratio=ratio)
+
+
+@pytest.mark.unit
+def test_row_adamw_key_lr_ratio_on_resident_rows():
+    """The hot-row cache's update scales the key step the same way."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 8, generator=gen)
+    grad = torch.randn(3, 8, generator=gen)
+    slots = torch.tensor([4, 0, 2])
+    results = {}
+    for ratio in (1.0, 0.25):
+        w, m, v = weight.clone(), torch.zeros_like(weight), torch.zeros_like(weight)
+        RowAdamW("torch", key_lr_ratio=ratio, key_width=4).step_resident(
+            w, m, v, torch.zeros(6, dtype=torch.int64), slots, grad, 1e-2)
+        results[ratio] = w
+    step = results[1.0] - weight
+    torch.testing.assert_close(results[0.25][:, :4] - weight[:, :4], 0.25 * step[:, :4])
+    assert torch.equal(results[0.25][:, 4:], results[1.0][:, 4:])
 
 
 @pytest.mark.integration

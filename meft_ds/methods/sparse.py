@@ -84,7 +84,8 @@ class SparseMethod(Method):
     help = "MEFT sparse adapter: wide FFN-parallel adapter, rows + Adam states in CPU RAM"
     Options = reversible_sparse.SparseMethodOptions  # SparseOptions + ``--reversible``
     resume_free = frozenset({
-        "sparse_lr_ratio", "sparse_weight_decay", "sparse_eps", "sparse_optimizer",
+        "sparse_lr_ratio", "sparse_key_lr_ratio", "sparse_weight_decay", "sparse_eps",
+        "sparse_optimizer",
         "sparse_working_dtype", "sparse_store", "sparse_check_every", "sparse_cache_rows",
         "sparse_eager_update", "sparse_prefetch", "sparse_huge_pages", "sparse_diagnostics",
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options

@@ -43,11 +43,17 @@ class RowAdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        key_lr_ratio: float = 1.0,
+        key_width: int = 0,
     ) -> None:
         self.backend = backend
         self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay
+        # the first ``key_width`` columns of a row (its key) move by ``key_lr_ratio`` times
+        # the AdamW step (0: frozen keys); the moments are those of the plain step
+        self.key_lr_ratio = key_lr_ratio
+        self.key_width = key_width
         self._op = None
         if backend == "cpu_adam":
             self._op = _load_op()
@@ -80,13 +86,32 @@ class RowAdamW:
         if g.shape != expected:
             raise ValueError(f"grad is {tuple(g.shape)}, expected {expected}")
         rows = _as(rows, torch.int64)
+        old_keys = self._keys_before(weight, rows)
         if self._op is None:
             self._torch_step(weight, exp_avg, exp_avg_sq, steps, rows, g, lr)
+        else:
+            _check_in_place(weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+            b1, b2 = self.betas
+            self._op.row_adam_step(weight, exp_avg, exp_avg_sq, g, rows, steps, lr, b1, b2,
+                                   self.eps, self.weight_decay, PARALLEL_MIN_ELEMENTS)
+        self._scale_key_steps(weight, rows, old_keys)
+
+    def _keys_before(self, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The selected rows' keys before the step, when keys take a scaled step."""
+        if self.key_lr_ratio == 1.0 or not self.key_width:
+            return None
+        return weight[:, : self.key_width].index_select(0, rows)
+
+    @torch.no_grad()
+    def _scale_key_steps(self, weight: torch.Tensor, rows: torch.Tensor,
+                         old: torch.Tensor | None) -> None:
+        """``k <- k_old + ratio * (k_adamw - k_old)``: AdamW's step (decay included) is
+        linear in the learning rate, so this is the step at ``ratio * lr``."""
+        if old is None:
             return
-        _check_in_place(weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-        b1, b2 = self.betas
-        self._op.row_adam_step(weight, exp_avg, exp_avg_sq, g, rows, steps, lr, b1, b2,
-                               self.eps, self.weight_decay, PARALLEL_MIN_ELEMENTS)
+        keys = weight[:, : self.key_width]
+        new = keys.index_select(0, rows)
+        keys.index_copy_(0, rows, old.lerp_(new, self.key_lr_ratio))
 
     @torch.no_grad()
     def _torch_step(self, weight: torch.Tensor, exp_avg: torch.Tensor,
@@ -124,10 +149,13 @@ class RowAdamW:
         steps[slots] += 1
         index = slots.to(weight.device, non_blocking=True)
         p = weight.index_select(0, index)
+        old_keys = self._keys_before(p, torch.arange(p.shape[0], device=p.device))
         m = exp_avg.index_select(0, index)
         v = exp_avg_sq.index_select(0, index)
         row_steps = steps[slots].to(weight.device, non_blocking=True)
         torch_adamw_(p, grad, m, v, row_steps, lr, self.betas, self.eps, self.weight_decay)
+        if old_keys is not None:
+            p[:, : self.key_width].lerp_(old_keys, 1.0 - self.key_lr_ratio)
         weight.index_copy_(0, index, p)
         exp_avg.index_copy_(0, index, m)
         exp_avg_sq.index_copy_(0, index, v)

@@ -39,6 +39,11 @@ class SparseOptions:
     layer_start: int = _opt(0, "first adapted layer")
     layer_end: int | None = _opt(None, "adapted layers end before this one (unset = last layer)")
     sparse_lr_ratio: float = _opt(1.0, "CPU row store learning rate = engine lr * this")
+    sparse_key_lr_ratio: float = _opt(
+        1.0, "keys' learning rate as a fraction of the row store's (values keep the full "
+        "rate); small values keep a token's row selection stable while values learn, 0 "
+        "freezes the random keys"
+    )
     sparse_weight_decay: float = _opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
     sparse_beta1: float = _opt(0.9, "Adam beta1 of the CPU row store")
     sparse_beta2: float = _opt(0.999, "Adam beta2 of the CPU row store")
@@ -101,6 +106,10 @@ class SparseOptions:
             )
         if self.sparse_lr_ratio <= 0 or not math.isfinite(self.sparse_lr_ratio):
             raise UserError(f"sparse: sparse_lr_ratio must be > 0, got {self.sparse_lr_ratio}")
+        if not 0.0 <= self.sparse_key_lr_ratio <= 1.0:
+            raise UserError(
+                f"sparse: sparse_key_lr_ratio must be in [0, 1], got {self.sparse_key_lr_ratio}"
+            )
         if self.sparse_weight_decay < 0:
             raise UserError(
                 f"sparse: sparse_weight_decay must be >= 0, got {self.sparse_weight_decay}"

@@ -91,6 +91,8 @@ class SparseRuntime:
                 betas=(options.sparse_beta1, options.sparse_beta2),
                 eps=options.sparse_eps,
                 weight_decay=options.sparse_weight_decay,
+                key_lr_ratio=options.sparse_key_lr_ratio,
+                key_width=self.sizes.hidden,
             )
         return self._optimizer
 
