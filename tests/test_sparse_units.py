@@ -28,6 +28,8 @@ from meft_ds.sparse.runtime import SparseRuntime
         ({"sparse_param_fraction": 0}, "sparse_param_fraction"),
         ({"layer_start": 4, "layer_end": 2}, "layer_end"),
         ({"sparse_lr_ratio": 0}, "sparse_lr_ratio"),
+        ({"sparse_key_lr_ratio": 1.5}, "sparse_key_lr_ratio"),
+        ({"sparse_diagnostics": -1}, "sparse_diagnostics"),
         ({"sparse_beta2": 1.0}, "sparse_beta2"),
         ({"sparse_eps": 0}, "sparse_eps"),
         ({"sparse_weight_decay": -1}, "sparse_weight_decay"),
