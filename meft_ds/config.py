@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from meft_ds.data.load import DataSpec
 from meft_ds.data.prompts import FORMATS
 from meft_ds.data.records import SHAPES
 from meft_ds.errors import UserError
@@ -41,8 +42,9 @@ class TrainConfig:
                                   "question=query,answer=target or messages=conversation")
     question_field: str | None = _opt(None, "question column (shorthand for --column_map "
                                       "question=...)")
-    answer_field: str | None = _opt(None, "answer column: a string or a list of accepted "
-                                    "strings (shorthand for --column_map answer=...)")
+    answer_field: str | None = _opt(None, "answer column: a string, a list of accepted "
+                                    "strings or SQuAD's {'text': [...]} (shorthand for "
+                                    "--column_map answer=...)")
     prompt_format: str = _opt(
         "plain", "plain: 'Question: ...\\nAnswer:' prompts; chat: the tokenizer's chat "
         "template, loss on the assistant turn only", choices=FORMATS)
@@ -121,10 +123,7 @@ class TrainConfig:
             raise UserError(f"gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise UserError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
-        if self.data_file is not None and self.dataset not in ("nq_open", self.data_file):
-            raise UserError("--data_file and --dataset name two training sources; give one")
+        DataSpec.of(self).validate()  # the data options, checked as the evaluator checks them
         if self.resume and self.overwrite_output_dir:
             raise UserError("--resume and --overwrite_output_dir exclude each other")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():

@@ -61,6 +61,32 @@ METRICS: dict[str, Callable[[str, Sequence[str]], bool]] = {
 }
 
 
+# tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Gemma, Phi-3)
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>",
+               "<|endoftext|>")
+
+
+def stop_ids(tokenizer: Any, prompt_format: str = "plain", generation_config: Any = None,
+             vocab_size: int | None = None) -> list[int]:
+    """The token ids that end an answer (the tokenizer's EOS first).
+
+    ``plain`` answers end with EOS, as trained. A ``chat`` answer ends where the template
+    ends the assistant turn, which is not always EOS (Llama 3 ``<|eot_id|>``, Qwen
+    ``<|im_end|>``, Gemma ``<end_of_turn>``): the model's ``generation_config`` EOS id(s) and
+    the known end-of-turn tokens the vocabulary has stop it too. Ids wrap modulo
+    ``vocab_size`` as in training.
+    """
+    ids = [tokenizer.eos_token_id]
+    if prompt_format == "chat":
+        configured = getattr(generation_config, "eos_token_id", None)
+        ids += configured if isinstance(configured, list) else [configured]
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[token] for token in END_OF_TURN if token in vocab]
+    if vocab_size is not None:
+        ids = [i % vocab_size for i in ids if i is not None]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def first_answer_line(text: str) -> str:
     """The model's answer: generation up to the first newline (NQ answers are short)."""
     return text.strip().split("\n", 1)[0].strip()
@@ -77,14 +103,17 @@ def generate(
     vocab_size: int | None = None,
     progress: bool = True,
     hf_model: Any = None,
+    stop: Sequence[int] | None = None,
 ) -> list[str]:
-    """Batched greedy decoding with left padding.
+    """Batched greedy decoding with left padding; a row ends at the first of ``stop``
+    (default: the tokenizer's EOS; see :func:`stop_ids`), which the text leaves out.
 
     With ``hf_model`` (a transformers model whose forward is the method's forward) this
     uses its ``generate`` with a KV cache; otherwise any ``logits_fn(ids, mask)`` works
     (custom forwards): each step then recomputes the prefix, fine for short answers.
     """
     eos = tokenizer.eos_token_id
+    stops = list(stop) if stop else [eos]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     outputs: list[str] = []
     batches = range(0, len(prompts), batch_size)
@@ -103,10 +132,12 @@ def generate(
         if hf_model is not None:
             out = hf_model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad, eos_token_id=eos, use_cache=True,
+                do_sample=False, pad_token_id=pad,
+                eos_token_id=stops[0] if len(stops) == 1 else stops, use_cache=True,
             )
-            _decode_rows(out[:, width:].tolist(), eos, tokenizer, outputs)
+            _decode_rows(out[:, width:].tolist(), stops, tokenizer, outputs)
             continue
+        stop_t = torch.tensor(stops, device=device)
         done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         new_tokens: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
@@ -114,19 +145,22 @@ def generate(
             nxt = logits.argmax(dim=-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             new_tokens.append(nxt)
-            done |= nxt == eos
+            ended = torch.isin(nxt, stop_t)
+            done |= ended
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, (~done | (nxt == eos)).long()[:, None]], dim=1)
+            mask = torch.cat([mask, (~done | ended).long()[:, None]], dim=1)
             if bool(done.all()):
                 break
-        _decode_rows(torch.stack(new_tokens, dim=1).tolist(), eos, tokenizer, outputs)
+        _decode_rows(torch.stack(new_tokens, dim=1).tolist(), stops, tokenizer, outputs)
     return outputs
 
 
-def _decode_rows(rows: list[list[int]], eos: int, tokenizer: Any, outputs: list[str]) -> None:
+def _decode_rows(rows: list[list[int]], stops: Sequence[int], tokenizer: Any,
+                 outputs: list[str]) -> None:
+    """Each row's text up to its first stop token (left out, as are special tokens)."""
     for row in rows:
-        row = row[: row.index(eos)] if eos in row else row
-        outputs.append(tokenizer.decode(row, skip_special_tokens=True))
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        outputs.append(tokenizer.decode(row[:end], skip_special_tokens=True))
 
 
 def evaluate_qa(
@@ -141,14 +175,19 @@ def evaluate_qa(
     progress: bool = True,
     hf_model: Any = None,
     prompt_format: str = "plain",
+    generation_config: Any = None,
 ) -> dict[str, Any]:
-    """Score ``examples`` prompted in ``prompt_format`` (as in training):
-    ``{"score", "n", "predictions": [{question, prediction, ok}]}``."""
+    """Score ``examples`` prompted in ``prompt_format`` (as in training), answers ending
+    where that format ends them (:func:`stop_ids`; ``generation_config``: the model's,
+    default ``hf_model``'s): ``{"score", "n", "predictions": [{question, prediction, ok}]}``."""
     scorer = METRICS[metric]
     prompts = [prompt_text(e, prompt_format, tokenizer) for e in examples]
+    if generation_config is None:
+        generation_config = getattr(hf_model, "generation_config", None)
+    stop = stop_ids(tokenizer, prompt_format, generation_config, vocab_size)
     raw = generate(
         logits_fn, tokenizer, prompts, max_new_tokens, batch_size, device, vocab_size, progress,
-        hf_model,
+        hf_model, stop,
     )
     rows = []
     for example, text in zip(examples, raw):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from meft_ds import export
-from meft_ds.data import FORMATS, DataSpec, check_format, open_split
-from meft_ds.data.records import SHAPES
+from meft_ds import export, options
+from meft_ds.config import TrainConfig
+from meft_ds.data import DataSpec, check_format, open_split
 from meft_ds.errors import OneLineArgumentParser, UserError
 from meft_ds.eval import evaluate_qa
 
@@ -25,26 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="directory written by training (<output_dir>/adapter)")
     src.add_argument("--model", help="evaluate a base model (smollm2-135m or a HF dir)")
-    p.add_argument("--dataset", default=None,
-                   help="nq_open, gsm8k, a data file, a save_to_disk directory or a Hub id "
-                        "(default: what the adapter trained on, else nq_open)")
-    p.add_argument("--data_dir", default=None,
-                   help="directory of the shipped datasets' files (default $MEFT_DS_DATA, else "
-                        "the package's copy)")
-    p.add_argument("--data_file", default=None, help="same as --dataset FILE")
-    p.add_argument("--heldout_file", default=None, help="held-out data file")
-    p.add_argument("--heldout_split", default=None, help="held-out split of the dataset")
-    p.add_argument("--heldout_fraction", type=float, default=None,
-                   help="held-out fraction carved off the training split (as in training)")
-    p.add_argument("--record_format", choices=SHAPES, default=None,
-                   help="record shape (default: auto-detect)")
-    p.add_argument("--column_map", default=None, help="e.g. question=query,answer=target")
-    p.add_argument("--question_field", default=None, help="question column")
-    p.add_argument("--answer_field", default=None, help="answer column")
-    p.add_argument("--prompt_format", choices=FORMATS, default=None,
-                   help="default: the adapter's training format, else plain")
-    p.add_argument("--split", choices=("train", "heldout"), default="heldout",
-                   help="which split to score (default: heldout)")
+    data = options.add_dataclass_args(
+        p, TrainConfig, "data (as in training; unset: what the adapter trained on, else "
+        "training's defaults)", only=DATA_FLAGS + ("prompt_format",), show_defaults=False)
+    data.add_argument("--split", default="heldout", metavar="heldout|train|SPLIT",
+                      help="what to score: heldout (default), the held-out set as training "
+                      "chose it; train, the training split the adapter trained on (the part "
+                      "--heldout_fraction leaves); or another split of the dataset, scored "
+                      "as training's --split SPLIT would have read it")
     p.add_argument("--limit", type=int, default=128, help="first N examples (default: 128)")
     p.add_argument("--batch_size", type=int, default=32,
                    help="generation batch size (default: 32)")
@@ -77,7 +65,8 @@ def run(args: argparse.Namespace) -> dict:
 
         hide_loading_bars()
         datasets.disable_progress_bars()
-    examples = open_split(spec, args.split, args.limit).examples
+    which = "heldout" if args.split == "heldout" else "train"
+    examples = open_split(spec, which, args.limit).examples
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.adapter:
         from meft_ds.inference import load_adapted
@@ -87,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
         logits_fn, tokenizer = adapted.logits, adapted.tokenizer
         dtype = adapted.config["dtype"]
         hf_model = adapted.method.generation_model(adapted.module)  # as training scores
+        generation_source = adapted.module
         vocab = int(adapted.module.config.vocab_size) if hasattr(adapted.module, "config") else None
     else:
         from meft_ds.models.loader import load_model
@@ -95,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
         dtype = "fp32" if args.dtype == "auto" else args.dtype
         model = loaded.model.to(device=device, dtype=export.DTYPES[dtype]).eval()
         tokenizer, vocab = loaded.tokenizer, int(model.config.vocab_size)
-        hf_model = model
+        hf_model = generation_source = model
 
         def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -103,7 +93,8 @@ def run(args: argparse.Namespace) -> dict:
     check_format(fmt, tokenizer)
     report = evaluate_qa(logits_fn, tokenizer, examples, spec.metric, args.max_new_tokens,
                          args.batch_size, device, vocab, progress=not args.no_progress,
-                         hf_model=hf_model, prompt_format=fmt)
+                         hf_model=hf_model, prompt_format=fmt,
+                         generation_config=getattr(generation_source, "generation_config", None))
     report["source"] = args.adapter or args.model
     report["split"] = args.split
     report["dtype"] = dtype
@@ -130,16 +121,22 @@ def _adapter_meta(adapter: str | None) -> dict:
 
 def _data_spec(args: argparse.Namespace, meta: dict) -> DataSpec:
     """The data flags given; without --dataset/--data_file, what the adapter trained on
-    (recorded by export), else nq_open."""
-    given = {k: getattr(args, k) for k in DATA_FLAGS if getattr(args, k) is not None}
+    (recorded by export), else training's defaults. ``--split NAME`` (not ``train`` or
+    ``heldout``) is training's ``--split``. Checked as training checks them."""
+    given = {k: getattr(args, k) for k in DATA_FLAGS if getattr(args, k, None) is not None}
+    which = getattr(args, "split", None)
+    if which not in (None, "train", "heldout"):
+        given["split"] = which
     recorded = meta.get("data") if isinstance(meta.get("data"), dict) else {
         # adapters exported before the "data" record kept these keys at the top level
         k: meta[k] for k in DATA_FLAGS if meta.get(k) is not None}
     base = {} if "dataset" in given or "data_file" in given else recorded
     try:
-        return DataSpec(**{**base, **given})
+        spec = DataSpec(**{**base, **given})
     except TypeError:
         raise UserError("the adapter's recorded data options are not meft_ds's") from None
+    spec.validate()
+    return spec
 
 
 def _prepare_output(path: Path) -> None:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from meft_ds.errors import UserError
@@ -36,17 +37,30 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """Add one ``--field`` flag per dataclass field; defaults are ``None`` (= not given)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str,
+                       only: Sequence[str] | None = None,
+                       show_defaults: bool = True) -> argparse._ArgumentGroup:
+    """Add one ``--field`` flag per dataclass field; defaults are ``None`` (= not given).
+
+    ``only``: these fields (another command line sharing some of the options, e.g. the
+    evaluator's data flags); ``show_defaults=False`` leaves the field defaults out of the
+    help, for a command line whose unset flags mean something else. Returns the group.
+    """
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    if only is not None:
+        unknown = set(only) - {f.name for f in fields}
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+        fields = tuple(f for f in fields if f.name in only)
+    for field in fields:
         if not field.init or field.metadata.get("cli") is False:
             continue
         tp = _base_type(hints[field.name])
         help_text = field.metadata.get("help", "")
         default = field.default if field.default is not dataclasses.MISSING else None
-        if default is not None:
+        if default is not None and show_defaults:
             help_text = f"{help_text} (default: {default})"
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": field.name}
         if tp is bool:
@@ -56,6 +70,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -
         if "choices" in field.metadata:
             kwargs["choices"] = field.metadata["choices"]
         group.add_argument(f"--{field.name}", **kwargs)
+    return group
 
 
 def build(cls: type[T], *sources: dict[str, Any], context: str = "config") -> T:

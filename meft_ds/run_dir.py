@@ -3,7 +3,8 @@
 A run writes ``metrics.jsonl``, ``checkpoints/``, ``adapter/``, ``results.json``,
 ``predictions.json`` and ``before.json`` (the scores before training, kept so that a
 resumed run still reports them). Each checkpoint also carries ``run.json``: the model,
-method and method options that shaped it, compared before a resume loads anything.
+method, method options, prompt format and precision that shaped it, compared before a
+resume loads anything.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ RUN_FILES = ("metrics.jsonl", "results.json", "predictions.json", "before.json")
 RUN_DIRS = ("checkpoints", "adapter")
 IDENTITY_FILE = "run.json"
 BEFORE_FILE = "before.json"
+# identity keys recorded since a later version: a run.json without them is not checked on them
+LATER_KEYS = ("prompt_format", "precision")
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -58,14 +61,17 @@ def write_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
 
 
 def check_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint written with another model, method or method options.
+    """Refuse to resume a checkpoint written with another model, method, method options,
+    prompt format or precision.
 
-    Checkpoints without ``run.json`` (older ones) are not checked.
+    Checkpoints without ``run.json`` (older ones) are not checked, nor on the
+    ``LATER_KEYS`` their ``run.json`` lacks.
     """
     path = checkpoint_dir / IDENTITY_FILE
     if not path.is_file():
         return
     saved, now = _flatten(json.loads(path.read_text())), _flatten(snapshot(identity))
+    now = {k: v for k, v in now.items() if k in saved or k not in LATER_KEYS}
     differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])

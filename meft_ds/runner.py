@@ -110,6 +110,7 @@ def _evaluate(method: Method, engine: Any, tokenizer: Any, examples, metric: str
             logits_fn, tokenizer, examples, metric, cfg.max_new_tokens, cfg.eval_batch_size,
             dev, vocab, progress=cfg.progress and world()[0] == 0,
             hf_model=method.generation_model(engine.module), prompt_format=cfg.prompt_format,
+            generation_config=getattr(engine.module, "generation_config", None),
         )
     finally:
         engine.train()
@@ -151,7 +152,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     mdist.check_same_config(_config_identity(spec))
     rank, world_size = world()
     out = Path(cfg.output_dir)
-    identity = _run_identity(spec)
+    identity = _run_identity(spec, bf16)
     mdist.refuse_if_any(_start_problem(out, cfg, identity))
     if precision_note:
         _say(precision_note)
@@ -177,7 +178,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     memory.cap_device_memory(cfg.gpu_memory_gib, dev)
     seed_everything(cfg.seed)
     dtype = torch.bfloat16 if bf16 and cfg.model in loader.SHAPES else torch.float32
-    loaded = loader.load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+    loaded = loader.load_model(cfg.model, dtype=dtype, seed=cfg.seed, tokenizer=tokenizer)
     model = loaded.model
     vocab = int(model.config.vocab_size)
     if lost:
@@ -262,13 +263,16 @@ def run(spec: RunSpec) -> dict[str, Any]:
     return results
 
 
-def _run_identity(spec: RunSpec) -> dict[str, Any]:
+def _run_identity(spec: RunSpec, bf16: bool) -> dict[str, Any]:
     """What shapes a checkpoint: a resume must use the same (see :mod:`run_dir`). A
-    snapshot of the options as given: methods fill some of theirs in later."""
+    snapshot of the options as given: methods fill some of theirs in later. The precision
+    is the resolved one (``--precision auto`` resuming a bf16 run on the same machine is
+    the same run)."""
     options = {k: v for k, v in spec.method_options.__dict__.items()
                if k not in spec.method_cls.resume_free}
     return run_dir.snapshot({"model": spec.train.model, "method": spec.train.method,
-                             "options": options})
+                             "options": options, "prompt_format": spec.train.prompt_format,
+                             "precision": "bf16" if bf16 else "fp32"})
 
 
 def _start_problem(out: Path, cfg: TrainConfig, identity: dict[str, Any]) -> str | None:

@@ -71,6 +71,9 @@ def test_each_method_is_selectable() -> None:
         (["--warmup_ratio", "1.5"], "warmup_ratio must be in"),
         (["--dataset", "gsm8k", "--data_file", "x.jsonl"], "name two training sources"),
         (["--heldout_fraction", "1"], "heldout_fraction must be in [0, 1)"),
+        (["--heldout_split", "train"], "--heldout_split train is the training split"),
+        (["--split", "validation", "--heldout_split", "validation"],
+         "--heldout_split validation is the training split (--split validation)"),
     ],
 )
 def test_bad_options_raise_one_line(argv: list[str], message: str) -> None:
@@ -118,7 +121,7 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys)
         (["--deepspeed", CPU, "--precision", "fp8"], "invalid choice: 'fp8'"),
         (["--deepspeed", CPU, "--dataset", "no-such-org/no-such-set"], "neither shipped"),
         (["--deepspeed", CPU, "--dataset", "nq_open", "--question_field", "query"],
-         "no known record shape"),
+         "missing column 'query' for qa records"),
         (["--deepspeed", CPU, "--micro_batch_size", "0"], "micro_batch_size must be > 0"),
         (["--deepspeed", CPU, "--gpu_memory_gib", "0"], "gpu_memory_gib must be > 0"),
         (["--deepspeed", CPU, "--save_final", "maybe"], "expected true/false, got 'maybe'"),
@@ -278,3 +281,52 @@ def test_gradient_clipping_must_be_a_number(tmp_path: Path) -> None:
             ds_config.finalize({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": bad},
                                world_size=1, max_steps=2, warmup_ratio=0.0, lr=None,
                                micro_batch=None, grad_accum=None, cuda=False)
+
+
+@pytest.mark.unit
+def test_evaluator_data_flags_are_training_s_and_checked_like_training(capsys) -> None:
+    """evaluate.py's data flags come from TrainConfig's fields (help and choices defined
+    once); the data options are refused as training refuses them, before a model loads;
+    --split names a split of the dataset too."""
+    import argparse
+    import dataclasses
+
+    from meft_ds.config import TrainConfig
+    from meft_ds.data import open_split
+    from meft_ds.evaluate_cli import DATA_FLAGS, _data_spec, build_parser
+    from meft_ds.evaluate_cli import main as evaluate_main
+
+    actions = build_parser()._option_string_actions
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name in (*DATA_FLAGS, "prompt_format"):
+        action, field = actions[f"--{name}"], fields[name]
+        assert action.help == field.metadata["help"], name
+        assert action.choices == field.metadata.get("choices"), name
+        assert action.default is None, name  # unset: the adapter's record
+    saved = str(ROOT / "tests" / "fixtures" / "data" / "qa_saved")
+    refused = {
+        "heldout_fraction must be in [0, 1), got 1.5": ["--heldout_fraction", "1.5"],
+        "heldout_fraction must be in [0, 1), got -0.1": ["--heldout_fraction", "-0.1"],
+        "--heldout_split train is the training split": ["--heldout_split", "train"],
+        "--heldout_split validation is the training split (--split validation)": [
+            "--dataset", saved, "--split", "validation", "--heldout_split", "validation"],
+        "name two training sources": ["--dataset", "gsm8k", "--data_file", "x.jsonl"],
+    }
+    for message, argv in refused.items():
+        assert evaluate_main(["--model", "smollm2-135m", *argv, "--no_progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (message, err)
+    with pytest.raises(SystemExit) as info:  # the choices are training's
+        evaluate_main(["--model", "smollm2-135m", "--record_format", "nope"])
+    assert info.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    # --split NAME scores that split of the dataset (training's --split NAME)
+    args = build_parser().parse_args(["--model", "m", "--dataset", saved, "--split",
+                                      "validation", "--question_field", "q",
+                                      "--answer_field", "a"])
+    spec = _data_spec(args, {})
+    assert spec.split == "validation"
+    assert len(open_split(spec, "train", None).examples) == 2  # qa_saved: 4 train, 2 validation
+    # --split train: the training split the adapter recorded
+    flags = argparse.Namespace(**dict.fromkeys(DATA_FLAGS), split="train")
+    assert _data_spec(flags, {"data": {"dataset": saved, "split": "validation"}}).split == \
+        "validation"

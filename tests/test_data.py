@@ -22,6 +22,7 @@ from meft_ds.data import (
     prompt_text,
     tokenize,
 )
+from meft_ds.data.records import QAExample
 from meft_ds.data.sources import SHIPPED_DIR
 from meft_ds.errors import UserError
 from meft_ds.trainer import lm_loss
@@ -148,6 +149,115 @@ def test_hub_id_offline_and_not_cached_is_one_line(tmp_path: Path, monkeypatch) 
                        "neither shipped") as info:
         open_split(DataSpec(dataset="no-such-org/no-such-set"), "train", None)
     assert "\n" not in str(info.value)
+
+
+def test_hub_id_read_from_the_cache_an_earlier_online_load_left(tmp_path: Path) -> None:
+    """``--dataset someorg/somedata`` offline, from the HF cache alone, with the real
+    ``datasets`` library.
+
+    datasets 5.2.0 in offline mode does not ask huggingface_hub (it raises
+    OfflineModeIsEnabled before any hub download; the hub snapshot layout
+    ``datasets--org--name/snapshots/<sha>`` is not read): it falls back to
+    ``CachedDatasetModuleFactory``, the prepared dataset an online ``load_dataset`` wrote
+    in ``HF_DATASETS_CACHE``: ``org___name/<config>/<version>/<commit>/`` with
+    ``dataset_info.json`` and ``name-<split>.arrow``. That directory is written here by
+    the same builder an online load runs (data files from the Hub must live in the repo,
+    so it is built under the bare name and moved to the namespaced path the Hub load
+    uses). datasets reads its cache paths from the environment at import: the check
+    runs in a subprocess with HF_HOME / HF_HUB_CACHE / HF_DATASETS_CACHE in ``tmp_path``.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from datasets.packaged_modules.json.json import Json
+
+    rows = [{"question": f"what is {a} plus {b}", "answer": [str(a + b)]}
+            for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+    files = {"train": _write(tmp_path / "train.jsonl", rows[:3]),
+             "validation": _write(tmp_path / "validation.jsonl", rows[3:])}
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    builder = Json(cache_dir=str(tmp_path / "build"), dataset_name="somedata",
+                   config_name="default", config_id="default", hash=commit, data_files=files)
+    builder.download_and_prepare()
+    cache = tmp_path / "hf" / "datasets"
+    cache.mkdir(parents=True)
+    shutil.move(str(tmp_path / "build" / "somedata"), str(cache / "someorg___somedata"))
+    assert (cache / "someorg___somedata" / "default" / "0.0.0" / commit /
+            "somedata-train.arrow").is_file()
+
+    env = {**subprocess_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_DATASETS_CACHE": str(cache)}
+    check = (
+        "import json\n"
+        "from meft_ds.data import DataSpec, open_split\n"
+        "from meft_ds.errors import UserError\n"
+        "spec = DataSpec(dataset='someorg/somedata')\n"
+        "out = {w: [[e.question, *e.answers] for e in open_split(spec, w, None).examples]\n"
+        "       for w in ('train', 'heldout')}\n"
+        "try:\n"
+        "    open_split(DataSpec(dataset='someorg/otherdata'), 'train', None)\n"
+        "except UserError as exc:\n"
+        "    out['other'] = str(exc)\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["train"] == [[r["question"], *r["answer"]] for r in rows[:3]]
+    assert out["heldout"] == [[r["question"], *r["answer"]] for r in rows[3:]]  # validation
+    assert "neither shipped" in out["other"] and "\n" not in out["other"]
+
+
+def test_column_map_names_the_shape_auto_detection_reads(tmp_path: Path) -> None:
+    """Detection reads the mapped names: columns prompt/response with
+    question=prompt,answer=response are question/answer records, also when other columns
+    would fit another shape; a mapped column that is missing is refused, not skipped."""
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    plain = _write(tmp_path / "pr.jsonl", [{"prompt": "what is 1 plus 2", "response": "3"}])
+    mixed = _write(tmp_path / "mixed.jsonl", [
+        {"prompt": "what is 1 plus 2", "response": "3", "messages": turn,
+         "instruction": "say hi", "output": "hi"}])
+    for path in (plain, mixed):
+        for mapping in ({"column_map": "question=prompt,answer=response"},
+                        {"question_field": "prompt", "answer_field": "response"}):
+            split = open_split(DataSpec(dataset=path, **mapping), "train", None)
+            assert split.reader.shape == "qa", (path, mapping)
+            assert split.examples[0] == QAExample("what is 1 plus 2", ("3",))
+    # without a map the same file is a chat file (messages first)
+    assert open_split(DataSpec(dataset=mixed), "train", None).reader.shape == "chat"
+    with pytest.raises(UserError, match="missing column 'respnse' for qa records"):
+        open_split(DataSpec(dataset=mixed, column_map="question=prompt,answer=respnse"),
+                   "train", None)
+    alpaca = open_split(DataSpec(dataset=mixed, column_map="input=prompt"), "train", None)
+    assert alpaca.reader.shape == "alpaca"
+    assert alpaca.examples[0].question == "say hi\n\nwhat is 1 plus 2"
+
+
+def test_squad_answers_are_read_and_other_dict_answers_refused(tmp_path: Path) -> None:
+    squad = _write(tmp_path / "squad.jsonl", [
+        {"question": "Which team won Super Bowl 50?",
+         "answers": {"text": ["Denver Broncos", "Broncos"], "answer_start": [177, 184]}},
+        {"question": "Where was it played?",
+         "answers": {"text": ["Levi's Stadium"], "answer_start": [403]}}])
+    examples = open_split(DataSpec(dataset=squad, answer_field="answers"), "train", None).examples
+    assert [e.answers for e in examples] == [("Denver Broncos", "Broncos"), ("Levi's Stadium",)]
+    cases = {
+        # row 0 is SQuAD's shape; Arrow gives row 1 a "text" key too (None)
+        "row 1: answer column 'answer' holds a dict (keys: value, score)": [
+            {"question": "q", "answer": {"text": ["a"]}},
+            {"question": "q", "answer": {"value": "b", "score": 2}}],
+        "row 0: answer column 'answer' holds a dict (keys: text)": [
+            {"question": "q", "answer": [{"text": "a"}]}],
+    }
+    for message, rows in cases.items():
+        spec = DataSpec(dataset=_write(tmp_path / "bad.jsonl", rows))
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")
+                           ) as info:
+            open_split(spec, "train", None)
+        assert "\n" not in str(info.value) and "bad.jsonl' (train) row" in str(info.value)
 
 
 def test_chat_format_trains_only_the_assistant_turn(smollm2) -> None:

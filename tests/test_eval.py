@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meft_ds.data import QAExample, format_prompt
+from meft_ds.data import QAExample, format_prompt, prompt_text
 from meft_ds.eval import (
     evaluate_qa,
     exact_match,
@@ -14,6 +14,7 @@ from meft_ds.eval import (
     gsm8k_correct,
     gsm8k_number,
     normalize_answer,
+    stop_ids,
 )
 
 
@@ -78,3 +79,53 @@ def test_evaluate_qa_scores_the_real_model(smollm2) -> None:
     assert [r["prediction"] for r in report["predictions"]] == [said, said]
     assert [r["ok"] for r in report["predictions"]] == [True, False]
     assert report["score"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def shipped_tokenizer():
+    """The shipped SmolLM2 tokenizer alone (no weights)."""
+    from meft_ds.models.loader import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.mark.unit
+def test_chat_answers_stop_at_the_end_of_turn_token(shipped_tokenizer) -> None:
+    """--prompt_format chat stops where the template ends the assistant turn, also when
+    that is not the tokenizer's EOS, and the token is not in the answer."""
+    import copy
+    from types import SimpleNamespace
+
+    tok = shipped_tokenizer
+    vocab = tok.get_vocab()
+    im_end, text_end = vocab["<|im_end|>"], vocab["<|endoftext|>"]
+    assert "<|im_end|>" in tok.chat_template  # SmolLM2's ChatML ends each turn with it
+    assert im_end in stop_ids(tok, "chat")
+    assert stop_ids(tok, "plain") == [tok.eos_token_id]
+    # the model's generation_config EOS ids (one or a list) stop a chat answer too
+    assert 7 in stop_ids(tok, "chat", SimpleNamespace(eos_token_id=[tok.eos_token_id, 7]))
+    assert 9 in stop_ids(tok, "chat", SimpleNamespace(eos_token_id=9))
+    assert all(i < 100 for i in stop_ids(tok, "chat", vocab_size=100))  # wrapped as trained
+
+    # a tokenizer whose EOS is not the end-of-turn token (as Llama 3's <|end_of_text|> is
+    # not <|eot_id|>): the answer, then <|im_end|>, then text the model runs on with
+    other = copy.deepcopy(tok)
+    other.eos_token = "<|endoftext|>"
+    assert other.eos_token_id == text_end != im_end
+    answer = other("Leonardo da Vinci", add_special_tokens=False)["input_ids"]
+    script = [*answer, im_end, *other(" and more", add_special_tokens=False)["input_ids"]]
+
+    def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(ids.shape[0], ids.shape[1], len(other))
+        step = ids.shape[1] - width
+        out[:, -1, script[min(step, len(script) - 1)]] = 1.0
+        return out
+
+    example = QAExample("who painted the mona lisa", ("Leonardo da Vinci",))
+    width = len(other(prompt_text(example, "chat", other), add_special_tokens=False)["input_ids"])
+    report = evaluate_qa(logits_fn, other, [example], max_new_tokens=len(script),
+                         progress=False, prompt_format="chat")
+    assert report["predictions"][0]["prediction"] == "Leonardo da Vinci" and report["score"] == 1
+    ran_on = generate(logits_fn, other, [prompt_text(example, "chat", other)],
+                      max_new_tokens=len(script), batch_size=1, progress=False)
+    assert ran_on[0].endswith("and more")  # stopping at EOS alone runs past the turn

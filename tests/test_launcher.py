@@ -139,7 +139,7 @@ def _damaged_adapters_are_refused(adapter: Path, work: Path) -> None:
     for argv, message in (
         (["--adapter", str(adapter.parent)], f"a training run's adapter is in {adapter}"),
         (["--adapter", str(adapter), "--question_field", "q", "--dataset", "nq_open"],
-         "no known record shape in columns question, answer"),
+         "missing column 'q' for qa records (columns: question, answer)"),
     ):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,61 @@ def test_bad_data_fails_before_overwrite_removes_anything(tmp_path: Path) -> Non
         with pytest.raises(UserError, match=message):
             run(spec)
         assert run_dir.earlier_run(out) == ["metrics.jsonl", "checkpoints", "adapter"], message
+
+
+@pytest.mark.unit
+def test_resume_with_another_prompt_format_or_precision_is_refused(tmp_path: Path) -> None:
+    """Both are in the run identity a resume compares (before anything loads); a
+    checkpoint written before they were recorded is not refused for lacking them."""
+    from meft_ds.runner import _run_identity, _start_problem
+
+    argv = ["--deepspeed", CPU, "--output_dir", str(tmp_path), "--progress", "false"]
+    first = cli.parse(argv)  # cpu.json: fp32, plain prompts
+    tag = tmp_path / "checkpoints" / "step_0000002"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text(tag.name)
+    run_dir.write_identity(tag, _run_identity(first, bf16=False))
+    saved = json.loads((tag / run_dir.IDENTITY_FILE).read_text())
+    assert (saved["prompt_format"], saved["precision"]) == ("plain", "fp32")
+    resume = cli.parse([*argv, "--resume"])
+    assert _start_problem(tmp_path, resume.train, _run_identity(resume, bf16=False)) is None
+    for extra, change in ((["--prompt_format", "chat"], "prompt_format 'plain' -> 'chat'"),
+                          (["--precision", "bf16"], "precision 'fp32' -> 'bf16'")):
+        with pytest.raises(UserError, match=re.escape(change)) as info:
+            run(cli.parse([*argv, "--resume", *extra]))
+        assert "was written by another configuration" in str(info.value)
+        assert "\n" not in str(info.value)
+    # an older run.json (model, method, options only) resumes as before
+    old = {k: v for k, v in saved.items() if k not in ("prompt_format", "precision")}
+    run_dir.write_identity(tag, old)
+    chat = cli.parse([*argv, "--resume", "--prompt_format", "chat"])
+    assert _start_problem(tmp_path, chat.train, _run_identity(chat, bf16=True)) is None
+
+
+@pytest.mark.unit
+def test_the_runner_loads_the_tokenizer_once(tmp_path: Path, monkeypatch) -> None:
+    """The tokenizer that checked the prompt format and tokenized the data goes to
+    load_model (which would otherwise load it again)."""
+    from meft_ds.models import loader
+
+    loaded = []
+    real = loader.load_tokenizer
+
+    def counting(spec: str):
+        loaded.append(real(spec))
+        return loaded[-1]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_model(*args, tokenizer=None, **kwargs):
+        raise Stop(tokenizer)
+
+    monkeypatch.setattr(loader, "load_tokenizer", counting)
+    monkeypatch.setattr(loader, "load_model", stop_at_model)
+    spec = cli.parse(["--deepspeed", CPU, "--output_dir", str(tmp_path / "out"),
+                      "--progress", "false", "--train_examples", "4", "--eval_trained", "1",
+                      "--eval_heldout", "0"])
+    with pytest.raises(Stop) as info:
+        run(spec)
+    assert len(loaded) == 1 and info.value.args[0] is loaded[0]

@@ -42,6 +42,18 @@ class DataSpec:
         given = {k: getattr(options, k) for k in names if getattr(options, k, None) is not None}
         return cls(**given)
 
+    def validate(self) -> None:
+        """Refuse data options that contradict each other, one line each (training and
+        the evaluator both call this)."""
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise UserError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.data_file is not None and self.dataset not in ("nq_open", self.data_file):
+            raise UserError("--data_file and --dataset name two training sources; give one")
+        if self.heldout_split is not None and self.heldout_split == self.split:
+            raise UserError(f"--heldout_split {self.heldout_split} is the training split "
+                            f"(--split {self.split}): the held-out set would be training data; "
+                            "name another split, or give --heldout_fraction or --heldout_file")
+
     @property
     def source(self) -> str:
         """What the training examples come from (a file overrides the dataset)."""

@@ -21,10 +21,12 @@ from typing import Any
 from meft_ds.errors import UserError
 
 SHAPES = ("auto", "qa", "alpaca", "chat")
-# canonical column -> shapes that use it; the first listed columns of a shape are required
+# the canonical column names; REQUIRED: the columns each shape needs, FIELDS: all it reads
 COLUMNS = ("question", "answer", "instruction", "input", "output", "messages")
 REQUIRED = {"qa": ("question", "answer"), "alpaca": ("instruction", "output"),
             "chat": ("messages",)}
+FIELDS = {**REQUIRED, "alpaca": ("instruction", "input", "output")}
+DETECT_ORDER = ("chat", "alpaca", "qa")  # auto-detection tries them in this order
 ROLES = ("system", "user", "assistant")
 
 
@@ -62,16 +64,27 @@ def parse_column_map(text: str | None, question_field: str | None = None,
 
 def detect_shape(columns: Sequence[str], mapping: Mapping[str, str], wanted: str,
                  where: str) -> str:
-    """The record shape of a dataset with ``columns`` (``wanted``: a shape or ``auto``)."""
+    """The record shape of a dataset with ``columns`` (``wanted``: a shape or ``auto``).
+
+    Detection reads the mapped column names. When the column map names a shape's fields
+    (``question=prompt,answer=response``), only the shapes it names are candidates: a
+    dataset with other columns that fit another shape is not read as that shape, and a
+    mapped column that is missing is refused.
+    """
     have = set(columns)
-    candidates = [wanted] if wanted != "auto" else ["chat", "alpaca", "qa"]
-    for shape in candidates:
-        missing = [mapping[c] for c in REQUIRED[shape] if mapping[c] not in have]
-        if not missing:
+    if wanted != "auto":
+        candidates = [wanted]
+    else:
+        mapped = {name for name, column in mapping.items() if column != name}
+        candidates = [s for s in DETECT_ORDER if mapped & set(FIELDS[s])]
+    for shape in candidates or DETECT_ORDER:
+        if all(mapping[c] in have for c in REQUIRED[shape]):
             return shape
-        if wanted != "auto":
-            raise UserError(f"{where}: missing column {missing[0]!r} for {shape} records "
-                            f"(columns: {', '.join(columns)}); map it with --column_map")
+    if candidates:
+        shape = candidates[0]
+        missing = next(mapping[c] for c in REQUIRED[shape] if mapping[c] not in have)
+        raise UserError(f"{where}: missing column {missing!r} for {shape} records "
+                        f"(columns: {', '.join(columns)}); map it with --column_map")
     raise UserError(
         f"{where}: no known record shape in columns {', '.join(columns)}: need question/answer, "
         "instruction/output or messages; map yours with --column_map NAME=COLUMN"
@@ -92,7 +105,7 @@ class RecordReader:
         """Row ``index`` as an example; a bad row is one line naming the dataset and row."""
         get = lambda name: row.get(self.mapping[name])  # noqa: E731
         if self.shape == "qa":
-            question, answers = _text(get("question")), _answers(get("answer"))
+            question, answers = _text(get("question")), self._answers(get("answer"), index)
             if question is None or not answers:
                 raise self._bad(index, "empty question or answer")
             return QAExample(question, answers)
@@ -123,12 +136,25 @@ class RecordReader:
                             "user turn")
         return QAExample(turns[last - 1][1], (turns[last][1].strip(),), tuple(turns[: last - 1]))
 
+    def _answers(self, value: Any, index: int) -> tuple[str, ...]:
+        """Accepted answers: a string, a list of strings (numbers count as their text) or
+        SQuAD's ``{"text": [...], "answer_start": [...]}``; the first must be non-empty.
+        Any other dict or nested value is refused in one line."""
+        if isinstance(value, Mapping) and isinstance(value.get("text"), (list, str)):
+            value = value["text"]  # SQuAD: the accepted texts (answer_start is not used)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if item is not None and not isinstance(item, (str, int, float)):
+                kind = f"a {type(item).__name__}"
+                if isinstance(item, Mapping):  # (Arrow gives a struct's rows all its keys)
+                    keys = ", ".join(str(k) for k, v in item.items() if v is not None)
+                    kind = f"a dict (keys: {keys})"
+                raise self._bad(index, f"answer column {self.mapping['answer']!r} holds {kind}; "
+                                "give a string, a list of strings or SQuAD's {\"text\": [...]}")
+        answers = tuple(str(a) for a in items if a is not None)
+        return answers if answers and answers[0].strip() else ()
+
     def _bad(self, index: int, why: str) -> UserError:
         return UserError(f"{self.where} row {index}: {why}")
 
 
-def _answers(value: Any) -> tuple[str, ...]:
-    """Accepted answers: a string or a list of strings (the first must be non-empty)."""
-    items = value if isinstance(value, list) else [value]
-    answers = tuple(str(a) for a in items if a is not None)
-    return answers if answers and answers[0].strip() else ()

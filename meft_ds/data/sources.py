@@ -8,7 +8,9 @@ Everything is opened with HF ``datasets`` (so its Arrow cache and formats come f
   ``train``);
 - a directory written by ``save_to_disk`` (its splits), or a folder of data files;
 - anything else is a Hub dataset id, resolved through the HF cache (downloaded when
-  online); offline and not cached it is refused in one line.
+  online). Offline, ``datasets`` reads the prepared copy an earlier online load left in
+  ``HF_DATASETS_CACHE`` (``org___name/<config>/<version>/<commit>/``; the Hub snapshot in
+  ``HF_HUB_CACHE`` is not consulted); offline and not cached it is refused in one line.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,12 +173,13 @@ def hide_loading_bars() -> None:
 
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", tokenizer: Any = None,
 ) -> LoadedModel:
     """Load model + tokenizer for ``spec`` (see the module docstring).
 
     ``device``: where random weights are drawn (a 7B shape's serial host init takes about
-    a minute; on a GPU, seconds); loaded weights are moved there.
+    a minute; on a GPU, seconds); loaded weights are moved there. ``tokenizer``: one the
+    caller already loaded with :func:`load_tokenizer` (it is not loaded again).
     """
     from transformers import AutoModelForCausalLM
 
@@ -193,4 +195,6 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device)
         source = str(where)
     model.config.use_cache = False
-    return LoadedModel(model=model, tokenizer=load_tokenizer(spec), spec=spec, source=source)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source)
