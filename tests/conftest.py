@@ -70,6 +70,37 @@ def tiny_llama(layers: int = 3):
     return LlamaForCausalLM(config)
 
 
+def lm_loss(logits, labels):
+    """Next-token cross entropy (labels -100 ignored), in fp32."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
+
+
+def ds_engine(module, lr: float):
+    """A single-process DeepSpeed engine (ZeRO 0) with AdamW over ``module``'s trainable
+    parameters, micro-batch 2."""
+    import deepspeed
+    import torch
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=module,
+        model_parameters=params,
+        optimizer=torch.optim.AdamW(params, lr=lr),
+        config={
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 0},
+            "steps_per_print": 10**9,
+        },
+    )
+    return engine
+
+
 KINDS = ("unit", "integration", "multiprocess")
 
 

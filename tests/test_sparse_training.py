@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import ds_engine, lm_loss, tiny_llama
 
 from meft_ds import methods
 from meft_ds import options as opt
@@ -39,34 +38,9 @@ def _batch(tokenizer, data_dir, n=2):
     return enc["input_ids"], enc["attention_mask"], labels
 
 
-def _loss(logits, labels):
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-    )
-
-
-def _engine(module, lr):
-    import deepspeed
-
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=module,
-        model_parameters=params,
-        optimizer=torch.optim.AdamW(params, lr=lr),
-        config={
-            "train_micro_batch_size_per_gpu": 2,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 0},
-            "steps_per_print": 10**9,
-        },
-    )
-    return engine
-
-
 def _train_step(method, engine, batch, lr):
     input_ids, mask, labels = batch
-    loss = _loss(method.forward(engine, input_ids, mask), labels)
+    loss = lm_loss(method.forward(engine, input_ids, mask), labels)
     method.before_backward()
     engine.backward(loss)
     assert method.external_grad_sq_norm() > 0
@@ -93,7 +67,7 @@ def test_deepspeed_training_updates_only_cpu_rows(smollm2, data_dir, tmp_path):
     model = copy.deepcopy(smollm2.model)
     method, module = _method(model)
     store = method.runtime.store
-    engine = _engine(module, lr)
+    engine = ds_engine(module, lr)
     module.train()
 
     # The store stays in CPU RAM and outside the engine's module.
@@ -115,7 +89,7 @@ def test_deepspeed_training_updates_only_cpu_rows(smollm2, data_dir, tmp_path):
     # One more step: only the rows of its working sets change.
     snapshot = {layer: rows.weight.clone() for layer, rows in store.layers.items()}
     input_ids, mask, labels = batch
-    engine.backward(_loss(method.forward(engine, input_ids, mask), labels))
+    engine.backward(lm_loss(method.forward(engine, input_ids, mask), labels))
     touched = {layer: set(rows.tolist()) for layer, (rows, _) in method.runtime.grads().items()}
     engine.step()
     method.after_engine_step(lr, 1.0)
@@ -168,7 +142,7 @@ def test_activation_checkpointing_reuses_the_working_set():
         module.train()
         ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(2))
         logits = method.forward(module, ids, torch.ones_like(ids))
-        _loss(logits, ids).backward()
+        lm_loss(logits, ids).backward()
         grads = {k: v[1].clone() for k, v in method.runtime.grads().items()}
         router = [a.router.weight.grad.clone() for a in method.adapters.values()]
         method.after_engine_step(1e-3, 1.0)
@@ -191,7 +165,7 @@ def test_clip_coefficient_scales_the_row_update():
         )
         module.train()
         ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
-        _loss(method.forward(module, ids, torch.ones_like(ids)), ids).backward()
+        lm_loss(method.forward(module, ids, torch.ones_like(ids)), ids).backward()
         before = method.runtime.store.layers[0].exp_avg.clone()
         method.after_engine_step(1e-3, clip)
         updates.append(method.runtime.store.layers[0].exp_avg - before)
@@ -272,7 +246,7 @@ def test_sparse_adapters_in_the_reversible_backward_match_autograd(variant):
         ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(5))
         mask = torch.ones_like(ids)
         runtime.begin_micro_batch(mask)
-        _loss(rev(ids, mask), ids).backward()
+        lm_loss(rev(ids, mask), ids).backward()
         routers = {n: p.grad.clone() for n, p in rev.named_parameters()
                    if n.endswith("router.weight")}
         results.append((runtime.grads(), routers, runtime))

@@ -9,8 +9,9 @@ from torch import nn
 from meft_ds.errors import UserError
 from meft_ds.methods import register
 from meft_ds.methods.base import Method
+from meft_ds.models import arch
 
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DEFAULT_TARGETS = "auto"  # the family table's projections, else every linear layer
 
 
 @dataclasses.dataclass
@@ -21,7 +22,10 @@ class LoraOptions:
     lora_alpha: float = dataclasses.field(default=32.0, metadata={"help": "LoRA alpha"})
     lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_targets: str = dataclasses.field(
-        default=DEFAULT_TARGETS, metadata={"help": "comma-separated module names to adapt"}
+        default=DEFAULT_TARGETS, metadata={
+            "help": "comma-separated module names to adapt; auto: the family's attention "
+                    "and FFN projections (phi3: qkv_proj,o_proj,gate_up_proj,down_proj), for "
+                    "other families every linear layer but the LM head"}
     )
 
     def validate(self) -> None:
@@ -47,9 +51,13 @@ class Lora(Method):
         """Wrap ``model`` with PEFT LoRA modules; only those are trainable."""
         from peft import LoraConfig, get_peft_model
 
-        targets = [t.strip() for t in self.options.lora_targets.split(",") if t.strip()]
+        targets: list[str] | str = [t.strip() for t in self.options.lora_targets.split(",")
+                                    if t.strip()]
+        if targets == [DEFAULT_TARGETS]:
+            family = arch.FAMILIES.get(arch.model_type(model.config))
+            targets = list(family.lora_targets) if family else "all-linear"
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        unknown = [t for t in targets if t not in names]
+        unknown = [t for t in targets if t not in names] if isinstance(targets, list) else []
         if unknown:
             raise UserError(f"lora_targets: the model has no modules named {', '.join(unknown)}")
         config = LoraConfig(

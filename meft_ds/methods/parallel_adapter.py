@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import nn
 
@@ -47,12 +48,19 @@ class ParallelAdapter(Method):
     Options = ParallelAdapterOptions
     resume_free = frozenset({"adapter_dropout"})
 
+    def check_config(self, config: Any) -> None:
+        """A supported decoder family (:data:`meft_ds.models.arch.FAMILIES`)."""
+        arch.family(config, self.name)
+
     def check_model(self, model: nn.Module) -> None:
-        """The layer range must lie inside the model."""
+        """A supported family; the layer range must lie inside the model."""
+        arch.family_of(model, self.name)
         arch.check_layer_range(model, self.options.layer_start, self.options.layer_end, "adapter")
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Freeze the model and wrap each chosen layer's MLP."""
+        """Freeze the model and wrap each chosen layer's FFN block (a whole mixture of
+        experts included)."""
+        family = arch.family_of(model, self.name)
         freeze(model)
         opts = self.options
         dim = arch.hidden_size(model)
@@ -62,5 +70,5 @@ class ParallelAdapter(Method):
                 dim, opts.adapter_size, opts.adapter_activation, opts.adapter_dropout,
                 opts.adapter_scale,
             )
-            blocks[i].mlp = ParallelBlock(blocks[i].mlp, adapter)
+            family.set_ffn(blocks[i], ParallelBlock(family.part(blocks[i], "ffn"), adapter))
         return model

@@ -77,7 +77,7 @@ class Read(Method):
             raise UserError("this model already has a READ network")
         freeze(model)
         opts = self.options
-        weight = lm.lm_head.weight
+        weight = lm.get_output_embeddings().weight
         network = ReadNetwork(arch.hidden_size(model), opts.read_hidden, opts.read_cell)
         network.to(device=weight.device, dtype=weight.dtype)
         adapter = ReadAdapter(network, read_layer_ids(len(arch.layers(model)), opts.read_stride))

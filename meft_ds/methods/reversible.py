@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -9,7 +11,6 @@ from meft_ds.errors import UserError
 from meft_ds.methods import register
 from meft_ds.methods.base import Method
 from meft_ds.models import arch
-from meft_ds.models.loader import SUPPORTED_TYPES
 from meft_ds.reversible.model import ReversibleLM
 from meft_ds.reversible.options import RESUME_FREE, ReversibleOptions, check_deepspeed
 
@@ -26,14 +27,13 @@ class Reversible(Method):
     def check_deepspeed(self, ds: dict) -> None:
         check_deepspeed(self.options, ds)
 
+    def check_config(self, config: Any) -> None:
+        """A supported decoder family (:data:`meft_ds.models.arch.FAMILIES`)."""
+        arch.family(config, self.name)
+
     def check_model(self, model: nn.Module) -> None:
-        """Supported architecture, splittable layers, ``rev_layers`` inside the model."""
-        model_type = getattr(arch.causal_lm(model).config, "model_type", None)
-        if model_type not in SUPPORTED_TYPES:
-            raise UserError(
-                f"reversible: architecture {model_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_TYPES)})"
-            )
+        """Supported family, splittable layers, ``rev_layers`` inside the model."""
+        arch.family_of(model, self.name)
         n = len(arch.layers(model))
         k = self.options.rev_layers
         if k is not None and not 1 <= k <= n:

@@ -5,7 +5,8 @@ key/value rows per layer (see :mod:`meft_ds.sparse`). The engine trains only the
 routers; the rows live in a CPU store with its own row-sparse AdamW, stepped in
 :meth:`SparseMethod.after_engine_step` with the engine's learning rate.
 
-The adapter is attached with a forward hook on each ``layer.mlp`` (so any code that
+The adapter is attached with a forward hook on each layer's FFN block (``mlp``; found
+through the family table :data:`meft_ds.models.arch.FAMILIES`, so any code that
 calls the FFN block, e.g. a reversible layer, gets it) and registered as
 ``layer.sparse_adapter`` (so its router is an engine parameter). A forward pre-hook on
 the model starts a new micro-batch at every call of the whole model.
@@ -123,6 +124,9 @@ class SparseMethod(Method):
         sizes = resolve_sizes(self.options, config.hidden_size, layers, count_params(config))
         return len(layers) * sizes.rank * (3 * 4 * 2 * sizes.hidden + 8)
 
+    def check_config(self, config: Any) -> None:
+        arch.family(config, self.name)
+
     def check_deepspeed(self, ds: dict[str, Any]) -> None:
         if self.reversible:
             check_reversible_deepspeed(self.options, ds)
@@ -147,6 +151,7 @@ class SparseMethod(Method):
         if self.options.sparse_diagnostics:
             self.runtime.usage = Usage(sizes)
         layers = arch.layers(model)
+        family = arch.family_of(model, self.name)
         if self.reversible:
             module = reversible_sparse.wrap(model, self.options, self.runtime, self.adapters)
             self.rev_model = module
@@ -158,12 +163,13 @@ class SparseMethod(Method):
                 adapter.to(device=reference.device, dtype=reference.dtype)
                 layer = layers[index]
                 layer.sparse_adapter = adapter
-                layer.mlp.register_forward_hook(_AddAdapter(adapter))
+                family.part(layer, "ffn").register_forward_hook(_AddAdapter(adapter))
                 self.adapters[index] = adapter
         if self.options.sparse_prefetch:
             for index, adapter in self.adapters.items():
-                adapter.route_from(layers[index].post_attention_layernorm)
-                layers[index].input_layernorm.register_forward_pre_hook(_Prefetch(adapter))
+                adapter.route_from(family.part(layers[index], "ffn_norm"))
+                family.part(layers[index], "attn_norm").register_forward_pre_hook(
+                    _Prefetch(adapter))
         module.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
         return module
 

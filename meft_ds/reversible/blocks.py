@@ -1,4 +1,5 @@
-"""F and G of the reversible couplings, built from the parts of a pre-norm decoder layer.
+"""F and G of the reversible couplings, built from the parts of a pre-norm decoder layer
+(found through the layer's family entry, :class:`meft_ds.models.arch.Family`).
 
 Every block maps a stream tensor to a stream tensor: it casts its input to the frozen
 weights' dtype, computes its branch under :meth:`Precision.compute`, and adds the
@@ -20,21 +21,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from meft_ds.models.arch import Family
 from meft_ds.reversible.precision import Precision
 
 
 @dataclass
 class LayerContext:
-    """What every layer of one forward shares: masks, rotary embeddings, dtypes."""
+    """What every layer of one forward shares: masks, rotary embeddings, dtypes. Masks and
+    rotary embeddings are per layer kind (``full_attention``, ``sliding_attention``);
+    Gemma 3 has rotary embeddings of its own for sliding layers, others one for all."""
 
     precision: Precision
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    rotary: dict[str, tuple[torch.Tensor, torch.Tensor]]
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     mask_kind: dict[int, str] = field(default_factory=dict)
 
+    def kind(self, layer_index: int) -> str:
+        """The attention kind of decoder layer ``layer_index``."""
+        return self.mask_kind.get(layer_index, "full_attention")
+
     def mask(self, layer_index: int) -> torch.Tensor | None:
         """The attention mask of decoder layer ``layer_index``."""
-        return self.masks[self.mask_kind.get(layer_index, "full_attention")]
+        return self.masks[self.kind(layer_index)]
+
+    def position_embeddings(self, layer_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embeddings (cos, sin) of decoder layer ``layer_index``."""
+        return self.rotary.get(self.kind(layer_index), self.rotary["full_attention"])
 
 
 class RMSNorm(nn.Module):
@@ -66,31 +78,38 @@ class Block(nn.Module):
 class _FrozenLayerBlock(Block):
     """A block using part of a frozen decoder layer (held unregistered)."""
 
-    def __init__(self, layer: nn.Module, index: int, adapter: nn.Module | None) -> None:
+    def __init__(self, layer: nn.Module, index: int, adapter: nn.Module | None,
+                 family: Family) -> None:
         super().__init__()
         self._layer = (layer,)
         self.index = index
         self.adapter = adapter
+        self.family = family
 
     @property
     def layer(self) -> nn.Module:
         return self._layer[0]
 
+    def part(self, name: str) -> nn.Module:
+        """The frozen layer's module in role ``name`` (see :class:`Family`)."""
+        return self.family.part(self.layer, name)
+
 
 class AttentionBlock(_FrozenLayerBlock):
-    """``x + Attn(LN1(x)) [+ adapter(LN1(x))]``."""
+    """``x + out(Attn(LN1(x)) [+ adapter(LN1(x))])`` (``out``: the family's post-attention
+    norm or dropout, else identity)."""
 
     def branch(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """The attention branch (no residual) in the compute dtype."""
-        layer = self.layer
         with ctx.precision.compute():
-            h = layer.input_layernorm(x.to(ctx.precision.weights))
-            out, _ = layer.self_attn(
+            h = self.part("attn_norm")(x.to(ctx.precision.weights))
+            out, _ = self.part("attention")(
                 hidden_states=h, attention_mask=ctx.mask(self.index),
-                position_embeddings=ctx.position_embeddings,
+                position_embeddings=ctx.position_embeddings(self.index),
             )
             if self.adapter is not None:
                 out = out + self.adapter(h)
+            out = self.part("attn_out")(out)
         return out
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -98,16 +117,17 @@ class AttentionBlock(_FrozenLayerBlock):
 
 
 class FFNBlock(_FrozenLayerBlock):
-    """``x + MLP(LN2(x)) [+ adapter(LN2(x))]`` (the adapter parallel to the FFN)."""
+    """``x + out(MLP(LN2(x)) [+ adapter(LN2(x))])`` (the adapter parallel to the FFN, as
+    the hook-attached adapters of the other methods are)."""
 
     def branch(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """The FFN branch (no residual) in the compute dtype."""
-        layer = self.layer
         with ctx.precision.compute():
-            h = layer.post_attention_layernorm(x.to(ctx.precision.weights))
-            out = layer.mlp(h)
+            h = self.part("ffn_norm")(x.to(ctx.precision.weights))
+            out = self.part("ffn")(h)
             if self.adapter is not None:
                 out = out + self.adapter(h)
+            out = self.part("ffn_out")(out)
         return out
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
@@ -117,10 +137,11 @@ class FFNBlock(_FrozenLayerBlock):
 class LayerBlock(Block):
     """The whole pre-trained layer with an FFN adapter: ``FFNBlock(AttentionBlock(x))``."""
 
-    def __init__(self, layer: nn.Module, index: int, ffn_adapter: nn.Module | None) -> None:
+    def __init__(self, layer: nn.Module, index: int, ffn_adapter: nn.Module | None,
+                 family: Family) -> None:
         super().__init__()
-        self.attn = AttentionBlock(layer, index, None)
-        self.ffn = FFNBlock(layer, index, ffn_adapter)
+        self.attn = AttentionBlock(layer, index, None, family)
+        self.ffn = FFNBlock(layer, index, ffn_adapter, family)
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         return self.ffn(self.attn(x, ctx), ctx)

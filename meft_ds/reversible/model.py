@@ -9,6 +9,7 @@ activations for ordinary autograd.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -65,6 +66,7 @@ class ReversibleLM(nn.Module):
     ) -> None:
         super().__init__()
         self.lm = arch.causal_lm(model)
+        family = arch.family_of(model, "reversible")
         blocks = arch.layers(model)
         for param in self.lm.parameters():
             param.requires_grad_(False)
@@ -85,8 +87,8 @@ class ReversibleLM(nn.Module):
         make = self._dense_factory(dim, adapters)
         self.rev_layers = nn.ModuleList(
             RevLayer(
-                self._block(self.variant.f_kind, blocks[i], i, make, dim, eps),
-                self._block(self.variant.g_kind, blocks[i], i, make, dim, eps),
+                self._block(self.variant.f_kind, blocks[i], i, make, dim, eps, family),
+                self._block(self.variant.g_kind, blocks[i], i, make, dim, eps, family),
                 options.lam, options.beta, self.variant.swap,
                 self.variant.center if options.rev_center else (False, False),
             )
@@ -122,14 +124,15 @@ class ReversibleLM(nn.Module):
 
     @staticmethod
     def _block(
-        kind: str, layer: nn.Module, index: int, make: AdapterFactory, dim: int, eps: float
+        kind: str, layer: nn.Module, index: int, make: AdapterFactory, dim: int, eps: float,
+        family: arch.Family,
     ) -> Block:
         if kind == "layer":
-            return LayerBlock(layer, index, make(index, "ffn"))
+            return LayerBlock(layer, index, make(index, "ffn"), family)
         if kind == "attention":
-            return AttentionBlock(layer, index, make(index, "attention"))
+            return AttentionBlock(layer, index, make(index, "attention"), family)
         if kind == "ffn":
-            return FFNBlock(layer, index, make(index, "ffn"))
+            return FFNBlock(layer, index, make(index, "ffn"), family)
         return AdapterBlock(make(index, "stream"), dim, eps)
 
     # --- forward -------------------------------------------------------------------
@@ -167,7 +170,12 @@ class ReversibleLM(nn.Module):
             masks["full_attention"] = create_sliding_window_causal_mask(**kwargs)
         else:
             masks["full_attention"] = create_causal_mask(**kwargs)
-        rope = arch.decoder(self.lm).rotary_emb(hidden, position_ids=position_ids)
+        rotary = arch.decoder(self.lm).rotary_emb
+        if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma 3
+            rope = {kind: rotary(hidden, position_ids, layer_type=kind)
+                    for kind in set(layer_types) | {"full_attention"}}
+        else:
+            rope = {"full_attention": rotary(hidden, position_ids=position_ids)}
         precision = resolve(
             self.options.rev_stream_dtype, self.options.rev_compute_dtype, hidden.dtype,
             hidden.device,
@@ -181,8 +189,8 @@ class ReversibleLM(nn.Module):
         blocks = arch.layers(self.lm)
         for i in layer_ids:
             hidden = blocks[i](
-                hidden, attention_mask=ctx.mask(i), position_embeddings=ctx.position_embeddings,
-                position_ids=position_ids,
+                hidden, attention_mask=ctx.mask(i),
+                position_embeddings=ctx.position_embeddings(i), position_ids=position_ids,
             )
         return hidden
 
@@ -190,9 +198,8 @@ class ReversibleLM(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object
     ) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]``."""
-        stack = arch.decoder(self.lm)
-        n = len(stack.layers)
-        hidden = stack.embed_tokens(input_ids)
+        n = len(arch.layers(self.lm))
+        hidden = self.lm.get_input_embeddings()(input_ids)  # Gemma's scaled embedding too
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         ctx = self._context(hidden, attention_mask, position_ids)
         if self.span.start > 0:
@@ -220,4 +227,6 @@ class ReversibleLM(nn.Module):
         hidden = (main + self.mix.to(main.dtype) * other).to(hidden.dtype)
         if self.span.stop < n:
             hidden = self._plain(range(self.span.stop, n), hidden, ctx, position_ids)
-        return self.lm.lm_head(stack.norm(hidden))
+        logits = self.lm.get_output_embeddings()(arch.final_norm(self.lm)(hidden))
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)  # Gemma 2
+        return logits if cap is None else torch.tanh(logits / cap) * cap
