@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from meft_ds.errors import UserError
 
 MEFT_KEY = "meft"
@@ -207,6 +209,13 @@ def finalize(
 def bf16_enabled(ds: dict[str, Any]) -> bool:
     """Whether the engine computes in bf16."""
     return bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("bfloat16", {}).get("enabled"))
+
+
+def model_dtype(ds: dict[str, Any]) -> torch.dtype:
+    """The dtype the engine keeps the model's weights in (what the weights load in)."""
+    if bf16_enabled(ds):
+        return torch.bfloat16
+    return torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
 
 
 def start_schedule(engine: Any) -> bool:

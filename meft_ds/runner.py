@@ -141,9 +141,9 @@ def run(spec: RunSpec) -> dict[str, Any]:
     probe.check_deepspeed(spec.deepspeed)
     # Every rank of this node loads the weights at once; the row store is one per node.
     local = mdist.local_world_size()
+    dtype = ds_config.model_dtype(spec.deepspeed)  # the weights load in the dtype they train in
     memory.require_ram(
-        local * estimate_host_bytes(hf_config, cfg.method, bf16 and cfg.model in loader.SHAPES,
-                                    cuda)
+        local * estimate_host_bytes(hf_config, cfg.method, dtype, cuda)
         + probe.host_bytes(hf_config),
         f"model {cfg.model} with method {cfg.method}"
         + (f" on {local} ranks of this node" if local > 1 else ""),
@@ -177,8 +177,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     mdist.barrier()
     memory.cap_device_memory(cfg.gpu_memory_gib, dev)
     seed_everything(cfg.seed)
-    dtype = torch.bfloat16 if bf16 and cfg.model in loader.SHAPES else torch.float32
-    loaded = loader.load_model(cfg.model, dtype=dtype, seed=cfg.seed, tokenizer=tokenizer)
+    loaded = loader.load_model(cfg.model, dtype=dtype, tokenizer=tokenizer)
     model = loaded.model
     vocab = int(model.config.vocab_size)
     if lost:

@@ -177,7 +177,7 @@ def test_ram_check_refuses_before_allocating() -> None:
 
     cfg = loader.model_config("llama2-7b-shape")
     assert 6.6e9 < count_params(cfg) < 6.8e9  # LLaMA-2-7B has 6.74B parameters
-    need = estimate_host_bytes(cfg, "full", half=False, cuda=False)
+    need = estimate_host_bytes(cfg, "full", torch.float32, cuda=False)
     assert need > memory.available_ram()
     with pytest.raises(UserError, match="needs .* GiB of RAM"):
         memory.require_ram(need, "llama2-7b-shape full")

@@ -8,13 +8,20 @@ Model specs:
 - a path: any local Hugging Face directory of a causal LM (``AutoModelForCausalLM``).
 - ``llama2-7b-shape`` / ``mistral-7b-shape`` / ``smollm2-135m-shape``: the real
   architecture with random weights (for memory and speed work), using SmolLM2's
-  tokenizer (ids wrap modulo the vocab).
+  tokenizer (ids wrap modulo the vocab). A random-weight checkpoint (bf16 safetensors,
+  seed 0) is written once under :func:`cache_dir` and loaded like any directory, so the
+  shapes measure the loading path real checkpoints take.
+
+Weights load in the dtype the run trains in (bf16 under a bf16 DeepSpeed config), tensor
+by tensor onto a model built without memory (transformers' loading: the host never holds
+an fp32 copy of a bf16 run's weights).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,21 +84,29 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def smollm2_dir() -> Path:
-    """A normal HF directory of SmolLM2-135M-Instruct, converted from GGUF once."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+def _cached_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """``target``, written once by ``write(tmp)`` into a temporary directory renamed into
+    place (under a file lock: concurrent ranks wait for the first)."""
     if (target / "config.json").is_file():
         return target
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():
-            return target
+        if not (target / "config.json").is_file():
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            write(tmp)
+            os.replace(tmp, target)
+    return target
+
+
+def smollm2_dir() -> Path:
+    """A normal HF directory of SmolLM2-135M-Instruct, converted from GGUF once."""
+
+    def convert(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf = smollm2_gguf_path()
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -104,8 +119,27 @@ def smollm2_dir() -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    return target
+
+    return _cached_dir(cache_dir() / "SmolLM2-135M-Instruct", convert)
+
+
+def shape_dir(name: str, device: torch.device | str = "cpu") -> Path:
+    """The random-weight checkpoint of shape ``name`` (bf16, seed 0, SmolLM2's tokenizer),
+    written once under :func:`cache_dir`; its weights are drawn on ``device`` (a 7B
+    shape's serial host init takes about a minute; on a GPU, seconds)."""
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        config = model_config(name)
+        config.dtype = torch.bfloat16
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(tmp)
+        load_tokenizer(SMOLLM2).save_pretrained(tmp)
+
+    return _cached_dir(cache_dir() / "shapes" / name, write)
 
 
 def _check_type(config: object, spec: str) -> None:
@@ -174,28 +208,23 @@ def hide_loading_bars() -> None:
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-    device: torch.device | str = "cpu", tokenizer: Any = None,
+    spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    tokenizer: Any = None,
 ) -> LoadedModel:
-    """Load model + tokenizer for ``spec`` (see the module docstring).
+    """Load model + tokenizer for ``spec`` (see the module docstring), the weights in
+    ``dtype`` whatever the checkpoint holds.
 
-    ``device``: where random weights are drawn (a 7B shape's serial host init takes about
-    a minute; on a GPU, seconds); loaded weights are moved there. ``tokenizer``: one the
-    caller already loaded with :func:`load_tokenizer` (it is not loaded again).
+    ``device``: where the weights go (and where a shape's random weights are drawn the
+    first time). ``tokenizer``: one the caller already loaded with :func:`load_tokenizer`
+    (it is not loaded again).
     """
     from transformers import AutoModelForCausalLM
 
-    config = model_config(spec)
+    model_config(spec)  # the checks, before any weight is read
     where = resolve(spec)
-    if isinstance(where, str):
-        torch.manual_seed(seed)
-        config.dtype = dtype
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        source = f"random weights, {where}"
-    else:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype).to(device)
-        source = str(where)
+    directory = shape_dir(where, device) if isinstance(where, str) else where
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    source = f"random weights, {directory}" if isinstance(where, str) else str(where)
     model.config.use_cache = False
     if tokenizer is None:
         tokenizer = load_tokenizer(spec)

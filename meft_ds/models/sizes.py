@@ -26,11 +26,11 @@ def count_params(config: Any) -> int:
 _COUNTS: dict[str, int] = {}
 
 
-def estimate_host_bytes(config: Any, method: str, half: bool, cuda: bool) -> int:
-    """Host RAM a run needs before training starts: the loaded weights, plus, on a CPU-only
-    machine, the optimizer state of every weight for full fine-tuning."""
+def estimate_host_bytes(config: Any, method: str, dtype: torch.dtype, cuda: bool) -> int:
+    """Host RAM a run needs before training starts: the weights loaded in ``dtype``, plus,
+    on a CPU-only machine, the optimizer state of every weight for full fine-tuning."""
     n = count_params(config)
-    need = n * (2 if half else 4)
+    need = n * dtype.itemsize
     if method == "full" and not cuda:
         need += n * FULL_STATE_BYTES
     return need

@@ -1,0 +1,109 @@
+"""Real checkpoint directories: weights load in the dtype the run trains in, the RAM
+check counts what is loaded, and the random-weight shapes load through the same path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from meft_ds import cli, memory
+from meft_ds.models import loader
+from meft_ds.models.sizes import count_params
+from meft_ds.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = str(ROOT / "ds_configs" / "cpu.json")
+TINY = dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, vocab_size=49152,
+            max_position_embeddings=128, tie_word_embeddings=True)
+
+
+def tiny_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A random tiny LLaMA saved in ``dtype`` with SmolLM2's tokenizer (its vocabulary)."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    values = dict(TINY)
+    config = CONFIG_MAPPING[values.pop("model_type")](**values)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(path)
+    loader.load_tokenizer(loader.SMOLLM2).save_pretrained(path)
+    return path
+
+
+class _Stop(Exception):
+    """Raised by the patched RAM check: the run stops before anything loads."""
+
+
+def _ram_needed(monkeypatch, *argv: str) -> int:
+    seen = []
+
+    def check(need: int, what: str) -> None:
+        seen.append(need)
+        raise _Stop
+
+    monkeypatch.setattr(memory, "require_ram", check)
+    with pytest.raises(_Stop):
+        run(cli.parse(["--deepspeed", CPU, "--progress", "false", *argv]))
+    return seen[0]
+
+
+@pytest.mark.integration
+def test_fp32_checkpoint_loads_and_trains_in_bf16(tmp_path: Path, monkeypatch) -> None:
+    where = tiny_checkpoint(tmp_path / "model")
+    stored = json.loads((where / "config.json").read_text())
+    assert stored["dtype"] == "float32"
+    loaded = loader.load_model(str(where), dtype=torch.bfloat16).model
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    reference = loader.load_model(str(where)).model
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    for (name, a), (_, b) in zip(loaded.named_parameters(), reference.named_parameters(),
+                                 strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16)), name
+    # The RAM check counts the weights in the dtype they load in: 2 bytes a parameter
+    # under bf16, 4 under fp32 (lora: nothing else before training).
+    n = count_params(loader.model_config(str(where)))
+    common = ("--model", str(where), "--method", "lora", "--output_dir", str(tmp_path / "r"))
+    assert _ram_needed(monkeypatch, *common, "--precision", "bf16") == 2 * n
+    assert _ram_needed(monkeypatch, *common, "--precision", "fp32") == 4 * n
+    monkeypatch.undo()
+    # A real run under --precision bf16 hands the engine bf16 weights loaded as such.
+    dtypes = []
+    real = loader.load_model
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        dtypes.append({p.dtype for p in out.model.parameters()})
+        return out
+
+    monkeypatch.setattr(loader, "load_model", spy)
+    run(cli.parse(["--deepspeed", CPU, *common, "--precision", "bf16", "--max_steps", "2",
+                   "--train_examples", "4", "--max_seq_len", "32", "--eval_trained", "0",
+                   "--eval_heldout", "0", "--progress", "false", "--micro_batch_size", "2",
+                   "--save_final", "false", "--lr", "1e-2"]))
+    assert dtypes == [{torch.bfloat16}]
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+
+
+@pytest.mark.integration
+def test_shapes_load_from_a_checkpoint_written_once(tmp_path: Path, monkeypatch) -> None:
+    smollm2 = loader.smollm2_dir()  # the converted SmolLM2 stays where it is
+    monkeypatch.setattr(loader, "smollm2_dir", lambda: smollm2)
+    monkeypatch.setenv("MEFT_DS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(loader.SHAPES, "tiny-shape", dict(TINY))
+    first = loader.load_model("tiny-shape", dtype=torch.float32)
+    written = tmp_path / "cache" / "shapes" / "tiny-shape"
+    assert first.source == f"random weights, {written}"
+    config = written / "config.json"
+    assert json.loads(config.read_text())["dtype"] == "bfloat16"  # as real 7B checkpoints
+    assert (written / "model.safetensors").is_file() and (written / "tokenizer.json").is_file()
+    stamp = config.stat().st_mtime_ns
+    second = loader.load_model("tiny-shape", dtype=torch.bfloat16)
+    assert config.stat().st_mtime_ns == stamp  # loaded, not written again
+    assert {p.dtype for p in first.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in second.model.parameters()} == {torch.bfloat16}
+    for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b)
