@@ -1,4 +1,5 @@
-"""Shared start-up of the launch scripts: import path and offline defaults."""
+"""Shared start-up of the launch scripts: import path and environment defaults (the Hub is
+not forced offline: ``HF_HUB_OFFLINE`` is the user's; ``make`` sets it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,5 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))

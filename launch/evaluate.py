@@ -4,7 +4,7 @@
     python launch/evaluate.py --model smollm2-135m --dataset gsm8k --split heldout
 """
 
-import _bootstrap  # noqa: F401  (import path, offline defaults)
+import _bootstrap  # noqa: F401  (import path, environment defaults)
 
 from meft_ds.evaluate_cli import main
 

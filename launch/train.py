@@ -3,7 +3,7 @@
 Also runs under plain ``python`` and ``torchrun``. ``--help`` lists every option.
 """
 
-import _bootstrap  # noqa: F401  (import path, offline defaults)
+import _bootstrap  # noqa: F401  (import path, environment defaults)
 
 from meft_ds.cli import main
 

@@ -22,7 +22,7 @@ class TrainConfig:
     """What to train, on what, for how long, and where to write it."""
 
     method: str = _opt("parallel_adapter", "fine-tuning method (see --help for the list)")
-    model: str = _opt("smollm2-135m", "smollm2-135m, llama2-7b-shape, mistral-7b-shape or a dir")
+    model: str = _opt("smollm2-135m", "smollm2-135m, a *-shape, a local dir or a Hub id org/name")
     dataset: str = _opt(
         "nq_open", "nq_open or gsm8k (shipped), a data file (jsonl/json/csv/parquet/arrow), a "
         "save_to_disk directory, or a Hub dataset id")

@@ -107,3 +107,64 @@ def test_shapes_load_from_a_checkpoint_written_once(tmp_path: Path, monkeypatch)
     assert {p.dtype for p in second.model.parameters()} == {torch.bfloat16}
     for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(a.to(torch.bfloat16), b)
+
+
+def hub_snapshot(cache: Path, repo_id: str, files: Path) -> Path:
+    """Lay ``files`` out as huggingface_hub caches a download of ``repo_id``: blobs named
+    by their hash, ``refs/main`` holding the commit, ``snapshots/<commit>/`` linking to
+    the blobs. Returns the snapshot directory."""
+    import hashlib
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot, blobs = repo / "snapshots" / commit, repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in sorted(files.iterdir()):
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", digest))
+    return snapshot
+
+
+SCRIPT = """
+import torch
+from meft_ds.errors import UserError
+from meft_ds.models import loader
+try:
+    loader.model_config("no-such-org/no-such-model")
+except UserError as exc:
+    print("REFUSED", exc)
+loaded = loader.load_model("some-org/tiny-model", dtype=torch.bfloat16)
+print("SOURCE", loaded.source)
+print("DTYPE", next(loaded.model.parameters()).dtype, len(loaded.tokenizer))
+"""
+
+
+@pytest.mark.multiprocess
+def test_hub_ids_resolve_through_the_cache_offline(tmp_path: Path) -> None:
+    """A Hub id in the HF cache loads offline from its snapshot; one that is not is one
+    line naming the cache (a fresh process: huggingface_hub reads its settings once)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    hub = tmp_path / "hf" / "hub"
+    snapshot = hub_snapshot(hub, "some-org/tiny-model", tiny_checkpoint(tmp_path / "files"))
+    env = {**subprocess_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(hub)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines()
+             if line.split(" ", 1)[0] in ("REFUSED", "SOURCE", "DTYPE")}
+    assert lines["REFUSED"] == (
+        f"model 'no-such-org/no-such-model' is not a local directory, and as a Hub id it is "
+        f"not in the Hugging Face cache ({hub}) and HF_HUB_OFFLINE is set: download it once "
+        "online (HF_HUB_OFFLINE=0) or give a local directory")
+    assert lines["SOURCE"] == str(snapshot)
+    assert lines["DTYPE"] == "torch.bfloat16 49152"

