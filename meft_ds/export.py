@@ -1,9 +1,24 @@
-"""Export trained adapters to safetensors + JSON, and load them back for inference."""
+"""Export trained adapters, and read them back for inference.
+
+Three layouts, each with the run's metadata (method, options, model, data, dtype, prompt
+format) for :mod:`meft_ds.inference`:
+
+- meft_ds's own (most methods): ``adapter.safetensors`` + ``adapter_config.json`` (the
+  metadata);
+- PEFT's (``lora``): what ``PeftModel.save_pretrained`` writes (its ``adapter_config.json``
+  and ``adapter_model.safetensors``), so ``PeftModel.from_pretrained`` loads it, with the
+  metadata in ``meft_ds.json``;
+- a complete transformers model (``full``): config, safetensors weights, tokenizer and
+  generation config for ``AutoModelForCausalLM.from_pretrained``, metadata in
+  ``meft_ds.json`` (transformers would take an ``adapter_config.json`` there for a PEFT
+  adapter's).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +29,8 @@ from meft_ds.errors import UserError
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
+META = "meft_ds.json"  # the metadata beside a PEFT adapter or a transformers model
+PEFT_WEIGHTS = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -52,17 +69,26 @@ def data_record(cfg: Any) -> dict[str, Any]:
     return record
 
 
-def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: Any) -> None:
-    """Write the method's trained tensors and the config needed to rebuild the model."""
-    from safetensors.torch import save_file
+def is_model(directory: Path) -> bool:
+    """Whether an export is a complete transformers model (a ``full`` export)."""
+    return (directory / "config.json").is_file()
 
+
+def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: Any,
+                 tokenizer: Any = None) -> None:
+    """Write the method's trained weights in its layout (:meth:`Method.save_export`) and the
+    metadata needed to rebuild the model. The directory is replaced as a whole (written
+    beside it first), so that no file of an earlier export stays."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = directory.with_name(directory.name + ".tmp")
     with _gathered(engine):
-        state = method.trainable_state(engine.module)
-    if dist.is_initialized() and dist.get_rank() != 0:
+        state = method.trainable_state(engine.module)  # on every rank: it may gather
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            method.save_export(engine.module, state, tmp, tokenizer)
+    if not rank0:
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, str(directory / WEIGHTS))
     meta = {
         "method": cfg.method,
         "model": cfg.model,
@@ -75,29 +101,55 @@ def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: A
         "data": data_record(cfg),
         "prompt_format": cfg.prompt_format,
     }
-    (directory / CONFIG).write_text(json.dumps(meta, indent=2))
+    # beside a library's own files (PEFT's adapter_config.json, a model's config.json) the
+    # metadata has a name of its own
+    name = META if (tmp / CONFIG).exists() or is_model(tmp) else CONFIG
+    (tmp / name).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.replace(directory)
 
 
-def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) of an exported adapter."""
-    from safetensors.torch import load_file
-
-    cfg_path, weights = directory / CONFIG, directory / WEIGHTS
-    if not cfg_path.is_file() or not weights.is_file():
-        inner = directory / "adapter"
-        hint = (f"; a training run's adapter is in {inner}" if (inner / CONFIG).is_file()
-                else "")
-        raise UserError(f"{directory} is not an exported adapter ({CONFIG} + {WEIGHTS}){hint}")
+def read_meta(directory: Path) -> dict[str, Any]:
+    """The metadata of an export (``meft_ds.json``, else meft_ds's ``adapter_config.json``)."""
+    path = directory / META
+    if not path.is_file():
+        path = directory / CONFIG
+    if not path.is_file():
+        raise _not_an_export(directory)
     try:
-        meta = json.loads(cfg_path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{cfg_path} is not valid JSON ({exc})") from None
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
     keys = meta if isinstance(meta, dict) else {}
     lacking = [k for k in ("method", "model", "options") if k not in keys]
     if lacking:
-        raise UserError(f"{cfg_path} lacks {', '.join(lacking)}: not written by meft_ds's export")
+        raise UserError(f"{path} lacks {', '.join(lacking)}: not written by meft_ds's export")
+    return meta
+
+
+def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, trained tensors) of an export; no tensors for a complete model (its
+    weights load with it)."""
+    from safetensors.torch import load_file
+
+    meta = read_meta(directory)
+    if is_model(directory):
+        if not any(directory.glob("*.safetensors")):
+            raise _not_an_export(directory)
+        return meta, {}
+    weights = directory / (PEFT_WEIGHTS if (directory / META).is_file() else WEIGHTS)
+    if not weights.is_file():
+        raise _not_an_export(directory)
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error type for damaged files
         raise UserError(f"{weights} cannot be read: {str(exc).splitlines()[0]}") from None
     return meta, tensors
+
+
+def _not_an_export(directory: Path) -> UserError:
+    inner = directory / "adapter"
+    hint = (f"; a training run's adapter is in {inner}"
+            if (inner / CONFIG).is_file() or (inner / META).is_file() else "")
+    return UserError(f"{directory} is not an exported adapter ({CONFIG} + {WEIGHTS}, or "
+                     f"{META} beside a PEFT adapter or a model){hint}")

@@ -36,18 +36,20 @@ def load_adapted(directory: str | Path, model: str | None = None,
     """Load the base model named in the adapter config (or ``model``) plus the adapter
     (``weights=False``: the same adapter freshly initialised, as before training), in
     ``dtype`` (fp32/bf16/fp16; ``None``: the dtype it trained in, fp32 where the adapter
-    does not say)."""
-    meta, tensors = export.read_adapter(Path(directory))
+    does not say). A complete model (a ``full`` export) is loaded from ``directory``."""
+    directory = Path(directory)
+    meta, tensors = export.read_adapter(directory)
     name = dtype or meta.get("dtype") or "fp32"
     if name not in export.DTYPES:
         raise UserError(f"adapter {directory}: unknown dtype {name!r} (fp32, bf16 or fp16)")
     method_cls = methods.get(meta["method"])
     opts = options.build(method_cls.Options, meta["options"], context=f"adapter {directory}")
-    loaded = loader.load_model(model or meta["model"])
+    own = weights and export.is_model(directory)
+    loaded = loader.load_model(str(directory) if own else model or meta["model"])
     method = method_cls(opts, loaded.model.config)
     method.check_model(loaded.model)
     module = method.apply(loaded.model)
-    if weights:
+    if weights and not own:
         method.load_trainable_state(module, tensors)
     module.to(device=device, dtype=export.DTYPES[name]).eval()
     return AdaptedModel(method, module, loaded.tokenizer, {**meta, "dtype": name})

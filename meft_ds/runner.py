@@ -242,7 +242,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     if cfg.save_final and (not cfg.save_steps or trainer.step % cfg.save_steps):
         trainer.save()
     export_dir = Path(cfg.output_dir) / "adapter"
-    export.save_adapter(method, engine, export_dir, cfg, spec.method_options)
+    export.save_adapter(method, engine, export_dir, cfg, spec.method_options, tokenizer)
     after = score_all() if evals else {}
     results = {
         "method": cfg.method, "model": cfg.model, "steps": trainer.step,

@@ -38,7 +38,9 @@ def test_method_trains_under_deepspeed(tmp_path: Path, method: str, checkpointin
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["grad_norm"] > 0
     assert records[0]["saved_activation_bytes"] > 0
-    exported = tmp_path / "adapter" / "adapter.safetensors"
+    # each method's layout (meft_ds.export): PEFT's, a transformers model, meft_ds's own
+    weights = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+    exported = tmp_path / "adapter" / weights.get(method, "adapter.safetensors")
     assert exported.is_file() and exported.stat().st_size > 0
 
 

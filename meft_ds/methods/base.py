@@ -113,21 +113,40 @@ class Method:
 
     def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`trainable_state`."""
-        from meft_ds.errors import UserError
-
         params = dict(module.named_parameters())
-        extra = [k for k in state if k not in params]
-        if extra:
-            raise UserError(f"adapter file has tensors the model lacks: {extra[:3]}")
-        wanted = [n for n, p in params.items() if p.requires_grad]
-        lacking = [n for n in wanted if n not in state]
-        if lacking:
-            raise UserError(f"adapter file lacks {len(lacking)} of the adapter's {len(wanted)} "
-                            f"tensors, e.g. {lacking[:3]}")
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(params[key].shape):
-                raise UserError(f"adapter file: {key} has shape {tuple(value.shape)}, the model "
-                                f"built from its config needs {tuple(params[key].shape)}")
+        check_state(state, {n: p.shape for n, p in params.items()},
+                    [n for n, p in params.items() if p.requires_grad])
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(value.to(params[key].dtype))
+
+    def save_export(self, module: nn.Module, state: dict[str, torch.Tensor], directory: Path,
+                    tokenizer: Any) -> None:
+        """Write the trained weights (``state``: :meth:`trainable_state`) into ``directory``
+        (rank 0, ZeRO-3 parameters gathered): ``adapter.safetensors``, meft_ds's own
+        layout (:mod:`meft_ds.export`)."""
+        from safetensors.torch import save_file
+
+        from meft_ds.export import WEIGHTS
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(tensors, str(directory / WEIGHTS))
+
+
+def check_state(state: dict[str, torch.Tensor], shapes: dict[str, Any],
+                wanted: list[str]) -> None:
+    """Refuse an adapter file whose tensors are not the model's (``shapes``: name ->
+    shape of what it may hold; ``wanted``: the names it must hold)."""
+    from meft_ds.errors import UserError
+
+    extra = [k for k in state if k not in shapes]
+    if extra:
+        raise UserError(f"adapter file has tensors the model lacks: {extra[:3]}")
+    lacking = [n for n in wanted if n not in state]
+    if lacking:
+        raise UserError(f"adapter file lacks {len(lacking)} of the adapter's {len(wanted)} "
+                        f"tensors, e.g. {lacking[:3]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(shapes[key]):
+            raise UserError(f"adapter file: {key} has shape {tuple(value.shape)}, the model "
+                            f"built from its config needs {tuple(shapes[key])}")

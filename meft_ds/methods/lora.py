@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from meft_ds.errors import UserError
 from meft_ds.methods import register
-from meft_ds.methods.base import Method
+from meft_ds.methods.base import Method, check_state
 from meft_ds.models import arch
 
 DEFAULT_TARGETS = "auto"  # the family table's projections, else every linear layer
@@ -40,7 +43,8 @@ class LoraOptions:
 
 @register
 class Lora(Method):
-    """Low-rank adapters on the attention and MLP projections (PEFT)."""
+    """Low-rank adapters on the attention and MLP projections (PEFT), exported in PEFT's
+    own format (``PeftModel.from_pretrained`` loads it)."""
 
     name = "lora"
     help = "LoRA adapters through PEFT"
@@ -68,3 +72,27 @@ class Lora(Method):
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)
+
+    def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's names (as its ``save_pretrained`` writes them)."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(module).items()}
+
+    def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load PEFT's tensors, or an adapter exported before meft_ds wrote PEFT's format
+        (the module's own parameter names, with PEFT's adapter name ``.default.``)."""
+        from peft import set_peft_model_state_dict
+
+        if any(".default." in key for key in state):
+            super().load_trainable_state(module, state)
+            return
+        wanted = {k: v.shape for k, v in self.trainable_state(module).items()}
+        check_state(state, wanted, list(wanted))
+        set_peft_model_state_dict(module, state)
+
+    def save_export(self, module: nn.Module, state: dict[str, torch.Tensor], directory: Path,
+                    tokenizer: Any) -> None:
+        """PEFT's own ``save_pretrained``: its ``adapter_config.json`` and
+        ``adapter_model.safetensors``."""
+        module.save_pretrained(str(directory))
