@@ -5,7 +5,7 @@
     python launch/generate.py --adapter runs/latest/adapter --do_sample --temperature 0.7
 """
 
-import _bootstrap  # noqa: F401  (import path, offline defaults)
+import _bootstrap  # noqa: F401  (import path, environment defaults)
 
 from meft_ds.generate_cli import main
 

@@ -11,6 +11,8 @@ from meft_ds.data.prompts import FORMATS
 from meft_ds.data.records import SHAPES
 from meft_ds.errors import UserError
 from meft_ds.precision import CHOICES as PRECISIONS
+from meft_ds.reporting import CHOICES as REPORT_TO
+from meft_ds.reporting import check_available
 
 
 def _opt(default, help_text: str, **meta):
@@ -90,6 +92,9 @@ class TrainConfig:
     eval_batch_size: int = _opt(32, "generation batch size")
     progress: bool = _opt(True, "show progress bars")
     log_steps: int = _opt(1, "write metrics every N steps")
+    report_to: str = _opt("none", "also log the metrics to TensorBoard (<output_dir>/"
+                          "tensorboard) or Weights & Biases (WANDB_MODE=offline is "
+                          "honoured)", choices=REPORT_TO)
     gpu_memory_gib: float | None = _opt(
         None, "cap this process's GPU memory at N GiB (check that a run fits a smaller card)"
     )
@@ -124,6 +129,7 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         DataSpec.of(self).validate()  # the data options, checked as the evaluator checks them
+        check_available(self.report_to)
         if self.resume and self.overwrite_output_dir:
             raise UserError("--resume and --overwrite_output_dir exclude each other")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():

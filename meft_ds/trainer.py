@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from meft_ds import checkpoint, ds_config, memory, run_dir
+from meft_ds import checkpoint, ds_config, memory, reporting, run_dir
 from meft_ds import dist as mdist
 from meft_ds.config import TrainConfig
 from meft_ds.data import IGNORE, BatchSchedule
@@ -72,6 +72,7 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self.step = 0
         self.clip = float(engine.gradient_clipping() or 0.0)
+        self.reporter = reporting.Reporter()  # --report_to's, while fit() runs (rank 0)
 
     # --- state -------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -214,9 +215,20 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.reporter.log(record)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``max_steps``; returns the metric records of this run."""
+        if self.rank == 0:
+            config = {"train": self.cfg.__dict__, "method": vars(self.method.options)}
+            self.reporter = reporting.start(self.cfg.report_to, self.out, self.step, config)
+        try:
+            return self._fit()
+        finally:
+            self.reporter.close()
+            self.reporter = reporting.Reporter()
+
+    def _fit(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         history: list[dict[str, Any]] = []
         bar = tqdm(

@@ -1,24 +1,41 @@
-"""launch/generate.py: on a real tiny run's export and on hand-written inputs."""
+"""launch/generate.py, --report_to and launch/plot.py: on a real tiny run's output and on
+hand-written inputs."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import subprocess_env
 
-from meft_ds import generate_cli
+from meft_ds import generate_cli, plot, reporting
+from meft_ds.config import TrainConfig
+from meft_ds.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _events(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars TensorBoard reads from ``directory``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory) -> Path:
-    """A two-step LoRA run through launch/train.py, with a periodic evaluation each step."""
+    """A two-step LoRA run through launch/train.py, logged to TensorBoard, with a
+    periodic evaluation each step."""
     out = tmp_path_factory.mktemp("run")
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--deepspeed", "ds_configs/cpu.json",
@@ -26,7 +43,7 @@ def lora_run(tmp_path_factory) -> Path:
          "--train_examples", "8", "--micro_batch_size", "2", "--max_seq_len", "48",
          "--eval_trained", "0", "--eval_heldout", "0", "--eval_steps", "1",
          "--eval_periodic", "2", "--max_new_tokens", "4", "--save_final", "false",
-         "--progress", "false", "--output_dir", str(out)],
+         "--progress", "false", "--report_to", "tensorboard", "--output_dir", str(out)],
         capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return out
@@ -107,3 +124,97 @@ def test_sampling_keeps_the_top_p_mass_and_feeds_greedy_decoding() -> None:
     torch.manual_seed(1)
     got = fn(torch.zeros(3, 5, dtype=torch.long), None)
     assert got.shape == (3, 1, 4) and torch.equal(got[:, -1].argmax(-1), want)
+
+
+@pytest.mark.multiprocess
+def test_tensorboard_logs_every_step_of_a_run(lora_run: Path) -> None:
+    records = [json.loads(x) for x in (lora_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    events = _events(lora_run / reporting.TENSORBOARD_DIR)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "saved_activation_bytes", "rss_gib"):
+        assert [s for s, _ in events[f"train/{key}"]] == [1, 2], key
+        assert [v for _, v in events[f"train/{key}"]] == pytest.approx(
+            [r[key] for r in steps], rel=1e-6), key
+    assert [s for s, _ in events["train/periodic_eval"]] == [1, 2]
+
+
+@pytest.mark.multiprocess
+def test_plot_of_a_real_run(lora_run: Path, capsys) -> None:
+    assert plot.main([str(lora_run)]) == 0
+    png = lora_run / "curves.png"
+    assert png.read_bytes().startswith(PNG) and png.stat().st_size > 10_000
+    assert f"wrote {png}" in capsys.readouterr().out
+
+
+@pytest.mark.unit
+def test_tensorboard_reporter_keeps_numbers_and_hides_a_restart_s_old_steps(
+        tmp_path: Path) -> None:
+    record = {"step": 1, "loss": 2.5, "tokens": 40, "sparse_rows_per_layer": [3, 4],
+              "note": "text", "flag": True, "grad_norm": float("nan")}
+    assert set(reporting.scalars(record)) == {"loss", "tokens", "grad_norm"}
+    first = reporting.start("tensorboard", tmp_path, 0, {})
+    for step in (1, 2, 3):
+        first.log({"step": step, "loss": float(step)})
+    first.close()  # a crash after step 3; the resumed run starts after step 1
+    again = reporting.start("tensorboard", tmp_path, 1, {})
+    for step in (2, 3):
+        again.log({"step": step, "loss": 10.0 * step})
+    again.close()
+    assert _events(tmp_path / reporting.TENSORBOARD_DIR)["train/loss"] == [
+        (1, 1.0), (2, 20.0), (3, 30.0)]
+
+
+@pytest.mark.unit
+def test_wandb_reporter_and_its_missing_package(tmp_path: Path, monkeypatch) -> None:
+    from meft_ds import cli
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(UserError, match=r"^--report_to wandb needs the wandb package: "
+                       r"pip install wandb$"):
+        TrainConfig(report_to="wandb").validate()
+    with pytest.raises(SystemExit) as info:
+        cli.parse(["--report_to", "mlflow"])
+    assert info.value.code == 2
+    logged: list = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    run = types.SimpleNamespace(log=lambda values, step: logged.append((step, values)),
+                                finish=lambda: logged.append("finished"))
+    fake.init = lambda **kwargs: logged.append(kwargs) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "proj")
+    reporter = reporting.start("wandb", tmp_path, 0, {"train": {"lr": 1e-3}})
+    reporter.log({"step": 4, "loss": 1.5, "sparse_rows_per_layer": [1]})
+    reporter.close()
+    assert logged == [{"project": "proj", "dir": str(tmp_path), "config": {"train": {"lr": 1e-3}}},
+                      (4, {"train/loss": 1.5}), "finished"]
+
+
+@pytest.mark.unit
+def test_plot_draws_what_the_metrics_hold_and_refuses_a_directory_without(
+        tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "grad_norm": 2.0, "tokens_per_s": 90.0,
+              "saved_activation_bytes": 2**20 * s, "sparse_rows_moved": 1000 - s,
+              "sparse_rows_per_layer": [1, 2]} for s in range(1, 6)]
+    lines.insert(3, {"step": 3, "periodic_eval": 0.25})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines)
+                                       + '{"step": 6, "lo')  # cut short by a crash
+    (run / "results.json").write_text(json.dumps({
+        "method": "sparse", "model": "smollm2-135m", "steps": 5, "precision": "bf16",
+        "after": {"trained": {"score": 1.0, "n": 8, "metric": "exact_match"}},
+        "before": {"trained": {"score": 0.0, "n": 8, "metric": "exact_match"}}}))
+    assert plot.read_metrics(run)[-1]["step"] == 5
+    assert "trained exact_match 0.0% -> 100.0%" in plot._title(run, plot.read_results(run))
+    out = tmp_path / "figs" / "curves.png"
+    assert plot.main([str(run), "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG) and out.stat().st_size > 10_000
+    (run / "metrics.jsonl").write_text("")
+    cases = {str(run): "holds no metrics", str(tmp_path): "has no metrics.jsonl",
+             str(tmp_path / "nope"): "is not a directory"}
+    capsys.readouterr()
+    for where, message in cases.items():
+        assert plot.main([where]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
