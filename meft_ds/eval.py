@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from meft_ds.data import QAExample, prompt_text
+from meft_ds.data.prompts import in_vocab
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -73,8 +74,8 @@ def stop_ids(tokenizer: Any, prompt_format: str = "plain", generation_config: An
     ``plain`` answers end with EOS, as trained. A ``chat`` answer ends where the template
     ends the assistant turn, which is not always EOS (Llama 3 ``<|eot_id|>``, Qwen
     ``<|im_end|>``, Gemma ``<end_of_turn>``): the model's ``generation_config`` EOS id(s) and
-    the known end-of-turn tokens the vocabulary has stop it too. Ids wrap modulo
-    ``vocab_size`` as in training.
+    the known end-of-turn tokens the vocabulary has stop it too (those inside the model's
+    ``vocab_size``: a token it cannot emit stops nothing).
     """
     ids = [tokenizer.eos_token_id]
     if prompt_format == "chat":
@@ -82,9 +83,8 @@ def stop_ids(tokenizer: Any, prompt_format: str = "plain", generation_config: An
         ids += configured if isinstance(configured, list) else [configured]
         vocab = tokenizer.get_vocab()
         ids += [vocab[token] for token in END_OF_TURN if token in vocab]
-    if vocab_size is not None:
-        ids = [i % vocab_size for i in ids if i is not None]
-    return list(dict.fromkeys(i for i in ids if i is not None))
+    ids = [i for i in ids if i is not None and (vocab_size is None or i < vocab_size)]
+    return list(dict.fromkeys(ids))
 
 
 def first_answer_line(text: str) -> str:
@@ -120,8 +120,7 @@ def generate(
     for start in tqdm(batches, desc="generate", disable=not progress, leave=False):
         chunk = prompts[start : start + batch_size]
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        if vocab_size is not None:
-            encoded = [[i % vocab_size for i in ids] for ids in encoded]
+        encoded = [in_vocab(ids, vocab_size) for ids in encoded]
         width = max(len(e) for e in encoded)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

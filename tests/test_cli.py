@@ -176,7 +176,8 @@ def test_ram_check_refuses_before_allocating() -> None:
     from meft_ds.models.sizes import count_params, estimate_host_bytes
 
     cfg = loader.model_config("llama2-7b-shape")
-    assert 6.6e9 < count_params(cfg) < 6.8e9  # LLaMA-2-7B has 6.74B parameters
+    # LLaMA-2-7B has 6.74B parameters; the shape has SmolLM2's 49152-token vocabulary: 6.88B
+    assert count_params(cfg) == 6_738_415_616 + 2 * (49152 - 32000) * 4096
     need = estimate_host_bytes(cfg, "full", torch.float32, cuda=False)
     assert need > memory.available_ram()
     with pytest.raises(UserError, match="needs .* GiB of RAM"):

@@ -105,7 +105,7 @@ def test_chat_answers_stop_at_the_end_of_turn_token(shipped_tokenizer) -> None:
     # the model's generation_config EOS ids (one or a list) stop a chat answer too
     assert 7 in stop_ids(tok, "chat", SimpleNamespace(eos_token_id=[tok.eos_token_id, 7]))
     assert 9 in stop_ids(tok, "chat", SimpleNamespace(eos_token_id=9))
-    assert all(i < 100 for i in stop_ids(tok, "chat", vocab_size=100))  # wrapped as trained
+    assert all(i < 100 for i in stop_ids(tok, "chat", vocab_size=100))  # others: never wrapped
 
     # a tokenizer whose EOS is not the end-of-turn token (as Llama 3's <|end_of_text|> is
     # not <|eot_id|>): the answer, then <|im_end|>, then text the model runs on with

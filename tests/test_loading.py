@@ -168,3 +168,50 @@ def test_hub_ids_resolve_through_the_cache_offline(tmp_path: Path) -> None:
         "online (HF_HUB_OFFLINE=0) or give a local directory")
     assert lines["SOURCE"] == str(snapshot)
     assert lines["DTYPE"] == "torch.bfloat16 49152"
+
+
+@pytest.mark.integration
+def test_bad_checkpoints_are_one_line_before_loading(tmp_path: Path, monkeypatch) -> None:
+    """A directory without weights (or with a shard missing) and a tokenizer larger than
+    the model's vocabulary are refused before any weight is read; token ids are never
+    wrapped into the vocabulary."""
+    import shutil
+
+    from meft_ds.data.prompts import encode_ids, in_vocab
+    from meft_ds.data.records import QAExample
+    from meft_ds.errors import UserError
+
+    where = tiny_checkpoint(tmp_path / "model")
+    (where / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"^model directory .* has no weights \(model"):
+        loader.model_config(str(where))
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors",
+                                            "norm.weight": "model-00002-of-00002.safetensors"}}
+    (where / "model.safetensors.index.json").write_text(json.dumps(index))
+    (where / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"1 of 2 weight shards named in model.safetensors"
+                                        r".index.json are missing, e.g. model-00002-of-00002"):
+        loader.model_config(str(where))
+    small = tmp_path / "small"
+    shutil.copytree(tiny_checkpoint(tmp_path / "again"), small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 32000}))
+    message = (r"^model .*small: its tokenizer has 49152 tokens but the model's vocabulary "
+               r"\(config vocab_size\) only 32000")
+    with pytest.raises(UserError, match=message):
+        loader.load_tokenizer(str(small))
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(loader, "load_model", loads)
+    with pytest.raises(UserError, match=message):
+        run(cli.parse(["--deepspeed", CPU, "--model", str(small), "--method", "lora",
+                       "--output_dir", str(tmp_path / "run"), "--progress", "false"]))
+    tok = loader.load_tokenizer(str(tmp_path / "again"))
+    example = QAExample("What is the capital of France", ("Paris",))
+    ids, labels = encode_ids(example, "plain", tok, 64, 49152)
+    assert max(ids) < 49152 and len(ids) == len(labels)
+    with pytest.raises(UserError, match=r"token id \d+ is outside the model's vocabulary of 10:"):
+        encode_ids(example, "plain", tok, 64, 10)
+    assert in_vocab([1, 2], 3) == [1, 2]

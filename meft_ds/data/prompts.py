@@ -97,5 +97,13 @@ def encode_ids(example: QAExample, fmt: str, tokenizer: Any, max_len: int,
     for piece, trained in pieces(example, fmt, tokenizer):
         ids += piece
         labels += piece if trained else [IGNORE] * len(piece)
-    ids, labels = ids[:max_len], labels[:max_len]
-    return [i % vocab_size for i in ids], [t if t == IGNORE else t % vocab_size for t in labels]
+    return in_vocab(ids[:max_len], vocab_size), labels[:max_len]
+
+
+def in_vocab(ids: list[int], vocab_size: int | None) -> list[int]:
+    """``ids``, checked to lie in the model's vocabulary (never wrapped modulo its size:
+    the loader refuses a tokenizer larger than the model's vocabulary up front)."""
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        raise UserError(f"token id {max(ids)} is outside the model's vocabulary of "
+                        f"{vocab_size}: the tokenizer is not the model's")
+    return ids

@@ -10,7 +10,7 @@ Model specs:
   downloaded first where the Hub can be reached (config, tokenizer, safetensors weights).
 - ``llama2-7b-shape`` / ``mistral-7b-shape`` / ``smollm2-135m-shape``: the real
   architecture with random weights (for memory and speed work), using SmolLM2's
-  tokenizer (ids wrap modulo the vocab). A random-weight checkpoint (bf16 safetensors,
+  tokenizer (their vocabulary is its 49152 tokens). A random-weight checkpoint (bf16 safetensors,
   seed 0) is written once under :func:`cache_dir` and loaded like any directory, so the
   shapes measure the loading path real checkpoints take.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from meft_ds.errors import UserError
+from meft_ds.models import arch
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,14 +47,16 @@ SHAPES: dict[str, dict] = {
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
         tie_word_embeddings=True,
     ),
+    # The 7B shapes have SmolLM2's vocabulary (their tokenizer's; LLaMA-2's is 32000): ids
+    # are never wrapped into a smaller vocabulary.
     "llama2-7b-shape": dict(
         model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
     ),
     "mistral-7b-shape": dict(
         model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=49152,
         max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=None,
         tie_word_embeddings=False,
     ),
@@ -174,7 +178,33 @@ def resolve(spec: str) -> Path | str:
         )
     if not (path / "config.json").is_file():
         raise UserError(f"model directory {path} has no config.json")
+    _check_weights(path)
     return path
+
+
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _check_weights(path: Path) -> None:
+    """``path`` holds model weights: one file, or a sharded index whose shards are all
+    there (one line otherwise, before anything loads)."""
+    if any((path / name).is_file() for name in WEIGHTS):
+        return
+    for name in WEIGHTS:
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise UserError(f"model directory {path}: unreadable {index.name} "
+                                f"({exc})") from None
+            missing = sorted(s for s in shards if not (path / s).is_file())
+            if missing:
+                raise UserError(f"model directory {path}: {len(missing)} of {len(shards)} weight "
+                                f"shards named in {index.name} are missing, e.g. {missing[0]}")
+            return
+    raise UserError(f"model directory {path} has no weights (model.safetensors, sharded "
+                    "safetensors with their index, or pytorch_model.bin)")
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -231,6 +261,13 @@ def load_tokenizer(spec: str):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    vocab = int(arch.text_config(model_config(spec)).vocab_size)
+    if len(tok) > vocab:
+        raise UserError(
+            f"model {spec}: its tokenizer has {len(tok)} tokens but the model's vocabulary "
+            f"(config vocab_size) only {vocab}: ids from {vocab} on have no embedding (a "
+            "tokenizer of another model?)"
+        )
     return tok
 
 
