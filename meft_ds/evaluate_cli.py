@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the JSON report (with predictions) here; parent dirs are created")
     p.add_argument("--dtype", choices=("auto", *export.DTYPES), default="auto",
                    help="compute dtype of the adapted model (auto: the one it trained in, as "
-                   "recorded in adapter_config.json, so scores reproduce training's own; fp32 "
+                   "recorded with the export, so scores reproduce training's own; fp32 "
                    "for a base model)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
@@ -109,14 +109,14 @@ DATA_FLAGS = ("dataset", "data_file", "data_dir", "heldout_file", "heldout_split
 
 
 def _adapter_meta(adapter: str | None) -> dict:
-    """The adapter's recorded config, or {} (read_adapter reports a missing or damaged one)."""
+    """The export's recorded config (any layout), or {} (loading the adapter reports a
+    missing or damaged one)."""
     if not adapter:
         return {}
     try:
-        meta = json.loads((Path(adapter) / export.CONFIG).read_text())
-    except (OSError, ValueError):
+        return export.read_meta(Path(adapter))
+    except UserError:
         return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def _data_spec(args: argparse.Namespace, meta: dict) -> DataSpec:

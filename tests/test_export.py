@@ -131,3 +131,15 @@ def test_full_export_is_a_transformers_model(tiny_base: Path, tmp_path: Path) ->
     (out / "model.safetensors").unlink()
     with pytest.raises(export.UserError, match="is not an exported adapter"):
         load_adapted(out)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_evaluator_reads_the_recorded_prompt_format_of_any_layout(name, tiny_base, tmp_path):
+    from meft_ds.evaluate_cli import _adapter_meta
+
+    method, module = _trained(name, tiny_base)
+    _export(method, module, tiny_base, tmp_path / "out")
+    meta = _adapter_meta(str(tmp_path / "out"))
+    assert meta["prompt_format"] == "chat" and meta["method"] == name
+    assert _adapter_meta(str(tmp_path / "missing")) == {}
