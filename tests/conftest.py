@@ -57,14 +57,15 @@ def data_dir() -> Path:
     return default_data_dir()
 
 
-def tiny_llama(layers: int = 3):
-    """A randomly initialised 64-wide LLaMA (seeded): for unit tests of adapter mechanics."""
+def tiny_llama(layers: int = 3, vocab_size: int = 128):
+    """A randomly initialised 64-wide LLaMA (seeded): for unit tests of adapter mechanics
+    (``vocab_size=49152`` fits SmolLM2's tokenizer, for saved model directories)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)

@@ -23,7 +23,7 @@ from meft_ds.trainer import lm_loss
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random LLaMA saved as a model directory, with SmolLM2's tokenizer."""
     where = tmp_path_factory.mktemp("base")
-    tiny_llama().save_pretrained(where)
+    tiny_llama(vocab_size=49152).save_pretrained(where)
     loader.load_tokenizer("smollm2-135m").save_pretrained(where)
     return where
 
