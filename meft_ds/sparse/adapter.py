@@ -2,8 +2,9 @@
 
 For token ``t`` the sum runs over its top-K keys ``i`` (chosen on the CPU among the keys
 of the ``E`` experts the router picked). ``g_{t,e}`` is the router's softmax over all ``N``
-experts at the picked expert ``e``, times ``N/E`` (a uniform router gives each chosen expert ``1/E``, together 1): as in
-Switch Transformers, this is how the router gets a gradient, also with ``E = 1``.
+experts at the picked expert ``e``, times ``N/E`` (a uniform router gives each chosen
+expert ``1/E``, together 1): as in Switch Transformers, this is how the router gets a
+gradient, also with ``E = 1``.
 
 The adapter's only engine parameter is the router; keys and values are rows of the CPU
 store, fetched per micro-batch as the working set ``W = [K_U | V_U]``:
