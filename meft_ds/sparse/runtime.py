@@ -248,7 +248,9 @@ class SparseRuntime:
         need = rows.numel() * width
         buffer = self._staging.get(layer)
         if buffer is None or buffer.numel() < need or buffer.dtype != dtype:
-            buffer = torch.empty(need, dtype=dtype, pin_memory=True)
+            # grown geometrically: working sets vary per micro-batch, and pinning is slow
+            size = max(need, 2 * buffer.numel()) if buffer is not None else need
+            buffer = torch.empty(size, dtype=dtype, pin_memory=True)
             self._staging[layer] = buffer
         staged = buffer[:need].view(rows.numel(), width)
         staged.copy_(self.store.gather(layer, rows))
