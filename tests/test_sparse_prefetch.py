@@ -59,7 +59,7 @@ def test_rows_are_selected_from_the_attention_input():
     for index, adapter in method.adapters.items():
         with torch.no_grad():
             x = layers[index].post_attention_layernorm(inputs[index]).reshape(-1, 64)[real]
-            experts = adapter.router(x).topk(sizes.experts_per_token, dim=-1).indices
+            experts = adapter.route(x).topk(sizes.experts_per_token, dim=-1).indices
         keys = method.runtime.store.layers[index].weight[:, :64]
         expected = select_rows(keys, x, experts, sizes.num_experts, sizes.top_k)
         decision = adapter._cache

@@ -29,6 +29,7 @@ from meft_ds.sparse.runtime import SparseRuntime
         ({"layer_start": 4, "layer_end": 2}, "layer_end"),
         ({"sparse_lr_ratio": 0}, "sparse_lr_ratio"),
         ({"sparse_key_lr_ratio": 1.5}, "sparse_key_lr_ratio"),
+        ({"sparse_router_lr_ratio": 0}, "sparse_router_lr_ratio"),
         ({"sparse_diagnostics": -1}, "sparse_diagnostics"),
         ({"sparse_beta2": 1.0}, "sparse_beta2"),
         ({"sparse_eps": 0}, "sparse_eps"),
@@ -298,10 +299,11 @@ def test_row_adamw_cpu_adam_refuses_tensors_it_cannot_update_in_place():
 
 
 # --- adapter against a dense reference ---------------------------------------------------
-def _runtime(rank=64, experts=8, per_token=2, top_k=6, hidden=16, activation="relu"):
+def _runtime(rank=64, experts=8, per_token=2, top_k=6, hidden=16, activation="relu",
+             router_ratio=1.0):
     options = SparseOptions(
         sparse_rank=rank, sparse_experts=experts, sparse_experts_per_token=per_token,
-        sparse_top_k=top_k,
+        sparse_top_k=top_k, sparse_router_lr_ratio=router_ratio,
         sparse_activation=activation, sparse_optimizer="torch",
     )
     sizes = resolve_sizes(options, hidden, range(1), 1)
@@ -309,10 +311,11 @@ def _runtime(rank=64, experts=8, per_token=2, top_k=6, hidden=16, activation="re
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_adapter_output_and_grads_match_dense_reference(activation):
+@pytest.mark.parametrize("activation, router_ratio", [("relu", 1.0), ("silu", 1.0),
+                                                      ("relu", 10.0)])
+def test_adapter_output_and_grads_match_dense_reference(activation, router_ratio):
     torch.manual_seed(0)
-    runtime = _runtime(activation=activation)
+    runtime = _runtime(activation=activation, router_ratio=router_ratio)
     sizes = runtime.sizes
     store = runtime.store.layers[0]
     store.weight[:, sizes.hidden :].normal_()  # nonzero values
@@ -327,7 +330,7 @@ def test_adapter_output_and_grads_match_dense_reference(activation):
     flat = x.detach().reshape(-1, sizes.hidden).clone().requires_grad_(True)
     full = store.weight.clone().requires_grad_(True)
     router = adapter.router.weight.detach().clone().requires_grad_(True)
-    logits = flat @ router.t()
+    logits = router_ratio * (flat @ router.t())
     experts = logits.topk(sizes.experts_per_token, dim=-1).indices
     probs = torch.softmax(logits, dim=-1)
     sel = select_rows(store.weight[:, : sizes.hidden], flat.detach(), experts,
@@ -488,3 +491,23 @@ def test_capture_records_a_cached_decision_and_applies_to_one_call_only():
     with torch.no_grad():
         adapter(x[:0])  # no tokens: nothing decided, the capture is used up anyway
     assert later.decision is None and adapter._record is None
+
+
+@pytest.mark.unit
+def test_router_lr_ratio_starts_at_the_same_router_and_steps_ratio_times_as_far():
+    """The logit multiplier leaves the initial routing as it was and makes one AdamW step
+    move the effective router ``ratio`` times as far (Adam ignores the gradient's scale)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 16)
+    moved, start = {}, {}
+    for ratio in (1.0, 10.0):
+        runtime = _runtime(router_ratio=ratio)
+        adapter = SparseAdapter(runtime, 0)
+        start[ratio] = adapter.route(x).detach()
+        effective = adapter.router.weight.detach() * ratio
+        optimizer = torch.optim.AdamW(adapter.router.parameters(), lr=1e-3, weight_decay=0.0)
+        adapter.route(x).square().sum().backward()
+        optimizer.step()
+        moved[ratio] = adapter.router.weight.detach() * ratio - effective
+    torch.testing.assert_close(start[10.0], start[1.0])
+    torch.testing.assert_close(moved[10.0], 10 * moved[1.0], rtol=1e-4, atol=1e-9)

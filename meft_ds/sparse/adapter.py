@@ -143,6 +143,10 @@ class SparseAdapter(nn.Module):
         self.layer = layer
         self.activation = runtime.options.sparse_activation
         self.router = nn.Linear(sizes.hidden, sizes.num_experts, bias=False)
+        # logits = ratio * (x W^T) with W stored divided by ratio: any optimizer's step
+        # on W then moves the effective router ratio times as fast (Adam's step does not
+        # depend on the gradient's scale), under every ZeRO stage and schedule
+        self.router_scale = float(runtime.options.sparse_router_lr_ratio)
         # Plain attributes (not submodules/buffers): the store must stay on the CPU.
         object.__setattr__(self, "runtime", runtime)
         object.__setattr__(self, "_cache", None)
@@ -159,7 +163,11 @@ class SparseAdapter(nn.Module):
         sizes = self.runtime.sizes
         centroids = self.runtime.store.key_centroids(self.layer)  # [N, d], all experts
         centroids = F.normalize(centroids, dim=1) / math.sqrt(sizes.hidden)
-        self.router.weight.copy_(centroids.to(self.router.weight))
+        self.router.weight.copy_((centroids / self.router_scale).to(self.router.weight))
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, N]`` for ``x`` ``[T, d]``."""
+        return self.router(x) * self.router_scale
 
     def extra_repr(self) -> str:
         s = self.runtime.sizes
@@ -179,7 +187,7 @@ class SparseAdapter(nn.Module):
         if x.shape[0] == 0:
             return torch.zeros_like(hidden)
 
-        logits = self.router(x)
+        logits = self.route(x)
         fresh = decision is None  # not a recomputation (counted once by diagnostics)
         if decision is None:
             decision = self._prefetched(hidden)
@@ -267,7 +275,7 @@ class SparseAdapter(nn.Module):
         object.__setattr__(self, "_pending", None)
         if x.shape[0] == 0:
             return
-        experts = self.router(x).topk(runtime.sizes.experts_per_token, dim=-1).indices
+        experts = self.route(x).topk(runtime.sizes.experts_per_token, dim=-1).indices
         future = runtime.prefetch(
             self.layer, x, experts, runtime.working_dtype(x.dtype), count=self.training
         )

@@ -39,6 +39,10 @@ class SparseOptions:
     layer_start: int = _opt(0, "first adapted layer")
     layer_end: int | None = _opt(None, "adapted layers end before this one (unset = last layer)")
     sparse_lr_ratio: float = _opt(1.0, "CPU row store learning rate = engine lr * this")
+    sparse_router_lr_ratio: float = _opt(
+        1.0, "routers' learning rate as a multiple of the engine's (a fixed multiplier on "
+        "the router logits, so it holds under any optimizer and ZeRO stage)"
+    )
     sparse_key_lr_ratio: float = _opt(
         1.0, "keys' learning rate as a fraction of the row store's (values keep the full "
         "rate); small values keep a token's row selection stable while values learn, 0 "
@@ -106,6 +110,11 @@ class SparseOptions:
             )
         if self.sparse_lr_ratio <= 0 or not math.isfinite(self.sparse_lr_ratio):
             raise UserError(f"sparse: sparse_lr_ratio must be > 0, got {self.sparse_lr_ratio}")
+        if not 0.0 < self.sparse_router_lr_ratio <= 1000.0:
+            raise UserError(
+                f"sparse: sparse_router_lr_ratio must be in (0, 1000], got "
+                f"{self.sparse_router_lr_ratio}"
+            )
         if not 0.0 <= self.sparse_key_lr_ratio <= 1.0:
             raise UserError(
                 f"sparse: sparse_key_lr_ratio must be in [0, 1], got {self.sparse_key_lr_ratio}"
