@@ -43,7 +43,8 @@ def load_adapted(directory: str | Path, model: str | None = None,
     if name not in export.DTYPES:
         raise UserError(f"adapter {directory}: unknown dtype {name!r} (fp32, bf16 or fp16)")
     method_cls = methods.get(meta["method"])
-    opts = options.build(method_cls.Options, meta["options"], context=f"adapter {directory}")
+    recorded = {**method_cls.legacy_options, **meta["options"]}
+    opts = options.build(method_cls.Options, recorded, context=f"adapter {directory}")
     own = weights and export.is_model(directory)
     loaded = loader.load_model(str(directory) if own else model or meta["model"])
     method = method_cls(opts, loaded.model.config)

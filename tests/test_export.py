@@ -143,3 +143,21 @@ def test_evaluator_reads_the_recorded_prompt_format_of_any_layout(name, tiny_bas
     meta = _adapter_meta(str(tmp_path / "out"))
     assert meta["prompt_format"] == "chat" and meta["method"] == name
     assert _adapter_meta(str(tmp_path / "missing")) == {}
+
+
+@pytest.mark.unit
+def test_sparse_export_from_before_the_router_multiplier_loads_as_trained(tiny_base, tmp_path):
+    """An export whose options predate --sparse_router_lr_ratio was trained without the
+    multiplier: it loads with 1, not today's default, and gives the trained logits."""
+    paper = {"sparse_rank": 32, "sparse_experts": 4, "sparse_top_k": 4,
+             "sparse_optimizer": "torch", "sparse_router_lr_ratio": 1.0}
+    method, module = _trained("sparse", tiny_base, **paper)
+    _export(method, module, tiny_base, tmp_path / "out")
+    config = tmp_path / "out" / export.CONFIG
+    meta = json.loads(config.read_text())
+    del meta["options"]["sparse_router_lr_ratio"]
+    config.write_text(json.dumps(meta))
+    ids = torch.randint(0, 128, (2, 7))
+    adapted = load_adapted(tmp_path / "out")
+    assert adapted.method.options.sparse_router_lr_ratio == 1.0
+    torch.testing.assert_close(adapted.logits(ids, torch.ones_like(ids)), _logits(module, ids))

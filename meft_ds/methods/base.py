@@ -40,6 +40,9 @@ class Method:
     # Options a resumed run may change: how the run executes or regularises, not what its
     # checkpoint holds (--resume refuses a change of any other option: run_dir).
     resume_free: ClassVar[frozenset[str]] = frozenset()
+    # Values of options that change what the trained tensors mean, for exports written
+    # before the option existed (its default may differ from what those runs used).
+    legacy_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any, model_config: Any) -> None:
         self.options = options

@@ -90,6 +90,7 @@ class SparseMethod(Method):
         "sparse_working_dtype", "sparse_store", "sparse_check_every", "sparse_cache_rows",
         "sparse_eager_update", "sparse_prefetch", "sparse_huge_pages", "sparse_diagnostics",
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options
+    legacy_options = {"sparse_router_lr_ratio": 1.0}  # exported before the multiplier
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
         super().__init__(options, model_config)

@@ -38,15 +38,17 @@ class SparseOptions:
     sparse_activation: str = _opt("relu", "adapter activation", choices=ACTIVATIONS)
     layer_start: int = _opt(0, "first adapted layer")
     layer_end: int | None = _opt(None, "adapted layers end before this one (unset = last layer)")
-    sparse_lr_ratio: float = _opt(1.0, "CPU row store learning rate = engine lr * this")
+    sparse_lr_ratio: float = _opt(
+        3.0, "CPU row store learning rate = engine lr * this (the paper's setting: 1)"
+    )
     sparse_router_lr_ratio: float = _opt(
-        1.0, "routers' learning rate as a multiple of the engine's (a fixed multiplier on "
-        "the router logits, so it holds under any optimizer and ZeRO stage)"
+        10.0, "routers' learning rate as a multiple of the engine's (a fixed multiplier on "
+        "the router logits, so it holds under any optimizer and ZeRO stage; the paper's: 1)"
     )
     sparse_key_lr_ratio: float = _opt(
-        1.0, "keys' learning rate as a fraction of the row store's (values keep the full "
-        "rate); small values keep a token's row selection stable while values learn, 0 "
-        "freezes the random keys"
+        0.0, "keys' learning rate as a fraction of the row store's (values keep the full "
+        "rate): 0 (default) freezes the random keys, so a token's rows stay the same while "
+        "the values learn (trained keys win every token's top-K; the paper's setting: 1)"
     )
     sparse_weight_decay: float = _opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
     sparse_beta1: float = _opt(0.9, "Adam beta1 of the CPU row store")

@@ -1,0 +1,74 @@
+"""The sparse adapter's defaults changed (frozen keys, faster routers and rows: see
+docs/methods.md); the paper's settings stay reachable and reproduce the earlier
+arithmetic bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from meft_ds.methods.sparse import SparseMethod
+from meft_ds.sparse import adapter as adapter_mod
+from meft_ds.sparse import optim
+from meft_ds.trainer import lm_loss
+
+PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0}
+
+
+def _losses(steps: int = 5, **flags) -> list[float]:
+    """Losses of a few steps of the sparse method on a tiny model (routers by AdamW)."""
+    model = tiny_llama(2)
+    options = SparseMethod.Options(sparse_rank=32, sparse_experts=4, sparse_top_k=4,
+                                   sparse_optimizer="torch", **flags)
+    method = SparseMethod(options, model.config)
+    module = method.apply(model).train()
+    routers = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (2, 8))
+    losses = []
+    for _ in range(steps):
+        loss = lm_loss(method.forward(module, ids, torch.ones_like(ids)), ids)
+        loss.backward()
+        routers.step()
+        routers.zero_grad()
+        method.after_engine_step(1e-2, 1.0)
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.unit
+def test_paper_settings_reproduce_the_code_before_the_new_options_bit_for_bit(monkeypatch):
+    new_code = _losses(**PAPER)
+    # the arithmetic before the options existed: no logit multiplier, no key step scaling
+    monkeypatch.setattr(adapter_mod.SparseAdapter, "route", lambda self, x: self.router(x))
+    monkeypatch.setattr(optim.RowAdamW, "_keys_before", lambda self, weight, rows: None)
+    before = _losses(**PAPER)
+    assert new_code == before and new_code[-1] < new_code[0]
+
+
+@pytest.mark.unit
+def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
+    options = SparseMethod.Options()
+    assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
+            options.sparse_lr_ratio) == (0.0, 10.0, 3.0)
+    assert _losses() != _losses(**PAPER)
+
+
+@pytest.mark.unit
+def test_frozen_keys_never_move_and_values_do():
+    model = tiny_llama(2)
+    options = SparseMethod.Options(sparse_rank=32, sparse_experts=4, sparse_top_k=4,
+                                   sparse_optimizer="torch")
+    method = SparseMethod(options, model.config)
+    module = method.apply(model).train()
+    store = method.runtime.store
+    before = {layer: store.full_weight(layer).clone() for layer in store.layers}
+    ids = torch.randint(0, 128, (2, 8))
+    lm_loss(method.forward(module, ids, torch.ones_like(ids)), ids).backward()
+    method.after_engine_step(1e-2, 1.0)
+    hidden = store.sizes.hidden
+    for layer, was in before.items():
+        now = store.full_weight(layer)
+        assert torch.equal(now[:, :hidden], was[:, :hidden])
+        assert not torch.equal(now[:, hidden:], was[:, hidden:])
