@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("distinct_rows", "row_entropy", "top1pct_share", "expert_entropy", "experts_used",
-           "updated_rows", "update_top1pct_share", "gate_mean", "gate_std",
+           "updated_rows", "update_top1pct_share", "selection_kept", "gate_mean", "gate_std",
            "key_norm_all_mean", "key_norm_updated_max", "value_norm_updated_mean",
            "value_norm_updated_max")
 
@@ -45,7 +45,7 @@ def summarise(run: Path, window: int = 16) -> dict:
     }
     reports = [s for s in steps if "sparse_usage_row_entropy" in s]
     if reports:
-        out["usage"] = [{"step": s["step"], **{k: s[f"sparse_usage_{k}"] for k in FIGURES}}
+        out["usage"] = [{"step": s["step"], **{k: s.get(f"sparse_usage_{k}") for k in FIGURES}}
                         for s in reports]
         out["usage_layers_last"] = reports[-1]["sparse_usage_layers"]
     if "sparse_clip_coef" in steps[0]:
@@ -65,7 +65,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     panels = [("loss", None), ("row_entropy", "row usage entropy (1 = uniform)"),
               ("top1pct_share", "share of selections on the top 1% rows"),
               ("experts_used", "experts picked in the window"),
-              ("key_norm_updated_max", "largest key norm"),
+              ("selection_kept", "probe tokens' top-K rows kept since the last report"),
               ("value_norm_updated_mean", "mean value norm (updated rows)")]
     window = next(iter(runs.values()))["window"]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
@@ -75,7 +75,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
                 w, em = run["window"], 100 * (run["trained_em"] or 0)
                 ax.plot([w * (i + 1) for i in range(len(run["loss_windows"]))],
                         run["loss_windows"], label=f"{label} (EM {em:.0f}%)")
-            elif "usage" in run:
+            elif "usage" in run and run["usage"][0][key] is not None:
                 ax.plot([u["step"] for u in run["usage"]], [u[key] for u in run["usage"]],
                         "o-", label=label)
         ax.set_title(title or f"training loss (mean of {window} steps)", fontsize=9)

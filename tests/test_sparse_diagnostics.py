@@ -26,9 +26,10 @@ def test_entropy_and_top_share():
     assert top_share(torch.zeros(10)) == 0.0
 
 
-def _runtime(sparse_diagnostics: int = 0) -> SparseRuntime:
+def _runtime(key_lr_ratio: float = 0.0) -> SparseRuntime:
     options = SparseOptions(sparse_rank=64, sparse_experts=8, sparse_experts_per_token=2,
-                            sparse_top_k=6, sparse_optimizer="torch")
+                            sparse_top_k=6, sparse_optimizer="torch",
+                            sparse_key_lr_ratio=key_lr_ratio)
     runtime = SparseRuntime(options, resolve_sizes(options, 16, range(2), 1))
     runtime.usage = Usage(runtime.sizes)
     return runtime
@@ -108,3 +109,21 @@ def test_sparse_diagnostics_option_reports_every_n_steps():
     layers = figures["sparse_usage_layers"]
     assert len(layers["distinct_rows"]) == 3 and all(0 < n <= 32 for n in layers["distinct_rows"])
     assert figures["sparse_usage_updated_rows"] > 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key_lr_ratio", [0.0, 1.0])
+def test_selection_kept_follows_the_probe_tokens_across_key_updates(key_lr_ratio):
+    torch.manual_seed(1)
+    runtime = _runtime(key_lr_ratio)
+    runtime.store.layers[0].weight[:, runtime.sizes.hidden:].normal_()  # keys get gradients
+    adapter = SparseAdapter(runtime, 0).train()
+    hidden = torch.randn(4, 8, runtime.sizes.hidden)
+    runtime.begin_micro_batch(None)
+    adapter(hidden).square().sum().backward()
+    probe = runtime.usage.probe[0]
+    assert probe[0].shape == (32, runtime.sizes.hidden) and probe[2].shape == (32, 6)
+    assert summarise(runtime.usage, runtime.store)["layers"][0]["selection_kept"] == 1.0
+    runtime.step(0.5)  # a large step: trained keys move the selection
+    kept = summarise(runtime.usage, runtime.store)["layers"][0]["selection_kept"]
+    assert kept == 1.0 if key_lr_ratio == 0 else kept < 1.0

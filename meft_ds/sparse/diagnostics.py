@@ -14,6 +14,11 @@ and their mean over layers:
 - ``expert_entropy``: the same entropy over the router's expert picks (``log N``);
 - ``update_top1pct_share`` / ``updated_rows``: the same for the rows' Adam step counts
   (``steps`` in the store; what the optimizer actually updated);
+- ``selection_kept``: of the top-K rows a fixed sample of tokens (the first ones the
+  layer saw, with their experts) selected at the previous report, the share they still
+  select with today's keys: 1 = the addresses facts were written to hold still (always 1
+  with frozen keys); low = trained keys move every token's selection away from the rows
+  its earlier updates wrote to;
 - ``gate_mean`` / ``gate_std``: the gates ``g_{t,e}`` of the selected keys;
 - ``key_norm_*`` / ``value_norm_*``: mean and max row norms (of updated rows, and of
   all rows for the keys: rich-get-richer shows as updated keys outgrowing the rest).
@@ -29,7 +34,9 @@ import math
 import torch
 
 from meft_ds.sparse.options import SparseSizes
-from meft_ds.sparse.router import Selection
+from meft_ds.sparse.router import Selection, select_rows
+
+PROBE_TOKENS = 64  # tokens per layer whose selection is followed across reports
 
 
 class Usage:
@@ -44,10 +51,18 @@ class Usage:
         self.gate_sum = dict.fromkeys(sizes.layers, 0.0)
         self.gate_sq_sum = dict.fromkeys(sizes.layers, 0.0)
         self.gate_count = dict.fromkeys(sizes.layers, 0)
+        # layer -> (hidden [P, d], experts [P, E], their rows [P, K]) of the probe tokens
+        self.probe: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def add_selection(self, layer: int, experts: torch.Tensor, selection: Selection) -> None:
-        """Count one layer call: ``experts`` ``[T, E]``, ``selection`` with ``local`` ``[T, K]``."""
+    def add_selection(self, layer: int, experts: torch.Tensor, selection: Selection,
+                      hidden: torch.Tensor | None = None) -> None:
+        """Count one layer call: ``experts`` ``[T, E]``, ``selection`` with ``local`` ``[T, K]``
+        (``hidden`` ``[T, d]``: the first call of a layer keeps its first tokens as probe)."""
         row_ids = selection.rows[selection.local].reshape(-1)
+        if hidden is not None and layer not in self.probe:
+            n = min(PROBE_TOKENS, hidden.shape[0])
+            chosen = selection.rows[selection.local[:n]]
+            self.probe[layer] = (hidden[:n].float().clone(), experts[:n].clone(), chosen)
         self.row_hits[layer] += torch.bincount(row_ids, minlength=self.sizes.rank)
         self.expert_hits[layer] += torch.bincount(
             experts.reshape(-1).to("cpu"), minlength=self.sizes.num_experts
@@ -94,6 +109,20 @@ def _norm_stats(rows: torch.Tensor, prefix: str) -> dict[str, float]:
     return {f"{prefix}_mean": float(norms.mean()), f"{prefix}_max": float(norms.max())}
 
 
+def selection_kept(usage: Usage, layer: int, keys: torch.Tensor) -> float:
+    """Share of the probe tokens' previous top-K rows they still select with ``keys``
+    (then those selections become the previous ones); 1.0 before a probe exists."""
+    if layer not in usage.probe:
+        return 1.0
+    hidden, experts, before = usage.probe[layer]
+    sizes = usage.sizes
+    now = select_rows(keys, hidden, experts, sizes.num_experts, sizes.top_k)
+    after = now.rows[now.local]
+    kept = sum(len(set(b.tolist()) & set(a.tolist())) for b, a in zip(before, after))
+    usage.probe[layer] = (hidden, experts, after)
+    return kept / before.numel()
+
+
 def layer_figures(
     usage: Usage, layer: int, weight: torch.Tensor, steps: torch.Tensor
 ) -> dict[str, float]:
@@ -115,6 +144,7 @@ def layer_figures(
         "updated_rows": int(updated.sum()),
         "update_top1pct_share": top_share(steps),
         "row_steps_max": int(steps.max()) if steps.numel() else 0,
+        "selection_kept": selection_kept(usage, layer, weight[:, :hidden]),
         "gate_mean": mean,
         "gate_std": math.sqrt(var),
         **_norm_stats(keys, "key_norm_all"),

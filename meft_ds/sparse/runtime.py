@@ -125,7 +125,7 @@ class SparseRuntime:
         experts_cpu = experts.to("cpu")
         selection = self.store.select(layer, hidden_cpu, experts_cpu)
         if count and self.usage is not None:
-            self.usage.add_selection(layer, experts_cpu, selection)
+            self.usage.add_selection(layer, experts_cpu, selection, hidden_cpu)
         if count:
             self._moved("d2h", Moved.of(hidden_cpu) + Moved.of(experts_cpu))
             self._counters["select_s"] += time.perf_counter() - start
