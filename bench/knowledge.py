@@ -41,12 +41,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# name -> launcher flags. LoRA on all linear layers (alpha = 2r, the project's ratio);
-# the dense adapter as wide as the 0.1 sparse store (391 rows per layer on SmolLM2-135M).
+# name -> launcher flags. LoRA on all linear layers (alpha = 2r, the project's ratio; r 16
+# is the project's default); the dense adapter as wide as the 0.1 sparse store (391 rows
+# per layer on SmolLM2-135M); "sparse_1.0_paper": the paper's learning-rate settings
+# (trained keys, router and rows at the engine's rate) instead of today's defaults.
+PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
+                "--sparse_lr_ratio", "1"]
 CONFIGS: dict[str, list[str]] = {
     "sparse_0.1": ["--method", "sparse", "--sparse_param_fraction", "0.1"],
     "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0"],
+    "sparse_1.0_paper": ["--method", "sparse", "--sparse_param_fraction", "1.0", *PAPER_SPARSE],
     "lora_r8": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16"],
+    "lora_r16": ["--method", "lora"],
     "lora_r64": ["--method", "lora", "--lora_r", "64", "--lora_alpha", "128"],
     "parallel_adapter": ["--method", "parallel_adapter", "--adapter_size", "391"],
     "full": ["--method", "full"],
@@ -54,9 +60,10 @@ CONFIGS: dict[str, list[str]] = {
     "sparse_reversible": ["--method", "sparse", "--reversible", "true"],
 }
 SWEEP_LRS: dict[str, list[float]] = {
-    "sparse_0.1": [1e-3, 3e-3], "sparse_1.0": [1e-3, 3e-3], "lora_r8": [1e-3, 3e-3],
-    "lora_r64": [3e-4, 1e-3], "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4],
-    "reversible": [1e-3, 3e-3], "sparse_reversible": [1e-3, 3e-3],
+    "sparse_0.1": [1e-3, 3e-3], "sparse_1.0": [1e-3, 3e-3], "sparse_1.0_paper": [3e-3, 1e-3],
+    "lora_r8": [1e-3, 3e-3], "lora_r16": [1e-3, 3e-3], "lora_r64": [3e-4, 1e-3],
+    "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4], "reversible": [1e-3, 3e-3],
+    "sparse_reversible": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json
