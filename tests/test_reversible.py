@@ -489,3 +489,36 @@ def test_zero3_is_refused_with_the_reversible_backward(tmp_path: Path, extra: tu
     with pytest.raises(UserError, match="ZeRO stage 3 is not supported"):
         run(cli.parse(argv))
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.unit
+def test_checksum_sees_errors_that_cancel_in_a_plain_sum() -> None:
+    from meft_ds.reversible.coupling import _checksum
+
+    state = torch.randint(-2**40, 2**40, (3, 5, 7), dtype=torch.int64)
+    shifted = state.clone()
+    shifted.view(-1)[4] += 1
+    shifted.view(-1)[90] -= 1  # the plain sums of both halves stay equal
+    assert shifted.sum() == state.sum()
+    assert not torch.equal(_checksum(state), _checksum(shifted))
+    assert torch.equal(_checksum(state, state), _checksum(state.clone(), state.clone()))
+
+
+@pytest.mark.unit
+def test_forward_runs_each_block_as_the_backward_recomputes_it(monkeypatch) -> None:
+    """Kernels chosen by grad mode (SDPA on a GPU) must see the same call in the forward
+    and in the recompute: grad mode on, the input a leaf that requires grad."""
+    from meft_ds.reversible.coupling import RevLayer
+
+    model = ReversibleLM(_tiny(2), ReversibleOptions(rev_variant="meft1", rev_adapter_size=8))
+    seen: list[tuple[bool, bool, bool]] = []
+    for layer in model.modules():
+        if isinstance(layer, RevLayer):
+            for block in (layer.f, layer.g):
+                block.register_forward_pre_hook(lambda m, args: seen.append(
+                    (torch.is_grad_enabled(), args[0].requires_grad, args[0].is_leaf)))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids).float().mean().backward()
+    assert len(seen) == 8  # 2 layers x (F, G) x (forward, recompute)
+    assert set(seen) == {(True, True, True)}
+    assert model.stats.get("inexact_backwards", 0) == 0

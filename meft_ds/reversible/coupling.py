@@ -95,10 +95,10 @@ class RevLayer(nn.Module):
         """Next layer's stream states (no graph); records call states and remainders."""
         lam, beta = scales
         states.append(_capture(self.f, s2.device))
-        f = self.f(streams.decode(s2), ctx)
+        f = _as_in_backward(self.f, streams.decode(s2), ctx)
         y1, r1 = streams.couple(lam, s1, f, s2 if self.center[0] else None)
         states.append(_capture(self.g, y1.device))
-        g = self.g(streams.decode(y1), ctx)
+        g = _as_in_backward(self.g, streams.decode(y1), ctx)
         y2, r2 = streams.couple(beta, s2, g, y1 if self.center[1] else None)
         aux.append((r1, r2))
         return (y2, y1) if self.swap else (y1, y2)
@@ -157,6 +157,21 @@ class RevLayer(nn.Module):
         _accumulate(param_grads, f_params, grads[1:])
         x1 = streams.uncouple(lam, y1, f.detach(), aux[0], x2 if self.center[0] else None)
         return x1, x2, lam.value * gy1_total, beta.value * gy2 + grads[0]
+
+
+def _as_in_backward(block: Block, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """``block(x)`` called exactly as :meth:`RevLayer.backward_step` recomputes it: grad
+    mode on, the input a leaf that requires grad. Kernels chosen by grad mode (on a GPU,
+    SDPA takes another kernel when it must return softmax statistics for backward) then
+    agree between forward and recompute, so the recompute reproduces the forward bit for
+    bit. The graph is dropped at once: one block's activations live at a time, and no
+    outer saved-tensor hook (activation meters, offloading) sees them."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        return block(x.detach().requires_grad_(True), ctx).detach()
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _accumulate(
@@ -282,12 +297,18 @@ def _through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def _checksum(*states: torch.Tensor) -> torch.Tensor:
-    """Exact integer checksum of lattice states (low and high 32-bit halves summed
-    separately, so no sum overflows)."""
-    return torch.stack([
-        part.sum() for s in states
-        for part in (torch.bitwise_and(s, 0xFFFFFFFF), torch.bitwise_right_shift(s, 32))
-    ])
+    """Exact integer checksum of lattice states: the low and high 32-bit halves summed
+    plainly and with a position-dependent weight in [1, 65521] (int64 sums wrap
+    identically on every device), so errors of opposite sign at two positions, which
+    cancel in a plain sum, change the weighted one."""
+    parts = []
+    for s in states:
+        flat = s.reshape(-1)
+        index = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+        weight = (index * 2654435761) % 65521 + 1
+        for part in (torch.bitwise_and(flat, 0xFFFFFFFF), torch.bitwise_right_shift(flat, 32)):
+            parts += [part.sum(), (part * weight).sum()]
+    return torch.stack(parts)
 
 
 @functools.cache
