@@ -96,6 +96,10 @@ class Runner:
             self.peak_extra.append(torch.cuda.max_memory_allocated() - resident)
         return time.perf_counter() - start
 
+    def inexact_backwards(self) -> int:
+        """Backwards whose recompute did not reproduce the forward (exact streams)."""
+        return int(self.method.step_metrics().get("rev_inexact_backwards", 0))
+
     def flops(self, ids: torch.Tensor) -> FlopCounter:
         """FLOPs of one (untimed) step."""
         with FlopCounter() as counter:
@@ -153,9 +157,10 @@ def stream_arithmetic(shape: tuple[int, ...] = (4, 128, 576)) -> dict:
             "fused": {"compiled_calls": 2, "bytes_written_per_element": fused_out}}
 
 
-def measure(dtype: torch.dtype, args: argparse.Namespace) -> tuple[dict, dict]:
+def measure(dtype: torch.dtype, args: argparse.Namespace) -> tuple[dict, dict, dict]:
     """Per-config step times, interleaved over ``args.reps`` repetitions (after warm-up),
-    and on CUDA each config's peak step memory above its resident weights (GiB)."""
+    on CUDA each config's peak step memory above its resident weights (GiB), and each
+    config's count of inexact backwards (must be 0)."""
     device = torch.device(args.device)
     base = loader.load_model(args.model, dtype=dtype, device=device).model
     ids = random_ids(base.config.vocab_size, args.batch, args.seq).to(device)
@@ -169,7 +174,7 @@ def measure(dtype: torch.dtype, args: argparse.Namespace) -> tuple[dict, dict]:
                 times[name].append(seconds)
         print(dtype, rep, {k: round(v[-1], 3) for k, v in times.items() if v}, flush=True)
     peaks = {k: max(r.peak_extra) / 2**30 for k, r in runners.items() if r.peak_extra}
-    return times, peaks
+    return times, peaks, {k: r.inexact_backwards() for k, r in runners.items()}
 
 
 def main() -> None:
@@ -216,7 +221,8 @@ def main() -> None:
             print(args.flops_model, json.dumps(shape["ratio_to_parallel_adapter"]), flush=True)
     results = {}
     for label in args.dtypes.split(","):
-        times, peaks = measure({"fp32": torch.float32, "bf16": torch.bfloat16}[label], args)
+        times, peaks, inexact = measure(
+            {"fp32": torch.float32, "bf16": torch.bfloat16}[label], args)
         ref = statistics.median(times[REFERENCE])
         results[label] = {
             **({"step_peak_gib_above_weights": peaks, "tokens_per_s": {
@@ -225,6 +231,7 @@ def main() -> None:
             "ratio_to_parallel_adapter": {k: statistics.median(v) / ref for k, v in times.items()},
             "ratio_min_to_min": {k: min(v) / min(times[REFERENCE]) for k, v in times.items()},
             "seconds": times,
+            "inexact_backwards": inexact,
         }
         print(label, json.dumps(results[label]["ratio_to_parallel_adapter"]), flush=True)
     report = {
@@ -257,6 +264,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     plot(report, out / f"{args.name}.png")
+    bad = {d: {k: n for k, n in r["inexact_backwards"].items() if n}
+           for d, r in results.items()}
+    if any(bad.values()):  # exact streams whose recompute differed: the gradients are off
+        raise SystemExit(f"error: inexact reversible backwards {bad}: the recompute did not "
+                         "reproduce the forward bit for bit")
 
 
 def plot(report: dict, path: Path) -> None:

@@ -59,6 +59,8 @@ echo "== 1. reversible step time, tokens/s, peak memory ($MODEL, seq $SEQ) =="
 "$PY" bench/rev_speed.py --device "$device" --model "$MODEL" --seq "$SEQ" --batch 1 \
   --dtypes bf16 --configs parallel_adapter,meft1,meft1_eager,meft2,meft3,meft1_keep2 --reps 3 --warmup 1 --no-flops \
   --name rev_speed_gpu --out "$OUT" 2>&1 | grep -v Warning | tail -n 12
+rc=${PIPESTATUS[0]}; echo "rc $rc (inexact_backwards in rev_speed_gpu.json must be 0)"
+[ "$rc" = 0 ] || exit 1
 fi
 [[ " $PARTS " == *" sparse "* ]] || exit 0
 
