@@ -69,19 +69,22 @@ def plot(runs: dict[str, dict], path: Path) -> None:
               ("value_norm_updated_mean", "mean value norm (updated rows)")]
     window = next(iter(runs.values()))["window"]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    colour = {label: f"C{i}" for i, label in enumerate(runs)}  # one colour per run
     for ax, (key, title) in zip(axes.flat, panels):
         for label, run in runs.items():
             if key == "loss":
-                w, em = run["window"], 100 * (run["trained_em"] or 0)
+                w, em = run["window"], run["trained_em"]
+                tag = f" (EM {100 * em:.0f}%)" if em is not None else ""
                 ax.plot([w * (i + 1) for i in range(len(run["loss_windows"]))],
-                        run["loss_windows"], label=f"{label} (EM {em:.0f}%)")
+                        run["loss_windows"], label=label + tag, color=colour[label])
             elif "usage" in run and run["usage"][0][key] is not None:
                 ax.plot([u["step"] for u in run["usage"]], [u[key] for u in run["usage"]],
-                        "o-", label=label)
+                        "o-", label=label, color=colour[label])
         ax.set_title(title or f"training loss (mean of {window} steps)", fontsize=9)
         ax.set_xlabel("step")
     axes.flat[0].legend(fontsize=7)
     axes.flat[1].legend(fontsize=7)
+    axes.flat[4].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -102,8 +105,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"note": args.note, "runs": runs}, indent=1))
     plot(runs, Path(args.out).with_suffix(".png"))
     for label, run in runs.items():
-        print(f"{label:<24} trained EM {100 * (run['trained_em'] or 0):5.1f}%  final loss "
-              f"{run['final_loss']:.3f}")
+        em = "-" if run["trained_em"] is None else f"{100 * run['trained_em']:.1f}%"
+        print(f"{label:<24} trained EM {em:>6}  final loss {run['final_loss']:.3f}")
 
 
 if __name__ == "__main__":
