@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,8 +71,18 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+RAM_ENV = "MEFT_DS_RAM_GIB"
+
+
 def available_ram() -> int:
-    """RAM psutil reports as available."""
+    """RAM psutil reports as available, or ``$MEFT_DS_RAM_GIB`` GiB where that is set (a
+    host shared with other jobs, or a test that must be refused on any host)."""
+    override = os.environ.get(RAM_ENV)
+    if override:
+        try:
+            return int(float(override) * GIB)
+        except ValueError:
+            raise UserError(f"{RAM_ENV}={override!r} is not a number of GiB") from None
     return psutil.virtual_memory().available
 
 
@@ -79,9 +90,10 @@ def require_ram(needed: int, what: str, headroom: float = 1.1) -> None:
     """Refuse (UserError) before allocating ``needed`` bytes that would not fit in RAM."""
     have = available_ram()
     if needed * headroom > have:
+        source = f" (set by {RAM_ENV})" if os.environ.get(RAM_ENV) else ""
         raise UserError(
             f"{what} needs {needed / GIB:.1f} GiB of RAM but only {have / GIB:.1f} GiB is "
-            "available; choose a smaller model/adapter or free memory"
+            f"available{source}; choose a smaller model/adapter or free memory"
         )
 
 

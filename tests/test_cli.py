@@ -101,8 +101,8 @@ def test_bad_config_files(tmp_path: Path) -> None:
         cli.parse(["--deepspeed", CPU, "--config", str(extra)])
 
 
-def _launch(*args: str) -> subprocess.CompletedProcess:
-    env = subprocess_env()
+def _launch(*args: str, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**subprocess_env(), **env_extra}
     return subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train.py"), *args],
         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
@@ -170,19 +170,22 @@ def test_gpu_memory_cap_without_cuda_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.multiprocess
-def test_ram_check_refuses_before_allocating() -> None:
+def test_ram_check_refuses_before_allocating(monkeypatch) -> None:
     from meft_ds import memory
     from meft_ds.models import loader
     from meft_ds.models.sizes import count_params, estimate_host_bytes
 
+    # 24 GiB whatever the host has (a large GPU host would otherwise start a real 7B run)
+    ram = {memory.RAM_ENV: "24"}
+    monkeypatch.setenv(memory.RAM_ENV, "24")
     cfg = loader.model_config("llama2-7b-shape")
     # LLaMA-2-7B has 6.74B parameters; the shape has SmolLM2's 49152-token vocabulary: 6.88B
     assert count_params(cfg) == 6_738_415_616 + 2 * (49152 - 32000) * 4096
     need = estimate_host_bytes(cfg, "full", torch.float32, cuda=False)
-    assert need > memory.available_ram()
-    with pytest.raises(UserError, match="needs .* GiB of RAM"):
+    assert need > memory.available_ram() == 24 * memory.GIB
+    with pytest.raises(UserError, match=r"needs .* GiB of RAM .*\(set by MEFT_DS_RAM_GIB\)"):
         memory.require_ram(need, "llama2-7b-shape full")
-    proc = _launch("--deepspeed", CPU, "--model", "llama2-7b-shape", "--method", "full")
+    proc = _launch("--deepspeed", CPU, "--model", "llama2-7b-shape", "--method", "full", **ram)
     assert proc.returncode == 2 and "GiB of RAM" in proc.stderr
     # The sparse row store counts: a 7B model with a store as large as itself (rows, two
     # Adam moments) needs ~88 GiB of host RAM, refused before the weights load.
@@ -190,7 +193,7 @@ def test_ram_check_refuses_before_allocating() -> None:
     method = sparse(options.build(sparse.Options, {"sparse_param_fraction": 1.0}), cfg)
     assert method.host_bytes(cfg) > 12 * count_params(cfg)
     proc = _launch("--deepspeed", str(ROOT / "ds_configs" / "24gb.json"),
-                   "--model", "llama2-7b-shape")
+                   "--model", "llama2-7b-shape", **ram)
     assert proc.returncode == 2 and "with method sparse needs" in proc.stderr, proc.stderr[-2000:]
     # Every rank of a node loads the weights at once: 64 local ranks of SmolLM2 (fp32,
     # 0.5 GB each) need more RAM than this machine has; the launchers say how many.
@@ -331,3 +334,14 @@ def test_evaluator_data_flags_are_training_s_and_checked_like_training(capsys) -
     flags = argparse.Namespace(**dict.fromkeys(DATA_FLAGS), split="train")
     assert _data_spec(flags, {"data": {"dataset": saved, "split": "validation"}}).split == \
         "validation"
+
+
+@pytest.mark.unit
+def test_ram_override_is_read_and_checked(monkeypatch) -> None:
+    from meft_ds import memory
+
+    monkeypatch.setenv(memory.RAM_ENV, "1.5")
+    assert memory.available_ram() == int(1.5 * memory.GIB)
+    monkeypatch.setenv(memory.RAM_ENV, "lots")
+    with pytest.raises(UserError, match="MEFT_DS_RAM_GIB='lots' is not a number"):
+        memory.available_ram()
