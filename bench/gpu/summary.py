@@ -26,11 +26,14 @@ def load(run: Path) -> dict:
     steps = [r for r in records if "step_s" in r]
     timed = steps[WARMUP:] or steps
     peak = [r["cuda_peak_alloc_gib"] for r in steps if "cuda_peak_alloc_gib" in r]
+    reserved = [r["cuda_peak_reserved_gib"] for r in steps if "cuda_peak_reserved_gib" in r]
     sparse = {k: statistics.fmean(r[k] for r in timed) for k in timed[0]
               if k.startswith(("sparse_", "prefetch_")) and isinstance(timed[0][k], int | float)}
     return {"steps": len(steps), "mean_step_s": statistics.fmean(r["step_s"] for r in timed),
             "mean_tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in timed),
-            "cuda_peak_alloc_gib": max(peak) if peak else None, "per_step_means": sparse,
+            "cuda_peak_alloc_gib": max(peak) if peak else None,
+            "cuda_peak_reserved_gib": max(reserved) if reserved else None,
+            "per_step_means": sparse,
             "results": json.loads((run / "results.json").read_text())}
 
 
