@@ -76,19 +76,8 @@ def is_model(directory: Path) -> bool:
 
 def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: Any,
                  tokenizer: Any = None) -> None:
-    """Write the method's trained weights in its layout (:meth:`Method.save_export`) and the
-    metadata needed to rebuild the model. The directory is replaced as a whole (written
-    beside it first), so that no file of an earlier export stays."""
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    tmp = directory.with_name(directory.name + ".tmp")
-    with _gathered(engine):
-        state = method.trainable_state(engine.module)  # on every rank: it may gather
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            method.save_export(engine.module, state, tmp, tokenizer)
-    if not rank0:
-        return
+    """Write the launcher run's adapter with :func:`write_export` (ZeRO-3 parameters
+    gathered) and the metadata needed to rebuild the model and score it as it trained."""
     meta = {
         "method": cfg.method,
         "model": cfg.model,
@@ -101,6 +90,24 @@ def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: A
         "data": data_record(cfg),
         "prompt_format": cfg.prompt_format,
     }
+    with _gathered(engine):
+        write_export(method, engine.module, directory, meta, tokenizer)
+
+
+def write_export(method: Any, module: torch.nn.Module, directory: Path, meta: dict[str, Any],
+                 tokenizer: Any = None) -> None:
+    """Write the method's trained weights in its layout (:meth:`Method.save_export`) and
+    ``meta``. The directory is replaced as a whole (written beside it first), so that no
+    file of an earlier export stays. Every rank calls it (the state may be gathered); rank
+    0 writes."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = directory.with_name(directory.name + ".tmp")
+    state = method.trainable_state(module)  # on every rank: it may gather
+    if not rank0:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    method.save_export(module, state, tmp, tokenizer)
     # beside a library's own files (PEFT's adapter_config.json, a model's config.json) the
     # metadata has a name of its own
     name = META if (tmp / CONFIG).exists() or is_model(tmp) else CONFIG

@@ -42,15 +42,30 @@ def load_adapted(directory: str | Path, model: str | None = None,
     name = dtype or meta.get("dtype") or "fp32"
     if name not in export.DTYPES:
         raise UserError(f"adapter {directory}: unknown dtype {name!r} (fp32, bf16 or fp16)")
-    method_cls = methods.get(meta["method"])
-    recorded = {**method_cls.legacy_options, **meta["options"]}
-    opts = options.build(method_cls.Options, recorded, context=f"adapter {directory}")
+    method_cls, opts = export_options(meta, f"adapter {directory}")  # before any loading
     own = weights and export.is_model(directory)
     loaded = loader.load_model(str(directory) if own else model or meta["model"])
-    method = method_cls(opts, loaded.model.config)
-    method.check_model(loaded.model)
-    module = method.apply(loaded.model)
-    if weights and not own:
-        method.load_trainable_state(module, tensors)
+    method, module = apply_method(loaded.model, method_cls, opts,
+                                  tensors if weights and not own else None)
     module.to(device=device, dtype=export.DTYPES[name]).eval()
     return AdaptedModel(method, module, loaded.tokenizer, {**meta, "dtype": name})
+
+
+def export_options(meta: dict[str, Any], context: str) -> tuple[type[Method], Any]:
+    """The method class an export's metadata records, and its checked options."""
+    method_cls = methods.get(meta["method"])
+    recorded = {**method_cls.legacy_options, **meta["options"]}
+    return method_cls, options.build(method_cls.Options, recorded, context=context)
+
+
+def apply_method(model: nn.Module, method_cls: type[Method], opts: Any,
+                 tensors: dict[str, torch.Tensor] | None) -> tuple[Method, nn.Module]:
+    """``method_cls(opts)`` applied to ``model``, with trained ``tensors`` loaded (``None``:
+    freshly initialised): (method, the module it returns)."""
+    method = method_cls(opts, model.config)
+    method.check_config(model.config)
+    method.check_model(model)
+    module = method.apply(model)
+    if tensors is not None:
+        method.load_trainable_state(module, tensors)
+    return method, module

@@ -37,6 +37,17 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (shift_labels != IGNORE).sum().clamp(min=1)
 
 
+def grad_sq_norm(grads: list[torch.Tensor]) -> float:
+    """Squared L2 norm of ``grads`` together (each summed in fp32)."""
+    return float(sum(g.detach().float().pow(2).sum() for g in grads)) if grads else 0.0
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """The factor global clipping at ``max_norm`` applies to gradients of norm
+    ``total_norm`` (``torch.nn.utils.clip_grad_norm_``'s; 1 when ``max_norm <= 0``)."""
+    return min(1.0, max_norm / (total_norm + 1e-6)) if max_norm > 0 else 1.0
+
+
 def world() -> tuple[int, int]:
     """(rank, world size)."""
     return mdist.rank(), mdist.world_size()
@@ -163,7 +174,7 @@ class Trainer:
         if not self._plain_fp32():
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        sq = float(sum(g.detach().float().pow(2).sum() for g in grads)) if grads else 0.0
+        sq = grad_sq_norm(grads)
         total = math.sqrt(sq + self.method.external_grad_sq_norm())
         if self.clip > 0 and total > self.clip:
             scale = self.clip / (total + 1e-6)
@@ -176,7 +187,7 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()
             engine_norm = float(norm) if norm is not None else 0.0
         total = math.sqrt(engine_norm**2 + self.method.external_grad_sq_norm())
-        coef = min(1.0, self.clip / (total + 1e-6)) if self.clip > 0 else 1.0
+        coef = clip_coefficient(total, self.clip)
         self._grad_norm = total
         self.method.after_engine_step(lr, coef)
 

@@ -71,6 +71,17 @@ def tiny_llama(layers: int = 3, vocab_size: int = 128):
     return LlamaForCausalLM(config)
 
 
+def save_tiny_base(where: Path) -> Path:
+    """:func:`tiny_llama` saved as a model directory with SmolLM2's tokenizer, its
+    vocabulary exactly the tokenizer's."""
+    from meft_ds.models import loader
+
+    tokenizer = loader.load_tokenizer("smollm2-135m")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
 def lm_loss(logits, labels):
     """Next-token cross entropy (labels -100 ignored), in fp32."""
     import torch.nn.functional as F

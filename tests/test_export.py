@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import save_tiny_base
 
 from meft_ds import export, methods, options
 from meft_ds.config import TrainConfig
@@ -22,10 +22,7 @@ from meft_ds.trainer import lm_loss
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random LLaMA saved as a model directory, with SmolLM2's tokenizer."""
-    where = tmp_path_factory.mktemp("base")
-    tiny_llama(vocab_size=49152).save_pretrained(where)
-    loader.load_tokenizer("smollm2-135m").save_pretrained(where)
-    return where
+    return save_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 def _trained(name: str, base: Path, **opts) -> tuple[Method, torch.nn.Module]:

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from meft_ds.errors import UserError
+
 
 @dataclasses.dataclass
 class NoOptions:
@@ -108,6 +110,17 @@ class Method:
 
     def load_state(self, directory: Path) -> None:
         """Restore what :meth:`save_state` wrote."""
+
+    def external_state(self, optimizer: bool = False) -> dict[str, torch.Tensor]:
+        """Trained tensors held outside the module (live, not copies), by state-dict key;
+        ``optimizer``: their optimizer state too (default: none)."""
+        return {}
+
+    def load_external_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy tensors named as by :meth:`external_state` into place."""
+        if state:
+            raise UserError(f"method {self.name} holds no tensors outside the model, got "
+                            f"{sorted(state)[:3]}")
 
     # --- trained weights for inference --------------------------------------------
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:

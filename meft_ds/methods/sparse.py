@@ -37,6 +37,8 @@ from meft_ds.sparse.runtime import SparseRuntime
 
 EXPORT_PREFIX = "sparse_store.layer"
 CACHE_FILE = "sparse_cache.pt"
+# per layer: the rows (``sparse_store.layer<L>.weight``), then their Adam state
+STORE_TENSORS = ("weight", "exp_avg", "exp_avg_sq", "steps")
 
 
 class _AddAdapter:
@@ -233,9 +235,13 @@ class SparseMethod(Method):
 
     def after_engine_step(self, lr: float, clip_coef: float) -> None:
         applied = getattr(self.engine, "was_step_applied", None)
-        skip = callable(applied) and not applied()
+        self.step_rows(lr, clip_coef, skip=callable(applied) and not applied())
+
+    def step_rows(self, lr: float, clip_coef: float = 1.0, skip: bool = False,
+                  loss_scale: float = 1.0) -> None:
+        """Step the row store at the engine's ``lr`` (see :meth:`SparseRuntime.step`)."""
         runtime = self._runtime()
-        runtime.step(lr, clip_coef, skip=skip)
+        runtime.step(lr, clip_coef, skip=skip, loss_scale=loss_scale)
         for adapter in self.adapters.values():
             adapter.clear_cache()
         self._steps += 1
@@ -288,35 +294,62 @@ class SparseMethod(Method):
         for adapter in self.adapters.values():
             adapter.clear_cache()
 
+    def external_state(self, optimizer: bool = False) -> dict[str, torch.Tensor]:
+        """The store's rows ``sparse_store.layer<L>.weight`` ``[r, 2d]`` (all rows: on rank
+        0 when the store is sharded); ``optimizer``: also their Adam moments (``.exp_avg``,
+        ``.exp_avg_sq``) and update counts (``.steps``)."""
+        runtime = self._runtime()
+        runtime.flush()
+        store = runtime.store
+        state = {}
+        for layer, rows in store.layers.items():
+            state[f"{EXPORT_PREFIX}{layer}.weight"] = store.full_weight(layer)
+            for name in STORE_TENSORS[1:] if optimizer else ():
+                state[f"{EXPORT_PREFIX}{layer}.{name}"] = getattr(rows, name)
+        return state
+
+    def load_external_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Rows (and Adam state) named as by :meth:`external_state`; each kind of tensor
+        given must be given for every layer."""
+        runtime = self._runtime()
+        store = runtime.store
+        runtime.flush()  # cached rows into the store, where ``state`` overwrites them
+        rows_shape = (store.sizes.rank, 2 * store.sizes.hidden)
+        seen: dict[str, set[int]] = {}
+        for key, value in state.items():
+            layer, _, name = key[len(EXPORT_PREFIX) :].partition(".")
+            shape = rows_shape[:1] if name == "steps" else rows_shape
+            if (not key.startswith(EXPORT_PREFIX) or not layer.isdigit() or name not in
+                    STORE_TENSORS or int(layer) not in store.layers or
+                    tuple(value.shape) != shape):
+                raise UserError(
+                    f"adapter file: {key} {tuple(value.shape)} does not fit this run's sparse "
+                    f"store (layers {sorted(store.layers)}, rows {rows_shape})"
+                )
+            if name == "weight":
+                store.set_full_weight(int(layer), value)
+            else:
+                getattr(store.layers[int(layer)], name).copy_(value)
+            seen.setdefault(name, set()).add(int(layer))
+        for name, layers in seen.items():
+            lacking = sorted(set(store.layers) - layers)
+            if lacking:
+                what = "rows" if name == "weight" else name
+                raise UserError(f"adapter file lacks the sparse store {what} of layers {lacking}")
+        runtime.load_cache_state(None)
+        for adapter in self.adapters.values():
+            adapter.clear_cache()
+
     # --- trained weights for inference ----------------------------------------------
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(module)
-        self._runtime().flush()
-        store = self._runtime().store
-        for layer in store.layers:  # all rows (on rank 0 when the store is sharded)
-            state[f"{EXPORT_PREFIX}{layer}.weight"] = store.full_weight(layer).clone()
+        state.update({k: v.clone() for k, v in self.external_state().items()})
         return state
 
     def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        store = self._runtime().store
-        dense, seen = {}, set()
-        for key, value in state.items():
-            if not key.startswith(EXPORT_PREFIX):
-                dense[key] = value
-                continue
-            layer = int(key[len(EXPORT_PREFIX) :].split(".")[0])
-            shape = (store.sizes.rank, 2 * store.sizes.hidden)
-            if layer not in store.layers or tuple(value.shape) != shape:
-                raise UserError(
-                    f"adapter file: {key} {tuple(value.shape)} does not fit this run's sparse "
-                    f"store (layers {sorted(store.layers)}, rows {shape})"
-                )
-            store.set_full_weight(layer, value)
-            seen.add(layer)
-        lacking = sorted(set(store.layers) - seen)
-        if lacking:
-            raise UserError(f"adapter file lacks the sparse store rows of layers {lacking}")
-        self._runtime().load_cache_state(None)
-        for adapter in self.adapters.values():
-            adapter.clear_cache()
-        super().load_trainable_state(module, dense)
+        rows = {k: v for k, v in state.items() if k.startswith(EXPORT_PREFIX)}
+        if not any(k.endswith(".weight") for k in rows):
+            raise UserError(f"adapter file lacks the sparse store rows of layers "
+                            f"{sorted(self._runtime().store.layers)}")
+        self.load_external_state(rows)
+        super().load_trainable_state(module, {k: v for k, v in state.items() if k not in rows})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -230,3 +231,25 @@ class ReversibleLM(nn.Module):
         logits = self.lm.get_output_embeddings()(arch.final_norm(self.lm)(hidden))
         cap = getattr(self.lm.config, "final_logit_softcapping", None)  # Gemma 2
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``generate`` (any decoding options) with this model's logits: the
+        base model's generation loop runs with its forward routed here, without a KV cache
+        (the reversible stack keeps none), so each new token recomputes the whole prefix."""
+        lm = self.lm
+        before = lm.__dict__.get("forward")  # a wrapper someone set (accelerate's autocast)
+        lm.forward = self._hf_forward  # an instance attribute: shadows the class's forward
+        try:
+            return lm.generate(*args, **{**kwargs, "use_cache": False})
+        finally:
+            if before is None:
+                del lm.forward
+            else:
+                lm.forward = before
+
+    def _hf_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    **_: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(logits=self(input_ids, attention_mask))

@@ -141,7 +141,7 @@ class LayerCache:
             return Moved()
         index = slots.to(self.device)
         grad = self.grad.index_select(0, index)
-        if clip_coef < 1.0:
+        if clip_coef != 1.0:  # clipping and any loss scale still on the gradients
             grad = grad * clip_coef
         optimizer.step_resident(
             self.weight, self.exp_avg, self.exp_avg_sq, self.steps, slots, grad, lr

@@ -330,6 +330,14 @@ class SparseRuntime:
             self._grads = self.store.coalesce(self.group)
         return self._grads
 
+    def zero_grad(self) -> None:
+        """Drop the row gradients gathered since the last step, without an update."""
+        self._wait_eager()
+        self._grads = None
+        self.store.clear_grads()
+        for cache in self.caches.values():
+            cache.clear_grads()
+
     def grad_sq_norm(self) -> float:
         """Squared norm of all row gradients of this step: cold, hot and eager layers."""
         cold = self.store.total_sq_norm(float(  # sharded: summed over the owners
@@ -340,9 +348,14 @@ class SparseRuntime:
         self._counters["store_grad_norm"] = (cold + hot + eager) ** 0.5  # vs grad_norm
         return cold + hot + eager
 
-    def step(self, lr: float, clip_coef: float = 1.0, skip: bool = False) -> None:
+    def step(self, lr: float, clip_coef: float = 1.0, skip: bool = False,
+             loss_scale: float = 1.0) -> None:
         """Apply AdamW to the rows that got gradients since the last step (cold rows on
-        the CPU, hot rows on the device), then move rows into or out of the cache."""
+        the CPU, hot rows on the device), then move rows into or out of the cache.
+        ``loss_scale``: the factor the gradients still carry (a ``GradScaler``'s scale;
+        DeepSpeed's is taken off as they arrive), divided out here with ``clip_coef``."""
+        if loss_scale != 1.0 and self._eager is not None:
+            raise ValueError("sparse: a loss scale cannot be applied after eager row updates")
         start = time.perf_counter()
         grads = self.grads()  # waits for the eager updates
         self._grads = None
@@ -360,11 +373,12 @@ class SparseRuntime:
         if skip or not finite:
             self._counters["store_steps_skipped"] += 1
         else:
+            factor = clip_coef / loss_scale
             for layer, (rows, grad) in grads.items():
                 if not rows.numel():
                     continue
-                if clip_coef < 1.0:
-                    grad = grad * clip_coef
+                if factor != 1.0:
+                    grad = grad * factor
                 state = self.store.layers[layer]
                 adam_start = time.perf_counter()
                 self.row_optimizer().step(
@@ -376,7 +390,7 @@ class SparseRuntime:
             for layer, cache in self.caches.items():
                 updated += int(cache.touched.sum())
                 self._moved("d2h", cache.step(
-                    self.row_optimizer(), store_lr, clip_coef, self.store.layers[layer]
+                    self.row_optimizer(), store_lr, factor, self.store.layers[layer]
                 ))
         for layer, cache in self.caches.items():
             cache.clear_grads()
