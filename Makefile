@@ -19,4 +19,4 @@ test: setup
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check meft_ds launch tests bench
+	$(VENV)/bin/ruff check meft_ds launch tests bench scripts examples
