@@ -123,3 +123,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if len(marks) != 1:
             raise pytest.UsageError(f"{item.nodeid}: mark it with exactly one of "
                                     f"{', '.join(KINDS)} (has: {sorted(marks) or 'none'})")
+
+
+def tiny_lambda_error(base, ids) -> float:
+    """Relative logit error of MEFT1 at λ = 1/255 (uncentred, no mix) against ``base``: a
+    reversible stack with a tiny λ is nearly the base model."""
+    import copy
+
+    import torch
+
+    from meft_ds.reversible.model import ReversibleLM
+    from meft_ds.reversible.options import ReversibleOptions
+
+    model = ReversibleLM(copy.deepcopy(base), ReversibleOptions(
+        rev_variant="meft1", rev_lambda=1 / 255, rev_center=False, rev_mix_init=0.0))
+    with torch.no_grad():
+        want, got = base(input_ids=ids).logits, model(ids)
+    return float((got - want).norm() / want.norm())
