@@ -209,14 +209,16 @@ def best_lr(points: dict[float, dict]) -> float:
 
 
 def run_study(names: list[str], sizes: list[int], study: Study, work: Path, sweep: bool,
-              lrs: dict[str, float]) -> dict:
-    """Sweep (optional), then every configuration at every size; returns the report."""
+              lrs: dict[str, float], only_finished: bool = False) -> dict:
+    """Sweep (optional), then every configuration at every size; returns the report
+    (``only_finished``: score the runs already trained, start none; the report says
+    which points are missing)."""
     report: dict = {"study": {**study.__dict__, "extra": list(study.extra),
                               "micro_batch": MICRO_BATCH, "configs": {n: CONFIGS[n]
                                                                       for n in names}},
                     "sweep": {}, "points": {}}
     for name in names:
-        if sweep:
+        if sweep and not only_finished:
             tried = {}
             for lr in SWEEP_LRS[name]:
                 tried[lr] = score(train(name, SWEEP_N, lr, study, work), study, work)
@@ -225,6 +227,9 @@ def run_study(names: list[str], sizes: list[int], study: Study, work: Path, swee
                                      "tried": {f"{lr:g}": p for lr, p in tried.items()}}
         lr = lrs.get(name, SWEEP_LRS[name][0])
         for n in sizes:
+            if only_finished and not (run_dir(work, name, n, lr) / "results.json").is_file():
+                report.setdefault("missing", []).append(f"{name} n={n} lr={lr:g}")
+                continue
             point = score(train(name, n, lr, study, work), study, work)
             report["points"].setdefault(name, {})[str(n)] = {"lr": lr, **point}
             print(f"{name:<18} N={n:<5} lr={lr:<7g} trained EM {100 * point['trained_em']:5.1f}%"
@@ -273,6 +278,8 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "knowledge"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "knowledge.json"))
     parser.add_argument("--extra", default="", help="more launcher flags for every run")
+    parser.add_argument("--only_finished", action="store_true",
+                        help="score the runs already trained in --work, start no training")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -285,7 +292,9 @@ def main() -> None:
     study = Study(epochs=args.epochs, extra=tuple(args.extra.split()))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    report = run_study(args.configs, args.sizes, study, work, args.sweep, lrs)
+    report = run_study(args.configs, args.sizes, study, work, args.sweep, lrs,
+                       args.only_finished)
+    report["complete"] = not report.get("missing")
     report["machine"] = platform.machine()
     Path(args.out).write_text(json.dumps(report, indent=1))
     plot(report, Path(args.out).with_suffix(".png"))

@@ -78,6 +78,11 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     again = knowledge.run_study(["lora_r8", "sparse_0.1"], [8], study, work, sweep=False,
                                 lrs={"lora_r8": 1e-3})
     assert again["points"] == report["points"]
+    # ... and --only_finished scores what exists and lists what does not, training nothing
+    partial = knowledge.run_study(["lora_r8", "lora_r64"], [8], study, work, sweep=True,
+                                  lrs={"lora_r8": 1e-3}, only_finished=True)
+    assert partial["points"] == {"lora_r8": report["points"]["lora_r8"]}
+    assert partial["missing"] == ["lora_r64 n=8 lr=0.0003"]
     # ... and a run trained but not yet scored is scored without training
     run = knowledge.run_dir(work, "lora_r8", 8, 1e-3)
     (run / "point.json").unlink()
