@@ -51,7 +51,9 @@ def test_deepspeed_launcher_runs_24gb_config(tmp_path: Path) -> None:
     assert [r["step"] for r in records] == [1, 2, 3]
     # the rate each step applied: 2 warm-up steps (DeepSpeed's minimum), then linear decay
     # to total_num_steps 4; step 1 already trains
-    assert [r["lr"] for r in records] == pytest.approx([1.5e-3, 3e-3, 1.5e-3])
+    peak = json.loads((ROOT / "ds_configs" / "24gb.json").read_text())["optimizer"]["params"]
+    assert [r["lr"] for r in records] == pytest.approx(
+        [0.5 * peak["lr"], peak["lr"], 0.5 * peak["lr"]])
     assert records[-1]["grad_norm"] > 0
     assert '"method": "sparse"' in proc.stdout
     assert all(r["sparse_rows_updated"] > 0 for r in records)
