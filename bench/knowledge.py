@@ -9,7 +9,7 @@ per run:
 - ``trained_em``: exact match on (up to 256 of) the trained questions: facts learned;
 - ``heldout_em``: exact match on unseen questions (EfficientQA dev): generalisation;
 - ``damage``: the change of the model's mean answer-token NLL on text it handled before
-  training (GSM8K test question -> worked answer, 128 examples, teacher-forced): positive
+  training (GSM8K test question -> worked answer, 48 examples, teacher-forced): positive
   = the model got worse at what it knew;
 - ``memory_proxy_bytes``: GPU working memory a configuration needs, device-independent:
   fp32 trainable state on the device (weights, gradients, two Adam moments: 16 B per
@@ -78,7 +78,7 @@ class Study:
     seed: int = 42
     eval_trained: int = 256
     eval_heldout: int = 128
-    damage_examples: int = 128
+    damage_examples: int = 48
     model: str = "smollm2-135m"
     config: str = "ds_configs/cpu.json"
     extra: tuple[str, ...] = ()  # more launcher flags for every run (tests: a tiny model)
