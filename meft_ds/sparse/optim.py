@@ -102,16 +102,19 @@ class RowAdamW:
             return None
         return weight[:, : self.key_width].index_select(0, rows)
 
+    def _scaled_keys(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``k_old + ratio * (k_adamw - k_old)`` (into ``old``): AdamW's step (decay
+        included) is linear in the learning rate, so this is the step at ``ratio * lr``."""
+        return old.lerp_(new, self.key_lr_ratio)
+
     @torch.no_grad()
     def _scale_key_steps(self, weight: torch.Tensor, rows: torch.Tensor,
                          old: torch.Tensor | None) -> None:
-        """``k <- k_old + ratio * (k_adamw - k_old)``: AdamW's step (decay included) is
-        linear in the learning rate, so this is the step at ``ratio * lr``."""
+        """Put the selected rows' keys back at their scaled step (see :meth:`_scaled_keys`)."""
         if old is None:
             return
         keys = weight[:, : self.key_width]
-        new = keys.index_select(0, rows)
-        keys.index_copy_(0, rows, old.lerp_(new, self.key_lr_ratio))
+        keys.index_copy_(0, rows, self._scaled_keys(old, keys.index_select(0, rows)))
 
     @torch.no_grad()
     def _torch_step(self, weight: torch.Tensor, exp_avg: torch.Tensor,
@@ -149,13 +152,14 @@ class RowAdamW:
         steps[slots] += 1
         index = slots.to(weight.device, non_blocking=True)
         p = weight.index_select(0, index)
-        old_keys = self._keys_before(p, torch.arange(p.shape[0], device=p.device))
+        scale_keys = self.key_lr_ratio != 1.0 and self.key_width
+        old_keys = p[:, : self.key_width].clone() if scale_keys else None
         m = exp_avg.index_select(0, index)
         v = exp_avg_sq.index_select(0, index)
         row_steps = steps[slots].to(weight.device, non_blocking=True)
         torch_adamw_(p, grad, m, v, row_steps, lr, self.betas, self.eps, self.weight_decay)
         if old_keys is not None:
-            p[:, : self.key_width].lerp_(old_keys, 1.0 - self.key_lr_ratio)
+            p[:, : self.key_width] = self._scaled_keys(old_keys, p[:, : self.key_width])
         weight.index_copy_(0, index, p)
         exp_avg.index_copy_(0, index, m)
         exp_avg_sq.index_copy_(0, index, v)

@@ -124,9 +124,9 @@ class SparseRuntime:
         hidden_cpu = hidden.detach().to("cpu")
         experts_cpu = experts.to("cpu")
         selection = self.store.select(layer, hidden_cpu, experts_cpu)
-        if count and self.usage is not None:
-            self.usage.add_selection(layer, experts_cpu, selection, hidden_cpu)
         if count:
+            if self.usage is not None:
+                self.usage.add_selection(layer, experts_cpu, selection, hidden_cpu)
             self._moved("d2h", Moved.of(hidden_cpu) + Moved.of(experts_cpu))
             self._counters["select_s"] += time.perf_counter() - start
             self._counters["tokens"] += hidden.shape[0]
