@@ -16,7 +16,7 @@ train: setup
 		--overwrite_output_dir true
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests
 
 lint: setup
 	$(VENV)/bin/ruff check meft_ds launch tests bench scripts examples

@@ -13,8 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# One OpenMP thread in every test process, as in the launcher subprocesses: `make test` runs
+# two pytest workers on two cores (a second busy process slows a 2-thread torch up to 20x),
+# and a verdict must not depend on the host's core count.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
 
 from meft_ds.runner import free_port  # noqa: E402
+
+torch.set_num_threads(1)
 
 for key, value in {
     "RANK": "0",
@@ -22,9 +30,10 @@ for key, value in {
     "WORLD_SIZE": "1",
     "LOCAL_WORLD_SIZE": "1",
     "MASTER_ADDR": "127.0.0.1",
-    "MASTER_PORT": str(free_port()),
 }.items():
     os.environ.setdefault(key, value)
+# each process its own port: pytest-xdist workers inherit the controller's environment
+os.environ["MASTER_PORT"] = str(free_port())
 
 
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")

@@ -112,6 +112,7 @@ def sparse_ref(tmp_path_factory) -> Path:
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("store", ["sharded", "replicated"])
+@pytest.mark.xdist_group("sparse_ref")
 def test_two_nodes_of_two_ranks(store: str, sparse_ref: Path, tmp_path: Path) -> None:
     """Either store on 2 nodes x 2 ranks; the replicated one keeps one copy per node
     (shared by its two local ranks) and compares the nodes' copies every step."""
@@ -137,6 +138,7 @@ def test_two_nodes_of_two_ranks(store: str, sparse_ref: Path, tmp_path: Path) ->
 
 
 @pytest.mark.multiprocess
+@pytest.mark.xdist_group("sparse_ref")
 def test_dead_rank_fails_then_resume_on_one_rank(sparse_ref: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [*COMMON, *SPARSE, "--sparse_store", "sharded", "--output_dir", str(out)]
@@ -151,6 +153,7 @@ def test_dead_rank_fails_then_resume_on_one_rank(sparse_ref: Path, tmp_path: Pat
 
 
 @pytest.mark.multiprocess
+@pytest.mark.xdist_group("sparse_ref")
 def test_resume_one_rank_checkpoint_on_two_replicated(sparse_ref: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "checkpoints").mkdir(parents=True)

@@ -56,15 +56,6 @@ def lm_loss(logits, input_ids, attention_mask):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: more threads only make every step slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def batch(smollm2):
     tok = smollm2.tokenizer

@@ -56,6 +56,7 @@ def _generate(*argv: str, stdin: str | None = None) -> subprocess.CompletedProce
 
 
 @pytest.mark.multiprocess
+@pytest.mark.xdist_group("lora_run")
 def test_generate_answers_prompts_from_arguments_a_file_and_stdin(lora_run: Path,
                                                                  tmp_path: Path) -> None:
     adapter = str(lora_run / "adapter")
@@ -127,6 +128,7 @@ def test_sampling_keeps_the_top_p_mass_and_feeds_greedy_decoding() -> None:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.xdist_group("lora_run")
 def test_tensorboard_logs_every_step_of_a_run(lora_run: Path) -> None:
     records = [json.loads(x) for x in (lora_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -139,6 +141,7 @@ def test_tensorboard_logs_every_step_of_a_run(lora_run: Path) -> None:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.xdist_group("lora_run")
 def test_plot_of_a_real_run(lora_run: Path, capsys) -> None:
     assert plot.main([str(lora_run)]) == 0
     png = lora_run / "curves.png"
