@@ -7,7 +7,8 @@
 #  1. reversible (issue 4): bench/rev_speed.py on CUDA at the LLaMA-7B shape, bf16, seq
 #     2048, batch 1: step-time ratios, tokens/s and each config's peak step memory;
 #  2. sparse (issue 3): launch/train.py with ds_configs/24gb.json, LLaMA-7B shape, a 10%
-#     sparse adapter, GSM8K at up to 256 tokens, micro-batch 4, capped at 24 GiB
+#     sparse adapter, GSM8K at up to GPU_CHECKS_SPARSE_SEQ (256) tokens, micro-batch 4,
+#     capped at 24 GiB
 #     (--gpu_memory_gib), then parallel_adapter of the same width held on the GPU
 #     (24gb.json without optimizer offload), uncapped; bench/gpu/summary.py compares them.
 # GPU_CHECKS_PARTS="exact rev sparse" (default) picks the parts: at the 7B shape "sparse"
@@ -16,7 +17,7 @@
 # Results land in $OUT (the device tool's output folder). A dry run on a CPU machine checks
 # the plumbing with small settings:
 #   OUT=/tmp/gpu_out GPU_CHECKS_MODEL=smollm2-135m GPU_CHECKS_STEPS=3 GPU_CHECKS_SEQ=64 \
-#     PY=.venv/bin/python bash bench/gpu/checks.sh
+#     GPU_CHECKS_SPARSE_SEQ=64 PY=.venv/bin/python bash bench/gpu/checks.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=${CARRY:-.gpu_carry}
@@ -26,6 +27,7 @@ PY=${PY:-python3}
 MODEL=${GPU_CHECKS_MODEL:-llama2-7b-shape}
 STEPS=${GPU_CHECKS_STEPS:-8}
 SEQ=${GPU_CHECKS_SEQ:-2048}
+SPARSE_SEQ=${GPU_CHECKS_SPARSE_SEQ:-256}  # part 2: GSM8K questions up to this many tokens
 CAP=${GPU_CHECKS_CAP:-24}
 PARTS=${GPU_CHECKS_PARTS:-exact rev sparse}
 mkdir -p "$OUT" "$RUNS"
@@ -64,7 +66,7 @@ rc=${PIPESTATUS[0]}; echo "rc $rc (inexact_backwards in rev_speed_gpu.json must 
 fi
 [[ " $PARTS " == *" sparse "* ]] || exit 0
 
-common=(--model "$MODEL" --dataset gsm8k --max_seq_len 256 --micro_batch_size 4 --grad_accum 1
+common=(--model "$MODEL" --dataset gsm8k --max_seq_len "$SPARSE_SEQ" --micro_batch_size 4 --grad_accum 1
         --max_steps "$STEPS" --train_examples 64 --eval_trained 0 --eval_heldout 0
         --eval_before false --eval_steps 0 --save_steps 0 --save_final false --progress false)
 echo "== 2a. sparse adapter, 10%, capped at ${CAP} GiB =="
