@@ -10,6 +10,9 @@ baton's file descriptor) or works inside its build dir (ninja and the compilers 
 and while it is younger than a short grace. Linux only (``/proc``); elsewhere nothing is
 removed. Builds in another PID namespace (another container sharing the cache) or of another
 user are not visible, so do not share one extensions root between those.
+
+:func:`prefer_interpreter_ninja` picks the ``ninja`` the builds run with; the places that
+build or load ops (the row op, ``deepspeed.initialize``) call it first.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ def extensions_root() -> Path:
         accelerator = "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
     return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def prefer_interpreter_ninja() -> None:
+    """Put this interpreter's own ``bin`` directory first on ``PATH`` when it holds a
+    ``ninja`` (once; later calls change nothing).
+
+    DeepSpeed's ops and meft_ds's row op are JIT-built with the ``ninja`` found on ``PATH``,
+    and two ninja versions (the one pip installs with DeepSpeed into the virtual
+    environment, and a system one) hash build commands differently, so each rebuilds what
+    the other built (~2 minutes of compiling on two cores, at any run that follows a run
+    started the other way, e.g. ``deepspeed`` from the venv after ``.venv/bin/python``).
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and not path.startswith(
+            bin_dir + os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
 def _process_paths() -> tuple[set[str], set[str]]:

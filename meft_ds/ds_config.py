@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from meft_ds.build_lock import prefer_interpreter_ninja
 from meft_ds.errors import UserError
 
 MEFT_KEY = "meft"
@@ -91,6 +92,8 @@ def initialize(**kwargs: Any) -> tuple:
     import deepspeed
     import pydantic
     from deepspeed.utils import logger
+
+    prefer_interpreter_ninja()  # the engine JIT-builds its ops (e.g. CPU Adam) with it
 
     quiet = _DropMessage("Attempting to get learning rate from scheduler before it has started")
     logger.addFilter(quiet)  # WarmupLR's own start-up, which start_schedule then moves on

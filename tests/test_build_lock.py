@@ -107,3 +107,24 @@ def test_default_root_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     build_dir = Path(cpp_extension._get_build_directory("tiny_op", verbose=False))
     assert extensions_root() == build_dir.parent
     assert extensions_root().parent == tmp_path
+
+
+def test_import_leaves_path_alone_and_the_build_prefers_the_interpreters_ninja(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``import meft_ds`` changes no ``PATH``; the op build puts the interpreter's ``bin``
+    (with its ``ninja``) first, once."""
+    import sys
+
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    code = "import os, meft_ds; print(os.environ['PATH'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "/usr/bin:/bin"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ninja").touch()
+    monkeypatch.setattr(sys, "executable", str(fake / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    build_lock.prefer_interpreter_ninja()
+    build_lock.prefer_interpreter_ninja()
+    assert os.environ["PATH"] == f"{fake}{os.pathsep}/usr/bin"

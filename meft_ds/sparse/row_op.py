@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from meft_ds.build_lock import clear_stale_locks
+from meft_ds.build_lock import clear_stale_locks, prefer_interpreter_ninja
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 NAME = "meft_row_adam"
@@ -40,5 +40,6 @@ def load_row_adam() -> ModuleType:
             # ~30% of the row's update).
             return [arg for arg in super().cxx_args() if arg != "-fopenmp"]
 
+    prefer_interpreter_ninja()  # the ninja the cached build was made with (see there)
     clear_stale_locks()  # a killed build's lock would make the load wait forever
     return RowAdamBuilder().load(verbose=False)
