@@ -80,6 +80,7 @@ def start_process(timeout_s: int = 1800) -> torch.device:
         os.environ["MASTER_PORT"] = str(free_port())
     dev = device()
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    build_lock.prefer_interpreter_ninja()  # DeepSpeed's CPU accelerator builds ops here
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     return dev
 
