@@ -14,6 +14,7 @@ from meft_ds.config import TrainConfig
 from meft_ds.data import DataSpec, check_format, open_split
 from meft_ds.errors import OneLineArgumentParser, UserError
 from meft_ds.eval import evaluate_qa
+from meft_ds.precision import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation length (default: 24)")
     p.add_argument("--output", default=None,
                    help="write the JSON report (with predictions) here; parent dirs are created")
-    p.add_argument("--dtype", choices=("auto", *export.DTYPES), default="auto",
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="compute dtype of the adapted model (auto: the one it trained in, as "
                    "recorded with the export, so scores reproduce training's own; fp32 "
                    "for a base model)")
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
 
         loaded = load_model(args.model)
         dtype = "fp32" if args.dtype == "auto" else args.dtype
-        model = loaded.model.to(device=device, dtype=export.DTYPES[dtype]).eval()
+        model = loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
         tokenizer, vocab = loaded.tokenizer, int(model.config.vocab_size)
         hf_model = generation_source = model
 

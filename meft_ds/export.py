@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 
 from meft_ds.errors import UserError
+from meft_ds.precision import dtype_name
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
 META = "meft_ds.json"  # the metadata beside a PEFT adapter or a transformers model
 PEFT_WEIGHTS = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def module_dtype(module: torch.nn.Module) -> str:
@@ -39,7 +39,7 @@ def module_dtype(module: torch.nn.Module) -> str:
     casts the whole module for bf16/fp16)."""
     for p in module.parameters():
         if p.is_floating_point():
-            return next((k for k, v in DTYPES.items() if v == p.dtype), "fp32")
+            return dtype_name(p.dtype)
     return "fp32"
 
 

@@ -16,6 +16,7 @@ import torch
 from meft_ds import export
 from meft_ds.data import FORMATS, QAExample, check_format, prompt_text
 from meft_ds.errors import OneLineArgumentParser, UserError
+from meft_ds.precision import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (default: 0)")
     p.add_argument("--batch_size", type=int, default=8,
                    help="prompts generated together (default: 8)")
-    p.add_argument("--dtype", choices=("auto", *export.DTYPES), default="auto",
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="compute dtype (auto: the one the adapter trained in)")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object {prompt, answer} per line")

@@ -13,6 +13,7 @@ from meft_ds import export, methods, options
 from meft_ds.errors import UserError
 from meft_ds.methods.base import Method
 from meft_ds.models import loader
+from meft_ds.precision import DTYPES
 
 
 @dataclass
@@ -40,14 +41,14 @@ def load_adapted(directory: str | Path, model: str | None = None,
     directory = Path(directory)
     meta, tensors = export.read_adapter(directory)
     name = dtype or meta.get("dtype") or "fp32"
-    if name not in export.DTYPES:
+    if name not in DTYPES:
         raise UserError(f"adapter {directory}: unknown dtype {name!r} (fp32, bf16 or fp16)")
     method_cls, opts = export_options(meta, f"adapter {directory}")  # before any loading
     own = weights and export.is_model(directory)
     loaded = loader.load_model(str(directory) if own else model or meta["model"])
     method, module = apply_method(loaded.model, method_cls, opts,
                                   tensors if weights and not own else None)
-    module.to(device=device, dtype=export.DTYPES[name]).eval()
+    module.to(device=device, dtype=DTYPES[name]).eval()
     return AdaptedModel(method, module, loaded.tokenizer, {**meta, "dtype": name})
 
 

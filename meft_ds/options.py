@@ -19,6 +19,12 @@ from meft_ds.errors import UserError
 T = TypeVar("T")
 
 
+def opt(default: Any, help_text: str, **meta: Any) -> Any:
+    """A dataclass field with its ``--help`` text; ``meta`` goes to the flag (``choices``,
+    ``cli=False``, ...)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **meta})
+
+
 def _base_type(tp: Any) -> Any:
     """The scalar type of a field annotation (``int | None`` -> ``int``)."""
     origin = typing.get_origin(tp)
@@ -96,12 +102,6 @@ def build(cls: type[T], *sources: dict[str, Any], context: str = "config") -> T:
             raise UserError(f"{context}: {key}={value!r} is not one of "
                             f"{', '.join(map(str, choices))}")
     return obj
-
-
-def unknown_keys(cls: type, data: dict[str, Any]) -> list[str]:
-    """Keys of ``data`` that are not fields of ``cls``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return sorted(k for k in data if k not in names)
 
 
 def _coerce(tp: Any, value: Any, key: str, context: str) -> Any:

@@ -14,6 +14,14 @@ from typing import Any
 import torch
 
 CHOICES = ("auto", "bf16", "fp32")
+# The one table of dtype names (options, exports, the evaluator's --dtype); the reversible
+# streams add fp64 to it (meft_ds.reversible.precision).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype, default: str = "fp32") -> str:
+    """The name of ``dtype`` in :data:`DTYPES` (``default`` for any other)."""
+    return next((name for name, value in DTYPES.items() if value == dtype), default)
 
 
 def cpu_native_bf16() -> bool:

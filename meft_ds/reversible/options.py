@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meft_ds.baselines.adapters import ACTIVATIONS
 from meft_ds.errors import UserError
+from meft_ds.options import opt
 from meft_ds.reversible.variants import VARIANTS
 
 POSITIONS = ("top", "bottom")
@@ -19,60 +20,56 @@ RESUME_FREE = frozenset({
 BACKWARDS = ("reversible", "autograd")
 
 
-def _opt(default, help_text: str, **meta):
-    return field(default=default, metadata={"help": help_text, **meta})
-
-
 @dataclass
 class ReversibleOptions:
     """MEFT1/2/3 reversible adapters on a frozen pre-norm decoder."""
 
-    rev_variant: str = _opt("meft1", "MEFT variant", choices=sorted(VARIANTS))
-    rev_lambda: float | None = _opt(None, "scale λ of x1 (unset: the variant's default)")
-    rev_beta: float | None = _opt(None, "scale β of x2 (unset: the variant's default)")
-    rev_adapter_size: int = _opt(64, "bottleneck width of each adapter")
-    rev_adapter_activation: str = _opt("relu", "adapter activation", choices=sorted(ACTIVATIONS))
-    rev_adapter_dropout: float = _opt(0.0, "dropout inside the adapters")
-    rev_layers: int | None = _opt(None, "number of reversible (trainable) layers (unset: all)")
-    rev_position: str = _opt(
+    rev_variant: str = opt("meft1", "MEFT variant", choices=sorted(VARIANTS))
+    rev_lambda: float | None = opt(None, "scale λ of x1 (unset: the variant's default)")
+    rev_beta: float | None = opt(None, "scale β of x2 (unset: the variant's default)")
+    rev_adapter_size: int = opt(64, "bottleneck width of each adapter")
+    rev_adapter_activation: str = opt("relu", "adapter activation", choices=sorted(ACTIVATIONS))
+    rev_adapter_dropout: float = opt(0.0, "dropout inside the adapters")
+    rev_layers: int | None = opt(None, "number of reversible (trainable) layers (unset: all)")
+    rev_position: str = opt(
         "top", "top: reversible top k layers, no graph below; bottom: reversible bottom k "
         "layers, plain autograd above", choices=POSITIONS,
     )
-    rev_stream_dtype: str = _opt("fp64", "dtype of the two residual streams",
-                                 choices=("fp64", "fp32"))
-    rev_exact: bool = _opt(
+    rev_stream_dtype: str = opt("fp64", "dtype of the two residual streams",
+                                choices=("fp64", "fp32"))
+    rev_exact: bool = opt(
         True, "fp64 streams as exact fixed point (remainders of λ, β kept: exact inverse at "
         "any depth); false: plain float arithmetic with restart points",
     )
-    rev_fused: bool | None = _opt(
+    rev_fused: bool | None = opt(
         None, "exact streams: run each coupling's lattice arithmetic as one compiled kernel "
         "(torch.compile; bit-identical to the eager ops, which it falls back to with a warning "
         "where it cannot compile); false: eager torch ops (unset: fused on CUDA, where the "
         "eager ops are a dozen kernel launches per coupling; eager on CPU, where fusing "
         "changed the step time by less than the noise and compiling costs 10-20 s per process)",
     )
-    rev_compute_dtype: str = _opt(
+    rev_compute_dtype: str = opt(
         "auto", "dtype F and G compute in (auto: the weights' dtype; bf16: autocast inside F/G)",
         choices=("auto", "fp32", "bf16"),
     )
-    rev_restart_every: int | None = _opt(
+    rev_restart_every: int | None = opt(
         None, "save both streams every k layers to bound reconstruction error "
         "(unset: chosen from λ, β and the dtypes; 0: never)",
     )
-    rev_backward: str = _opt(
+    rev_backward: str = opt(
         "reversible", "reversible: recompute inputs in backward; autograd: store activations "
         "(reference)", choices=BACKWARDS,
     )
-    rev_keep_top: int = _opt(
+    rev_keep_top: int = opt(
         0, "the top N reversible layers keep their activations and backpropagate with plain "
         "autograd (same gradients): each saves one layer's recompute (~1/depth of the "
         "reversible overhead) for one layer of stored activations",
     )
-    rev_center: bool = _opt(
+    rev_center: bool = opt(
         True, "centre the pre-trained blocks: y1 = F(x2) + λ(x1 − x2) (resp. y2 = G(y1) + "
         "β(x2 − y1)) instead of λx1 + F(x2), so step 0 stays close to the base model",
     )
-    rev_mix_init: float | None = _opt(
+    rev_mix_init: float | None = opt(
         None, "initial γ of output = main + γ·other (unset: 0 if centred, else −λ for MEFT1, −β "
         "otherwise)"
     )

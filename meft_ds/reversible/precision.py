@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from meft_ds import precision
 from meft_ds.errors import UserError
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
-          "fp16": torch.float16}
+DTYPES = {"fp64": torch.float64, **precision.DTYPES}  # the streams may be fp64
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meft_ds.errors import UserError
+from meft_ds.options import opt
 
 ACTIVATIONS = ("relu", "gelu", "silu")
 OPTIMIZERS = ("cpu_adam", "torch")
@@ -14,81 +15,77 @@ WORKING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 STORE_MODES = ("replicated", "sharded")
 
 
-def _opt(default, help_text: str, **meta):
-    return field(default=default, metadata={"help": help_text, **meta})
-
-
 @dataclass
 class SparseOptions:
     """Sparse adapter beside every FFN; its rows and their Adam states live in CPU RAM."""
 
-    sparse_rank: int | None = _opt(
+    sparse_rank: int | None = opt(
         None, "adapter width r (key/value rows per layer); unset = param_fraction of the model"
     )
-    sparse_param_fraction: float = _opt(
+    sparse_param_fraction: float = opt(
         0.1, "with sparse_rank unset: adapter parameters as a fraction of the model's parameters"
     )
-    sparse_experts: int | None = _opt(
+    sparse_experts: int | None = opt(
         None, "Key-Experts blocks per layer (must divide sparse_rank); unset = about sqrt(rank)"
     )
-    sparse_experts_per_token: int | None = _opt(
+    sparse_experts_per_token: int | None = opt(
         None, "experts the router picks per token; unset = enough for 2*top_k candidate keys"
     )
-    sparse_top_k: int = _opt(64, "keys (rows) each token activates per layer")
-    sparse_activation: str = _opt("relu", "adapter activation", choices=ACTIVATIONS)
-    layer_start: int = _opt(0, "first adapted layer")
-    layer_end: int | None = _opt(None, "adapted layers end before this one (unset = last layer)")
-    sparse_lr_ratio: float = _opt(
+    sparse_top_k: int = opt(64, "keys (rows) each token activates per layer")
+    sparse_activation: str = opt("relu", "adapter activation", choices=ACTIVATIONS)
+    layer_start: int = opt(0, "first adapted layer")
+    layer_end: int | None = opt(None, "adapted layers end before this one (unset = last layer)")
+    sparse_lr_ratio: float = opt(
         3.0, "CPU row store learning rate = engine lr * this (the paper's setting: 1)"
     )
-    sparse_router_lr_ratio: float = _opt(
+    sparse_router_lr_ratio: float = opt(
         10.0, "routers' learning rate as a multiple of the engine's (a fixed multiplier on "
         "the router logits, so it holds under any optimizer and ZeRO stage; the paper's: 1)"
     )
-    sparse_key_lr_ratio: float = _opt(
+    sparse_key_lr_ratio: float = opt(
         0.0, "keys' learning rate as a fraction of the row store's (values keep the full "
         "rate): 0 (default) freezes the random keys, so a token's rows stay the same while "
         "the values learn (trained keys win every token's top-K; the paper's setting: 1)"
     )
-    sparse_weight_decay: float = _opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
-    sparse_beta1: float = _opt(0.9, "Adam beta1 of the CPU row store")
-    sparse_beta2: float = _opt(0.999, "Adam beta2 of the CPU row store")
-    sparse_eps: float = _opt(1e-8, "Adam epsilon of the CPU row store")
-    sparse_optimizer: str = _opt(
+    sparse_weight_decay: float = opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
+    sparse_beta1: float = opt(0.9, "Adam beta1 of the CPU row store")
+    sparse_beta2: float = opt(0.999, "Adam beta2 of the CPU row store")
+    sparse_eps: float = opt(1e-8, "Adam epsilon of the CPU row store")
+    sparse_optimizer: str = opt(
         "cpu_adam", "row-sparse Adam backend (DeepSpeedCPUAdam kernel or torch)", choices=OPTIMIZERS
     )
-    sparse_working_dtype: str = _opt(
+    sparse_working_dtype: str = opt(
         "auto", "dtype of the rows sent to the device (auto = the hidden states' dtype)",
         choices=WORKING_DTYPES,
     )
-    sparse_init_seed: int = _opt(0, "seed of the adapter's initial keys (same on every rank)")
-    sparse_store: str = _opt(
+    sparse_init_seed: int = opt(0, "seed of the adapter's initial keys (same on every rank)")
+    sparse_store: str = opt(
         "replicated", "data-parallel store: a full copy per rank, or rows + Adam state "
         "sharded across ranks by expert (the world size must divide sparse_experts)",
         choices=STORE_MODES,
     )
-    sparse_huge_pages: bool = _opt(
+    sparse_huge_pages: bool = opt(
         True, "keep the row store on transparent huge pages (Linux madvise): scattered rows "
         "cost fewer TLB misses (bench/sparse_adam.py); no effect where the OS gives none"
     )
-    sparse_check_every: int = _opt(
+    sparse_check_every: int = opt(
         100, "replicated store: compare the replicas' checksums every N steps (0 = never)"
     )
-    sparse_cache_rows: float = _opt(
+    sparse_cache_rows: float = opt(
         0.0, "device-resident hot rows per layer, updated on the device: >= 1 a row count, "
         "in (0, 1) a fraction of sparse_rank, 0 = no cache"
     )
-    sparse_eager_update: bool | None = _opt(
+    sparse_eager_update: bool | None = opt(
         None, "update a layer's rows on a CPU thread as soon as its last micro-batch's "
         "gradient is complete (one rank, no fp16; with clipping speculatively, rolled back "
         "when the step clips); unset: on when the model runs on CUDA, off on CPU, where the "
         "thread takes cores from backward itself (make train: 1.54x the step time)"
     )
-    sparse_prefetch: bool = _opt(
+    sparse_prefetch: bool = opt(
         False, "route each layer from its attention input and select + fetch its rows on a "
         "CPU thread while attention runs (approximate routing; off = from the FFN input)"
     )
-    sparse_diagnostics: int = _opt(
+    sparse_diagnostics: int = opt(
         0, "every N steps, log how the rows are used (meft_ds.sparse.diagnostics: distinct "
         "rows, usage entropy, expert load, gates, row norms) to the metrics (0 = off)"
     )

@@ -46,6 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from meft_ds import dist as mdist
+from meft_ds.precision import DTYPES
 from meft_ds.sparse.cache import LayerCache, Moved, cache_capacity
 from meft_ds.sparse.diagnostics import Usage
 from meft_ds.sparse.eager import EagerRowUpdate
@@ -53,8 +54,6 @@ from meft_ds.sparse.optim import RowAdamW
 from meft_ds.sparse.options import SparseOptions, SparseSizes
 from meft_ds.sparse.router import Selection
 from meft_ds.sparse.sharded import make_store
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SparseRuntime:
@@ -112,7 +111,7 @@ class SparseRuntime:
 
     def working_dtype(self, hidden_dtype: torch.dtype) -> torch.dtype:
         wanted = self.options.sparse_working_dtype
-        return hidden_dtype if wanted == "auto" else _DTYPES[wanted]
+        return hidden_dtype if wanted == "auto" else DTYPES[wanted]
 
     def select(
         self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, count: bool = True
