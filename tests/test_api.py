@@ -4,6 +4,7 @@ the row optimizer, exports in the launcher's format."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ SPARSE = dict(sparse_rank=32, sparse_experts=4, sparse_top_k=4, sparse_optimizer
 CONFIGS = {
     "sparse": lambda: meft_ds.SparseConfig(**SPARSE),
     "sparse_reversible": lambda: meft_ds.SparseConfig(**SPARSE, reversible=True),
+    "sparse_attn": lambda: meft_ds.SparseConfig(**SPARSE, sparse_attn_lora_r=4),
     "reversible": lambda: meft_ds.ReversibleConfig(rev_adapter_size=8),
     "read": lambda: meft_ds.ReadConfig(read_hidden=16),
 }
@@ -94,7 +96,8 @@ def test_forward_returns_the_launchers_logits_and_loss(kind: str) -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("kind", ["reversible", "sparse_reversible", "sparse", "read"])
+@pytest.mark.parametrize("kind", ["reversible", "sparse_reversible", "sparse", "sparse_attn",
+                                  "read"])
 def test_generate_decodes_as_the_launchers_evaluation(kind: str, base_dir: Path) -> None:
     """Greedy ``generate`` gives the answers of the launcher's evaluation: for reversible
     models (transformers' loop without a KV cache) its loop recomputing every prefix through
@@ -200,7 +203,7 @@ def test_loss_scale_and_global_clipping_reach_the_rows() -> None:
         torch.testing.assert_close(value, _store(plain)[key], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "reversible", "read"])
+@pytest.mark.parametrize("kind", ["sparse", "sparse_attn", "reversible", "read"])
 def test_save_pretrained_writes_the_launchers_export(kind: str, base_dir: Path,
                                                      tmp_path: Path) -> None:
     """``save_pretrained`` -> ``MeftModel.from_pretrained`` and the launcher's own loader
@@ -220,6 +223,38 @@ def test_save_pretrained_writes_the_launchers_export(kind: str, base_dir: Path,
                                    want, rtol=0, atol=0)
 
 
+def test_attention_lora_sits_on_the_adapted_layers_and_old_exports_load_without(
+        base_dir: Path, tmp_path: Path) -> None:
+    """``sparse_attn_lora_r``: LoRA on q/k/v/o of the sparse layers only, zero at step 0; an
+    export written before the option existed loads as it was (no attention LoRA)."""
+    base = tiny_llama()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = meft_ds.get_sparse_model(
+        base, meft_ds.SparseConfig(**SPARSE, layer_start=1, sparse_attn_lora_r=4))
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert len(lora) == 2 * 4 * 2  # layers 1, 2 x q, k, v, o x A, B
+    assert {n.split(".layers.")[1].split(".")[0] for n in lora} == {"1", "2"}
+    assert {n.split(".self_attn.")[1].split(".")[0] for n in lora} == {
+        "q_proj", "k_proj", "v_proj", "o_proj"}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+
+    old = _model("sparse", loader.load_model(str(base_dir)).model)
+    _train(old)
+    old.eval().save_pretrained(tmp_path / "old")
+    config = tmp_path / "old" / "adapter_config.json"
+    meta = json.loads(config.read_text())
+    del meta["options"]["sparse_attn_lora_r"]
+    config.write_text(json.dumps(meta))
+    again = meft_ds.MeftModel.from_pretrained(loader.load_model(str(base_dir)).model,
+                                              tmp_path / "old").eval()
+    assert not any("lora_" in n for n, _ in again.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, old(input_ids=ids).logits)
+
+
 def test_misuse_is_refused_in_one_line() -> None:
     with pytest.raises(UserError, match="no row store"):
         _model("reversible").row_optimizer()
@@ -227,3 +262,5 @@ def test_misuse_is_refused_in_one_line() -> None:
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.ReversibleConfig())
     with pytest.raises(UserError, match="sparse_top_k"):
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_top_k=0))
+    with pytest.raises(UserError, match="sparse_attn_lora_r must be >= 0, got -1"):
+        meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_attn_lora_r=-1))

@@ -12,7 +12,7 @@ from conftest import tiny_lambda_error
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from meft_ds import cli, methods, options
-from meft_ds.errors import UserError
+from meft_ds.errors import UserError, cli_message
 from meft_ds.memory import SavedTensorMeter
 from meft_ds.reversible.model import ReversibleLM
 from meft_ds.reversible.options import ReversibleOptions
@@ -131,7 +131,7 @@ def test_rational_scale_is_exactly_invertible(shape: tuple[int, ...]) -> None:
 def test_lattice_rejects_values_outside_its_range() -> None:
     streams = LatticeStreams()
     streams.quantize(torch.tensor([1.0, float("inf")]))
-    with pytest.raises(FloatingPointError, match="rev_exact false"):
+    with pytest.raises(FloatingPointError, match="`rev_exact` false"):
         streams.check()
 
 
@@ -411,22 +411,27 @@ SPARSE_TINY = {"sparse_rank": 64, "sparse_experts": 8, "sparse_top_k": 4,
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("variant", ["meft1", "meft3"])
-def test_sparse_reversible_gradients_equal_autograd(variant: str) -> None:
-    """Through the method's own model: router, dense adapter and row gradients of the
-    reversible backward equal plain autograd through the same network."""
+@pytest.mark.parametrize(("variant", "attn_lora"), [("meft1", 0), ("meft3", 0), ("meft1", 4)])
+def test_sparse_reversible_gradients_equal_autograd(variant: str, attn_lora: int) -> None:
+    """Through the method's own model: router, dense adapter, attention LoRA
+    (``sparse_attn_lora_r``) and row gradients of the reversible backward equal plain
+    autograd through the same network."""
     cls = methods.get("sparse")
     results = []
     for backward, keep in (("autograd", 0), ("reversible", 0), ("reversible", 1)):
         opts = options.build(cls.Options, {**SPARSE_TINY, "reversible": True, "layer_start": 1,
                                            "rev_variant": variant, "rev_backward": backward,
-                                           "rev_keep_top": keep})
+                                           "rev_keep_top": keep, "sparse_attn_lora_r": attn_lora})
         method = cls(opts, None)
         module = method.apply(_tiny(4)).train()
         assert sorted(method.adapters) == [1, 2, 3] and list(module.span) == [1, 2, 3]
         for rows in method.runtime.store.layers.values():  # nonzero values: live row grads
             rows.weight[:, 32:].normal_(generator=torch.Generator().manual_seed(4))
         _perturb_adapters(module)
+        gen = torch.Generator().manual_seed(6)
+        for name, param in module.named_parameters():  # LoRA's B starts at zero
+            if "lora_B" in name:
+                param.data.normal_(0.0, 0.05, generator=gen)
         ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(5))
         logits = method.forward(module, ids, torch.ones_like(ids))
         logits.float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean().backward()
@@ -434,6 +439,7 @@ def test_sparse_reversible_gradients_equal_autograd(variant: str) -> None:
         results.append((dense, method.runtime.grads()))
     (dense_ref, rows_ref), *others = results
     assert any(n.endswith("router.weight") for n in dense_ref)
+    assert sum("lora_A" in n for n in dense_ref) == (12 if attn_lora else 0)  # q,k,v,o x 3
     for dense_rev, rows_rev in others:  # all reversible; the top layer kept (rev_keep_top)
         assert dense_ref.keys() == dense_rev.keys()
         assert _rel(dense_rev, dense_ref) <= 1e-5
@@ -462,8 +468,9 @@ def test_sparse_reversible_runs_under_deepspeed(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 def test_sparse_reversible_bad_input() -> None:
-    with pytest.raises(UserError, match="--rev_variant needs --reversible"):
+    with pytest.raises(UserError, match="^sparse: `rev_variant` needs `reversible`$") as error:
         cli.parse(["--deepspeed", CPU, "--method", "sparse", "--rev_variant", "meft3"])
+    assert cli_message(error.value) == "sparse: --rev_variant needs --reversible"
     with pytest.raises(UserError, match="not rev_layers/rev_position"):
         cli.parse(["--deepspeed", CPU, "--method", "sparse", "--reversible", "--rev_layers", "2"])
     cls = methods.get("sparse")

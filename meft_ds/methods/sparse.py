@@ -79,6 +79,25 @@ class _BeginMicroBatch:
         self.runtime.begin_micro_batch(mask if isinstance(mask, torch.Tensor) else None)
 
 
+def _add_attention_lora(model: nn.Module, rank: int, layers: tuple[int, ...]
+                        ) -> list[nn.Parameter]:
+    """PEFT LoRA modules (alpha ``2 * rank``, no dropout: reversible recomputation stays
+    exact) on the attention projections of ``layers``, in place; their parameters (returned)
+    are the only trainable ones so far (the routers come next)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    family = arch.family_of(model, "sparse")
+    attention = family.part(arch.layers(model)[layers[0]], "attention")
+    targets = sorted({name.rsplit(".", 1)[-1] for name, module in attention.named_modules()
+                      if isinstance(module, nn.Linear)})
+    if not targets:
+        raise UserError("sparse_attn_lora_r: this model's attention has no linear projections")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
+                        layers_to_transform=list(layers))
+    inject_adapter_in_model(config, model)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 @register
 class SparseMethod(Method):
     """MEFT sparse adapter with real CPU offload of its rows and optimizer states."""
@@ -92,7 +111,8 @@ class SparseMethod(Method):
         "sparse_working_dtype", "sparse_store", "sparse_check_every", "sparse_cache_rows",
         "sparse_eager_update", "sparse_prefetch", "sparse_huge_pages", "sparse_diagnostics",
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options
-    legacy_options = {"sparse_router_lr_ratio": 1.0}  # exported before the multiplier
+    # exported before these options: the router multiplier, the attention LoRA
+    legacy_options = {"sparse_router_lr_ratio": 1.0, "sparse_attn_lora_r": 0}
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
         super().__init__(options, model_config)
@@ -150,6 +170,8 @@ class SparseMethod(Method):
         self.options.sparse_experts_per_token = sizes.experts_per_token
         for param in model.parameters():
             param.requires_grad_(False)
+        lora = (_add_attention_lora(model, self.options.sparse_attn_lora_r, sizes.layers)
+                if self.options.sparse_attn_lora_r else [])
         self.runtime = SparseRuntime(self.options, sizes)
         if self.options.sparse_diagnostics:
             self.runtime.usage = Usage(sizes)
@@ -158,6 +180,8 @@ class SparseMethod(Method):
         if self.reversible:
             module = reversible_sparse.wrap(model, self.options, self.runtime, self.adapters)
             self.rev_model = module
+            for param in lora:  # ReversibleLM froze the whole LM, the attention LoRA too
+                param.requires_grad_(True)
         else:
             module = model
             reference = next(model.parameters())

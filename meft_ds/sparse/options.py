@@ -47,6 +47,13 @@ class SparseOptions:
         "rate): 0 (default) freezes the random keys, so a token's rows stay the same while "
         "the values learn (trained keys win every token's top-K; the paper's setting: 1)"
     )
+    sparse_attn_lora_r: int = opt(
+        0, "rank of a LoRA (alpha 2r, no dropout) on the attention projections of the "
+        "adapted layers, trained by the engine beside the routers (0 = none, the paper's). "
+        "The position that predicts an answer's first token looks alike across facts, so "
+        "there they share rows (bench/sparse_overlap.py); attention that reads the "
+        "question tells them apart"
+    )
     sparse_weight_decay: float = opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
     sparse_beta1: float = opt(0.9, "Adam beta1 of the CPU row store")
     sparse_beta2: float = opt(0.999, "Adam beta2 of the CPU row store")
@@ -117,6 +124,10 @@ class SparseOptions:
         if not 0.0 <= self.sparse_key_lr_ratio <= 1.0:
             raise UserError(
                 f"sparse: sparse_key_lr_ratio must be in [0, 1], got {self.sparse_key_lr_ratio}"
+            )
+        if self.sparse_attn_lora_r < 0:
+            raise UserError(
+                f"sparse: sparse_attn_lora_r must be >= 0, got {self.sparse_attn_lora_r}"
             )
         if self.sparse_weight_decay < 0:
             raise UserError(
