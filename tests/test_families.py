@@ -130,7 +130,7 @@ def test_layer_blocks_compute_the_family_layer(kind: str) -> None:
     rev = ReversibleLM(model, ReversibleOptions())
     family = arch.family_of(model, "reversible")
     hidden = model.get_input_embeddings()(ids)
-    ctx = rev._context(hidden, None, torch.arange(10).unsqueeze(0))
+    ctx = rev.layer_context(hidden, None, torch.arange(10).unsqueeze(0))
     assert torch.equal(seen[0][0], hidden)
     with torch.no_grad():
         for i, (layer, (inp, out)) in enumerate(zip(arch.layers(model), seen, strict=True)):

@@ -10,6 +10,7 @@ import torch
 
 from meft_ds import options as opt
 from meft_ds.errors import UserError
+from meft_ds.reversible.replay import Replayable
 from meft_ds.sparse import optim
 from meft_ds.sparse.adapter import SparseAdapter
 from meft_ds.sparse.optim import RowAdamW
@@ -373,7 +374,7 @@ def test_padding_tokens_select_no_rows_and_do_not_change_real_tokens():
     real = mask.bool()
     torch.testing.assert_close(masked[real], full[real])
     assert masked[~real].abs().max() == 0
-    assert adapter._cache.selection.local.shape[0] == int(real.sum())
+    assert adapter.decision.selection.local.shape[0] == int(real.sum())
 
 
 @pytest.mark.unit
@@ -383,17 +384,17 @@ def test_selection_is_reused_within_a_micro_batch_only():
     x = torch.randn(4, runtime.sizes.hidden)
     runtime.begin_micro_batch(None)
     adapter(x)
-    first = adapter._cache
+    first = adapter.decision
     adapter(x + 1.0)  # a recomputation of the same micro-batch: same rows, same tensors
-    assert adapter._cache is first
+    assert adapter.decision is first
     runtime.begin_micro_batch(None)
     adapter(x)
-    assert adapter._cache is not first
+    assert adapter.decision is not first
     adapter.eval()
     runtime.begin_micro_batch(None)
-    cached = adapter._cache
+    cached = adapter.decision
     adapter(x)
-    assert adapter._cache is cached, "eval calls (generation) never use the cache"
+    assert adapter.decision is cached, "eval calls (generation) never use the cache"
 
 
 @pytest.mark.unit
@@ -452,7 +453,7 @@ def test_reversible_capture_replay_and_autograd_grad_reach_the_store():
     with adapter.rev_replay(record):
         again = adapter(leaf)
         grads = torch.autograd.grad(again.sum(), [leaf, adapter.router.weight])
-    assert record.decision is not None and adapter._replay is None
+    assert record.decision is not None and adapter.replaying is None
     torch.testing.assert_close(again, first, rtol=0.0, atol=1e-2)
     assert all(g.abs().sum() > 0 for g in grads)
     (rows, grad), = runtime.grads().values()
@@ -486,11 +487,12 @@ def test_capture_records_a_cached_decision_and_applies_to_one_call_only():
         adapter(x)
         record = adapter.rev_capture()
         adapter(x)  # served from this micro-batch's cache
-    assert record.decision is adapter._cache
+    assert record.decision is adapter.decision
     later = adapter.rev_capture()
     with torch.no_grad():
         adapter(x[:0])  # no tokens: nothing decided, the capture is used up anyway
-    assert later.decision is None and adapter._record is None
+    assert later.decision is None and adapter.recording is None
+    assert isinstance(adapter, Replayable)  # the reversible stack's replay contract
 
 
 @pytest.mark.unit

@@ -9,9 +9,9 @@ is already registered once in the causal LM); the adapters are registered submod
 Adapters are any ``nn.Module`` mapping the block's normalised input ``[..., d]`` to a
 correction ``[..., d]`` (the dense :class:`~meft_ds.baselines.adapters.BottleneckAdapter`
 or the sparse adapter). An adapter whose forward depends on more than its input and the
-RNG (the sparse adapter's row selection) implements ``rev_capture() -> state`` and
-``rev_replay(state) -> context manager`` so the backward recompute reuses the forward's
-decisions (see :mod:`meft_ds.reversible.coupling`).
+RNG (the sparse adapter's row selection) is
+:class:`~meft_ds.reversible.replay.Replayable`, so the backward recompute reuses the
+forward's decisions (see :mod:`meft_ds.reversible.coupling`).
 """
 
 from __future__ import annotations

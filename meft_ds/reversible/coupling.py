@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from meft_ds.reversible.blocks import Block, LayerContext
+from meft_ds.reversible.replay import Replayable
 from meft_ds.reversible.streams import FloatStreams, LatticeStreams
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,12 @@ class CallState:
     cpu_rng: torch.Tensor
     cuda_rng: torch.Tensor | None
     device: torch.device
-    hooks: list[tuple[nn.Module, Any]]
+    hooks: list[tuple[Replayable, Any]]
 
 
 def _capture(block: Block, device: torch.device) -> CallState:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    hooks = [(m, m.rev_capture()) for m in block.modules() if hasattr(m, "rev_capture")]
+    hooks = [(m, m.rev_capture()) for m in block.modules() if isinstance(m, Replayable)]
     return CallState(torch.get_rng_state(), cuda, device, hooks)
 
 

@@ -147,7 +147,7 @@ class ReversibleLM(nn.Module):
             self.options.lam, self.options.beta, self.options.rev_stream_dtype, compute
         )
 
-    def _context(
+    def layer_context(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
     ) -> LayerContext:
@@ -202,7 +202,7 @@ class ReversibleLM(nn.Module):
         n = len(arch.layers(self.lm))
         hidden = self.lm.get_input_embeddings()(input_ids)  # Gemma's scaled embedding too
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        ctx = self._context(hidden, attention_mask, position_ids)
+        ctx = self.layer_context(hidden, attention_mask, position_ids)
         if self.span.start > 0:
             with torch.no_grad():
                 hidden = self._plain(range(self.span.start), hidden, ctx, position_ids)

@@ -30,7 +30,8 @@ Decisions (the router's experts, the selected rows, the working set) are made on
 layer and micro-batch and reused by a recomputation of it: cached in training mode
 (activation checkpointing), or recorded and replayed explicitly through
 :meth:`SparseAdapter.rev_capture` / :meth:`SparseAdapter.rev_replay` (reversible layers,
-whose recomputed inputs may differ from the forward's in the last bits).
+whose recomputed inputs may differ from the forward's in the last bits): the adapter is
+:class:`~meft_ds.reversible.replay.Replayable` with :class:`Record` as its record.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meft_ds.reversible.replay import Replayable
 from meft_ds.sparse.router import Selection
 from meft_ds.sparse.runtime import SparseRuntime
 
@@ -117,7 +120,7 @@ class Decision:
 
 
 @dataclass
-class _Pending:
+class Pending:
     """A decision started by :meth:`SparseAdapter.prefetch`, not yet taken."""
 
     shape: torch.Size
@@ -128,7 +131,7 @@ class _Pending:
     counted: bool
 
 
-class _Record:
+class Record:
     """What :meth:`SparseAdapter.rev_capture` returns: filled by the next forward."""
 
     decision: Decision | None = None
@@ -168,6 +171,27 @@ class SparseAdapter(nn.Module):
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits ``[T, N]`` for ``x`` ``[T, d]``."""
         return self.router(x) * self.router_scale
+
+    # --- read-only views of the decision state (tests and diagnostics) ---------------
+    @property
+    def decision(self) -> Decision | None:
+        """This micro-batch's decision, cached for its recomputations (training)."""
+        return self._cache
+
+    @property
+    def pending(self) -> Pending | None:
+        """A decision :meth:`prefetch` started and the next call has not taken yet."""
+        return self._pending
+
+    @property
+    def recording(self) -> Record | None:
+        """The record the next forward call fills (set by :meth:`rev_capture`)."""
+        return self._record
+
+    @property
+    def replaying(self) -> Decision | None:
+        """The recorded decision calls reuse inside :meth:`rev_replay`."""
+        return self._replay
 
     def extra_repr(self) -> str:
         s = self.runtime.sizes
@@ -279,7 +303,7 @@ class SparseAdapter(nn.Module):
         future = runtime.prefetch(
             self.layer, x, experts, runtime.working_dtype(x.dtype), count=self.training
         )
-        object.__setattr__(self, "_pending", _Pending(
+        object.__setattr__(self, "_pending", Pending(
             residual.shape, tokens, experts, future, runtime.generation, self.training
         ))
 
@@ -298,15 +322,15 @@ class SparseAdapter(nn.Module):
             pending.generation,
         ))
 
-    # --- reversible protocol (see meft_ds.reversible.blocks) -----------------------------
-    def rev_capture(self) -> _Record:
+    # --- the replay contract (meft_ds.reversible.replay.Replayable) -------------------
+    def rev_capture(self) -> Record:
         """Record the decisions of the next forward call."""
-        record = _Record()
+        record = Record()
         object.__setattr__(self, "_record", record)
         return record
 
     @contextmanager
-    def rev_replay(self, record: _Record) -> Iterator[None]:
+    def rev_replay(self, record: Record) -> Iterator[None]:
         """Recompute with the recorded call's experts, rows and working set."""
         object.__setattr__(self, "_replay", record.decision)
         try:
@@ -316,3 +340,7 @@ class SparseAdapter(nn.Module):
 
     def clear_cache(self) -> None:
         object.__setattr__(self, "_cache", None)
+
+
+if TYPE_CHECKING:  # the sparse adapter satisfies the reversible stack's replay contract
+    _REPLAYABLE: type[Replayable[Record]] = SparseAdapter
