@@ -62,7 +62,7 @@ def test_rows_are_selected_from_the_attention_input():
             experts = adapter.route(x).topk(sizes.experts_per_token, dim=-1).indices
         keys = method.runtime.store.layers[index].weight[:, :64]
         expected = select_rows(keys, x, experts, sizes.num_experts, sizes.top_k)
-        decision = adapter._cache
+        decision = adapter.decision
         assert torch.equal(decision.experts, experts)
         assert torch.equal(decision.selection.rows, expected.rows)
         assert torch.equal(decision.selection.local, expected.local)
@@ -84,7 +84,7 @@ def _train_once(prefetch: bool, decisions: dict | None = None):
     loss.backward()
     grads = {k: g.clone() for k, (_, g) in method.runtime.grads().items()}
     routers = [a.router.weight.grad.clone() for a in method.adapters.values()]
-    taken = {i: a._cache for i, a in method.adapters.items()}
+    taken = {i: a.decision for i, a in method.adapters.items()}
     return float(loss.detach()), grads, routers, taken
 
 
@@ -136,8 +136,8 @@ def test_evaluation_prefetches_every_call_without_counting():
         first = method.forward(module, ids, mask)
         again = method.forward(module, ids, mask)
     torch.testing.assert_close(first, again)
-    assert all(a._pending is None for a in method.adapters.values())
-    assert "sparse_prefetched_layers" not in method.runtime._counters
+    assert all(a.pending is None for a in method.adapters.values())
+    assert "prefetched_layers" not in method.runtime.counters.current
 
 
 @pytest.mark.unit
