@@ -139,7 +139,7 @@ def load(engine: Any, method: Any, root: Path) -> dict[str, Any]:
     """Restore the newest checkpoint into ``engine`` and ``method``; returns client state."""
     tag = latest_tag(root)
     if tag is None:
-        raise UserError(f"--resume: no checkpoint found in {root}")
+        raise UserError(f"`resume`: no checkpoint found in {root}")
     try:
         path, client_state = engine.load_checkpoint(
             str(root), tag=tag, load_module_strict=False, load_optimizer_states=True,
@@ -150,11 +150,11 @@ def load(engine: Any, method: Any, root: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"--resume: checkpoint {root / tag} cannot be read ({first}); if it is damaged, "
+            f"`resume`: checkpoint {root / tag} cannot be read ({first}); if it is damaged, "
             f"write an older step_* name into {root / LATEST} or start over"
         ) from None
     if path is None:
-        raise UserError(f"--resume: DeepSpeed could not load checkpoint {root / tag}")
+        raise UserError(f"`resume`: DeepSpeed could not load checkpoint {root / tag}")
     cpu_adam_state.replay_steps(engine.optimizer)
     client_state = dict(client_state or {})
     own = _rng_file(root / tag, mdist.rank())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from meft_ds import ds_config, methods, options
 from meft_ds.config import TrainConfig
-from meft_ds.errors import OneLineArgumentParser, UserError
+from meft_ds.errors import OneLineArgumentParser, UserError, cli_message
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = ROOT / "ds_configs" / "24gb.json"
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run(spec)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {cli_message(exc)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the newest complete checkpoint is kept; continue with --resume",

@@ -127,6 +127,6 @@ class TrainConfig:
         DataSpec.of(self).validate()  # the data options, checked as the evaluator checks them
         check_available(self.report_to)
         if self.resume and self.overwrite_output_dir:
-            raise UserError("--resume and --overwrite_output_dir exclude each other")
+            raise UserError("`resume` and `overwrite_output_dir` exclude each other")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise UserError(f"--output_dir {self.output_dir} is a file, not a directory")
+            raise UserError(f"`output_dir` {self.output_dir} is a file, not a directory")

@@ -166,7 +166,7 @@ def finalize(
     gas = ds.get("gradient_accumulation_steps", "auto")
     if mb == "auto":
         raise UserError(
-            "DeepSpeed config: set train_micro_batch_size_per_gpu (or --micro_batch_size)"
+            "DeepSpeed config: set train_micro_batch_size_per_gpu (or `micro_batch_size`)"
         )
     gas = _accumulation(ds.get("train_batch_size", "auto"), mb, gas, world_size)
     ds["train_micro_batch_size_per_gpu"] = mb

@@ -12,7 +12,7 @@ import torch
 from meft_ds import export, options
 from meft_ds.config import TrainConfig
 from meft_ds.data import DataSpec, check_format, open_split
-from meft_ds.errors import OneLineArgumentParser, UserError
+from meft_ds.errors import OneLineArgumentParser, UserError, cli_message
 from meft_ds.eval import evaluate_qa
 from meft_ds.precision import DTYPES
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         report = run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_message(exc)}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2)
     if args.output:

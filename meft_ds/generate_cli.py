@@ -15,7 +15,7 @@ import torch
 
 from meft_ds import export
 from meft_ds.data import FORMATS, QAExample, check_format, prompt_text
-from meft_ds.errors import OneLineArgumentParser, UserError
+from meft_ds.errors import OneLineArgumentParser, UserError, cli_message
 from meft_ds.precision import DTYPES
 
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(build_parser().parse_args(argv))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)

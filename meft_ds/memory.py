@@ -103,16 +103,16 @@ def cap_device_memory(gib: float | None, dev: torch.device) -> None:
     if gib is None:
         return
     if dev.type != "cuda":
-        raise UserError(f"--gpu_memory_gib needs a CUDA device; this run is on {dev.type}")
+        raise UserError(f"`gpu_memory_gib` needs a CUDA device; this run is on {dev.type}")
     total = torch.cuda.get_device_properties(dev).total_memory
     if gib * GIB > total:
-        raise UserError(f"--gpu_memory_gib {gib:g} exceeds the device's {total / GIB:.1f} GiB")
+        raise UserError(f"`gpu_memory_gib` {gib:g} exceeds the device's {total / GIB:.1f} GiB")
     # The CUDA context (and anything else outside torch's allocator) takes memory of the
     # simulated card too: the allocator may use what is left of the cap.
     free, _ = torch.cuda.mem_get_info(dev)
     outside = max(0, total - free - torch.cuda.memory_reserved(dev))
     if gib * GIB <= outside:
-        raise UserError(f"--gpu_memory_gib {gib:g} is less than the {outside / GIB:.2f} GiB the "
+        raise UserError(f"`gpu_memory_gib` {gib:g} is less than the {outside / GIB:.2f} GiB the "
                         "CUDA context already takes")
     torch.cuda.set_per_process_memory_fraction((gib * GIB - outside) / total, dev)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meft_ds.errors import OneLineArgumentParser, UserError
+from meft_ds.errors import OneLineArgumentParser, UserError, cli_message
 
 # (metrics.jsonl key, panel title, scale): every run has the first four
 PANELS = (
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{run_dir} is not a directory")
         plot_run(run_dir, out)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cli_message(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ def check_available(kind: str) -> None:
     """Refuse a backend whose package is not installed, in one line (before any loading)."""
     package = _PACKAGES.get(kind)
     if package and importlib.util.find_spec(package) is None:
-        raise UserError(f"--report_to {kind} needs the {package} package: pip install {package}")
+        raise UserError(f"`report_to` {kind} needs the {package} package: pip install {package}")
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:

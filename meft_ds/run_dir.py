@@ -76,8 +76,8 @@ def check_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        raise UserError(f"--resume: {checkpoint_dir} was written by another configuration "
-                        f"({shown}{more}); resume with its options or use another --output_dir")
+        raise UserError(f"`resume`: {checkpoint_dir} was written by another configuration "
+                        f"({shown}{more}); resume with its options or use another `output_dir`")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -24,7 +24,7 @@ from meft_ds.data import (
     prompt_text,
 )
 from meft_ds.data import tokenize as tokenize_split
-from meft_ds.errors import UserError
+from meft_ds.errors import UserError, cli_message
 from meft_ds.eval import evaluate_qa
 from meft_ds.methods.base import Method
 from meft_ds.models import loader
@@ -283,7 +283,7 @@ def _start_problem(out: Path, cfg: TrainConfig, identity: dict[str, Any]) -> str
         try:
             run_dir.check_identity(out / "checkpoints" / tag, identity)
         except UserError as exc:
-            problem = str(exc)
+            problem = cli_message(exc)  # the launcher's wording: options as flags
     if problem is None and cfg.resume and tag is None:
         problem = f"--resume: no checkpoint found in {out / 'checkpoints'}"
     step = checkpoint.tag_step(tag) if tag is not None else None

@@ -126,10 +126,10 @@ class Trainer:
         ranks, micro = state.get("world_size"), self.engine.train_micro_batch_size_per_gpu()
         if saved is not None and saved != now:
             raise UserError(
-                f"--resume: the checkpoint trained on global batches of {saved} examples "
+                f"`resume`: the checkpoint trained on global batches of {saved} examples "
                 f"({ranks} rank(s)); this run's is {now} (micro {micro} x "
-                f"accumulation {self.accum} x {self.world_size} rank(s)): change --grad_accum "
-                "or --micro_batch_size to keep it, or start a new run"
+                f"accumulation {self.accum} x {self.world_size} rank(s)): change `grad_accum` "
+                "or `micro_batch_size` to keep it, or start a new run"
             )
         if ranks is not None and ranks != self.world_size and self.rank == 0:
             print(f"note: resuming a {ranks}-rank checkpoint on {self.world_size} rank(s): the "

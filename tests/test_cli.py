@@ -71,9 +71,9 @@ def test_each_method_is_selectable() -> None:
         (["--warmup_ratio", "1.5"], "warmup_ratio must be in"),
         (["--dataset", "gsm8k", "--data_file", "x.jsonl"], "name two training sources"),
         (["--heldout_fraction", "1"], "heldout_fraction must be in [0, 1)"),
-        (["--heldout_split", "train"], "--heldout_split train is the training split"),
+        (["--heldout_split", "train"], "`heldout_split` train is the training split"),
         (["--split", "validation", "--heldout_split", "validation"],
-         "--heldout_split validation is the training split (--split validation)"),
+         "`heldout_split` validation is the training split (`split` validation)"),
     ],
 )
 def test_bad_options_raise_one_line(argv: list[str], message: str) -> None:

@@ -24,7 +24,7 @@ from meft_ds.data import (
 )
 from meft_ds.data.records import QAExample
 from meft_ds.data.sources import SHIPPED_DIR
-from meft_ds.errors import UserError
+from meft_ds.errors import UserError, cli_message
 from meft_ds.trainer import lm_loss
 
 pytestmark = pytest.mark.unit
@@ -284,7 +284,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused(smollm2) -> None:
     tok = copy.deepcopy(smollm2.tokenizer)
     tok.chat_template = None
     check_format("plain", tok)
-    with pytest.raises(UserError, match="--prompt_format chat: this tokenizer has no chat"):
+    with pytest.raises(UserError, match="^`prompt_format` chat: this tokenizer has no chat"):
         check_format("chat", tok)
 
 
@@ -325,7 +325,7 @@ def test_truncated_answers_are_counted_and_all_truncated_is_refused(smollm2) -> 
     full = [encode(e, tok, 128, len(tok)) for e in examples]
     assert check_answers_kept(full, 128) == 0
     cut = [encode(e, tok, 4, len(tok)) for e in examples]  # inside every prompt
-    with pytest.raises(UserError, match="--max_seq_len 4 truncates the answer of every"):
+    with pytest.raises(UserError, match="^`max_seq_len` 4 truncates the answer of every"):
         check_answers_kept(cut, 4)
     assert check_answers_kept([full[0], cut[1], cut[2]], 4) == 2
 
@@ -365,9 +365,10 @@ def test_schedule_same_global_batch_for_accumulation_and_ranks() -> None:
 
 def test_a_heldout_fraction_too_small_for_the_split_is_one_line() -> None:
     spec = DataSpec(dataset=str(FIXTURES / "alpaca.jsonl"), heldout_fraction=0.9)
-    with pytest.raises(UserError, match="--heldout_fraction 0.9: ") as info:
+    with pytest.raises(UserError, match="^`heldout_fraction` 0.9: ") as info:
         open_split(spec, "heldout", None)
     assert "\n" not in str(info.value)
+    assert cli_message(info.value).startswith("--heldout_fraction 0.9: ")
 
 
 def test_adapter_data_records_round_trip_and_old_adapters_still_say_their_data(

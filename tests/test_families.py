@@ -84,7 +84,7 @@ def test_family_trains_from_the_base_model(kind: str, name: str) -> None:
     method = _method(name, base.config)
     if kind not in arch.FAMILIES and name not in arch.GENERIC_METHODS:
         with pytest.raises(UserError, match=r"does not support model type 'gpt2' \(supported: "
-                                            r"llama, .*\); with any causal LM use --method "
+                                            r"llama, .*\); with any causal LM use `method` "
                                             r"full, lora, read"):
             method.check_config(base.config)
         return

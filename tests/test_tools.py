@@ -16,7 +16,7 @@ from conftest import subprocess_env
 
 from meft_ds import generate_cli, plot, reporting
 from meft_ds.config import TrainConfig
-from meft_ds.errors import UserError
+from meft_ds.errors import UserError, cli_message
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -172,9 +172,10 @@ def test_wandb_reporter_and_its_missing_package(tmp_path: Path, monkeypatch) -> 
     from meft_ds import cli
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
-    with pytest.raises(UserError, match=r"^--report_to wandb needs the wandb package: "
-                       r"pip install wandb$"):
+    with pytest.raises(UserError, match=r"^`report_to` wandb needs the wandb package: "
+                       r"pip install wandb$") as error:
         TrainConfig(report_to="wandb").validate()
+    assert cli_message(error.value).startswith("--report_to wandb needs")  # the CLI's words
     with pytest.raises(SystemExit) as info:
         cli.parse(["--report_to", "mlflow"])
     assert info.value.code == 2

@@ -34,7 +34,7 @@ def check_answers_kept(encoded: list[Encoded], max_len: int) -> int:
     lost = sum(1 for e in encoded if all(t == IGNORE for t in e.labels))
     if encoded and lost == len(encoded):
         raise UserError(
-            f"--max_seq_len {max_len} truncates the answer of every training example "
+            f"`max_seq_len` {max_len} truncates the answer of every training example "
             "(prompt + answer must fit); raise it"
         )
     return lost

@@ -48,11 +48,11 @@ class DataSpec:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise UserError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.data_file is not None and self.dataset not in ("nq_open", self.data_file):
-            raise UserError("--data_file and --dataset name two training sources; give one")
+            raise UserError("`data_file` and `dataset` name two training sources; give one")
         if self.heldout_split is not None and self.heldout_split == self.split:
-            raise UserError(f"--heldout_split {self.heldout_split} is the training split "
-                            f"(--split {self.split}): the held-out set would be training data; "
-                            "name another split, or give --heldout_fraction or --heldout_file")
+            raise UserError(f"`heldout_split` {self.heldout_split} is the training split "
+                            f"(`split` {self.split}): the held-out set would be training data; "
+                            "name another split, or give `heldout_fraction` or `heldout_file`")
 
     @property
     def source(self) -> str:
@@ -91,12 +91,12 @@ def open_split(spec: DataSpec, which: str, limit: int | None) -> Split:
             parts = sources.choose_split(splits, spec.split, source).train_test_split(
                 test_size=fraction, seed=spec.seed, shuffle=True)
         except ValueError as exc:  # too few rows for the fraction
-            raise UserError(f"--heldout_fraction {fraction}: {exc}") from None
+            raise UserError(f"`heldout_fraction` {fraction}: {exc}") from None
         rows = parts["test" if which == "heldout" else "train"]
     elif name is None:
         raise UserError(f"dataset {source!r} has no held-out split (splits: "
-                        f"{', '.join(splits)}); give --heldout_split, --heldout_fraction or "
-                        "--heldout_file")
+                        f"{', '.join(splits)}); give `heldout_split`, `heldout_fraction` or "
+                        "`heldout_file`")
     else:
         rows = sources.choose_split(splits, name, source)
     where = f"dataset {source!r} ({which})"

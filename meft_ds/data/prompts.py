@@ -35,8 +35,8 @@ def check_format(fmt: str, tokenizer: Any) -> None:
     if fmt not in FORMATS:
         raise UserError(f"prompt format {fmt!r}: choose {' or '.join(FORMATS)}")
     if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise UserError("--prompt_format chat: this tokenizer has no chat template; use "
-                        "--prompt_format plain")
+        raise UserError("`prompt_format` chat: this tokenizer has no chat template; use "
+                        "`prompt_format` plain")
 
 
 def _messages(example: QAExample, with_answer: bool) -> list[dict[str, str]]:
@@ -84,7 +84,7 @@ def pieces(example: QAExample, fmt: str, tokenizer: Any) -> list[tuple[list[int]
     full = _template(tokenizer, _messages(example, True), generation=False)
     if not full.startswith(prompt):
         raise UserError("the tokenizer's chat template does not render the answer after "
-                        "the generation prompt; use --prompt_format plain")
+                        "the generation prompt; use `prompt_format` plain")
     return [(ids(prompt), False), (ids(full[len(prompt):]), True)]
 
 

@@ -51,9 +51,9 @@ def parse_column_map(text: str | None, question_field: str | None = None,
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         canonical, sep, column = (s.strip() for s in item.partition("="))
         if not sep or not column:
-            raise UserError(f"--column_map: {item!r} is not NAME=COLUMN")
+            raise UserError(f"`column_map`: {item!r} is not NAME=COLUMN")
         if canonical not in COLUMNS:
-            raise UserError(f"--column_map: unknown name {canonical!r}; "
+            raise UserError(f"`column_map`: unknown name {canonical!r}; "
                             f"choose from {', '.join(COLUMNS)}")
         mapping[canonical] = column
     for canonical, column in (("question", question_field), ("answer", answer_field)):
@@ -84,10 +84,10 @@ def detect_shape(columns: Sequence[str], mapping: Mapping[str, str], wanted: str
         shape = candidates[0]
         missing = next(mapping[c] for c in REQUIRED[shape] if mapping[c] not in have)
         raise UserError(f"{where}: missing column {missing!r} for {shape} records "
-                        f"(columns: {', '.join(columns)}); map it with --column_map")
+                        f"(columns: {', '.join(columns)}); map it with `column_map`")
     raise UserError(
         f"{where}: no known record shape in columns {', '.join(columns)}: need question/answer, "
-        "instruction/output or messages; map yours with --column_map NAME=COLUMN"
+        "instruction/output or messages; map yours with `column_map` NAME=COLUMN"
     )
 
 

@@ -63,7 +63,7 @@ def open_splits(source: str, data_dir: Path | None = None) -> dict[str, Any]:
         for path in files.values():
             if not path.is_file():
                 raise UserError(f"data file {path} of dataset {source} does not exist (the "
-                                f"shipped copy is in {SHIPPED_DIR}; --data_dir overrides it)")
+                                f"shipped copy is in {SHIPPED_DIR}; `data_dir` overrides it)")
         return _load(source, "json", data_files={k: str(v) for k, v in files.items()})
     path = Path(source).expanduser()
     if path.is_file():

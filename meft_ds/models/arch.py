@@ -97,8 +97,8 @@ def family(config: object, method: str) -> Family:
     kind = model_type(config)
     if kind not in FAMILIES:
         raise UserError(
-            f"--method {method} does not support model type {kind!r} (supported: "
-            f"{', '.join(FAMILIES)}); with any causal LM use --method "
+            f"`method` {method} does not support model type {kind!r} (supported: "
+            f"{', '.join(FAMILIES)}); with any causal LM use `method` "
             f"{', '.join(GENERIC_METHODS)}"
         )
     return FAMILIES[kind]

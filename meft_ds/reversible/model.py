@@ -78,7 +78,7 @@ class ReversibleLM(nn.Module):
         if options.rev_keep_top >= k:
             raise UserError(
                 f"reversible: rev_keep_top={options.rev_keep_top} must be below the {k} "
-                "reversible layers (to store every layer's activations: --rev_backward autograd)"
+                "reversible layers (to store every layer's activations: `rev_backward` autograd)"
             )
         self.options = options
         self.variant = VARIANTS[options.rev_variant]

@@ -148,5 +148,5 @@ def check_deepspeed(options: ReversibleOptions, ds: dict) -> None:
         raise UserError(
             "reversible: ZeRO stage 3 is not supported (the reversible backward recomputes "
             "layers outside DeepSpeed's parameter gathering); use ZeRO stage 0-2, or "
-            "--rev_backward autograd"
+            "`rev_backward` autograd"
         )

@@ -41,14 +41,14 @@ class SparseMethodOptions(SparseOptions, ReversibleOptions):
         if self.reversible:
             if self.rev_layers is not None or self.rev_position != "top":
                 raise UserError(
-                    "sparse --reversible: the reversible layers are the sparse layers; choose "
+                    "sparse `reversible`: the reversible layers are the sparse layers; choose "
                     "them with layer_start/layer_end, not rev_layers/rev_position"
                 )
             return
         changed = [f.name for f in dataclasses.fields(ReversibleOptions)
                    if getattr(self, f.name) != f.default]
         if changed:
-            raise UserError(f"sparse: --{changed[0]} needs --reversible")
+            raise UserError(f"sparse: `{changed[0]}` needs `reversible`")
 
 
 def reversible_options(
@@ -61,7 +61,7 @@ def reversible_options(
         position = "bottom"
     else:
         raise UserError(
-            f"sparse --reversible: layers [{layers.start}, {layers.stop}) must reach the top "
+            f"sparse `reversible`: layers [{layers.start}, {layers.stop}) must reach the top "
             f"(layer_end unset) or start at layer 0 of the model's {depth} layers"
         )
     values = {f.name: getattr(options, f.name) for f in dataclasses.fields(ReversibleOptions)}

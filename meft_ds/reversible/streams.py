@@ -232,7 +232,7 @@ class LatticeStreams(_Coupling):
         if not (low < self.limit and high < self.limit):  # False for NaN
             raise FloatingPointError(
                 f"reversible: a hidden value is non-finite or beyond ±{self.limit:g}, outside "
-                "the exact fp64 streams' range; use --rev_exact false"
+                "the exact fp64 streams' range; use `rev_exact` false"
             )
 
 

@@ -258,7 +258,7 @@ class ShardedStore(RowStore):
         self.me = mdist.rank(self.group)
         if sizes.num_experts % self.world:
             raise UserError(
-                f"sparse: --sparse_store sharded needs the world size ({self.world}) to "
+                f"sparse: `sparse_store` sharded needs the world size ({self.world}) to "
                 f"divide sparse_experts ({sizes.num_experts})"
             )
         self.experts_per_rank = sizes.num_experts // self.world
