@@ -128,139 +128,241 @@ def format_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
-    """Train and evaluate; returns the results written to ``results.json``."""
-    cfg = spec.train
-    cuda = torch.cuda.is_available()
-    deepspeed_cfg, precision_note = precision.resolve(spec.deepspeed, cfg.precision, cuda)
-    spec = RunSpec(spec.train, spec.method_cls, spec.method_options, deepspeed_cfg)
-    bf16 = ds_config.bf16_enabled(spec.deepspeed)
-    if not cfg.progress:
-        loader.hide_loading_bars()
-    hf_config = loader.model_config(cfg.model)
-    probe = spec.method_cls(spec.method_options, hf_config)
-    probe.check_config(hf_config)
-    probe.check_deepspeed(spec.deepspeed)
-    # Every rank of this node loads the weights at once; the row store is one per node.
-    local = mdist.local_world_size()
-    dtype = ds_config.model_dtype(spec.deepspeed)  # the weights load in the dtype they train in
-    memory.require_ram(
-        local * estimate_host_bytes(hf_config, cfg.method, dtype, cuda)
-        + probe.host_bytes(hf_config),
-        f"model {cfg.model} with method {cfg.method}"
-        + (f" on {local} ranks of this node" if local > 1 else ""),
-    )
-    dev = start_process(cfg.dist_timeout)  # before any collective: see its docstring
-    mdist.check_same_config(_config_identity(spec))
-    rank, world_size = world()
-    out = Path(cfg.output_dir)
-    identity = _run_identity(spec, bf16)
-    mdist.refuse_if_any(_start_problem(out, cfg, identity))
-    if precision_note:
-        _say(precision_note)
-    build_lock.clear_stale_locks()  # a killed op build would make the engine wait forever
-    # the data and the prompt format first: a bad dataset, column, record or template fails
-    # before the model loads (and before --overwrite_output_dir removes anything)
-    data = DataSpec.of(cfg)
-    train_split = open_split(data, "train", cfg.train_examples)
-    train_examples = train_split.examples
-    heldout = open_split(data, "heldout", cfg.eval_heldout).examples if cfg.eval_heldout else []
-    tokenizer = loader.load_tokenizer(cfg.model)
-    check_format(cfg.prompt_format, tokenizer)
-    # every prompt rendered and every training example tokenized now, so that a record the
-    # template cannot render fails here too (the config's vocabulary is the model's)
-    encoded = tokenize_split(train_split, cfg.prompt_format, tokenizer, cfg.max_seq_len,
-                             int(hf_config.vocab_size), progress=cfg.progress and rank == 0)
-    lost = check_answers_kept(encoded, cfg.max_seq_len)
-    for example in train_examples[: max(cfg.eval_trained, cfg.eval_periodic)] + heldout:
-        prompt_text(example, cfg.prompt_format, tokenizer)
-    if cfg.overwrite_output_dir and rank == 0:
-        run_dir.clear(out)
-    mdist.barrier()
-    memory.cap_device_memory(cfg.gpu_memory_gib, dev)
-    seed_everything(cfg.seed)
-    loaded = loader.load_model(cfg.model, dtype=dtype, tokenizer=tokenizer)
-    model = loaded.model
-    vocab = int(model.config.vocab_size)
-    if lost:
-        _say(f"warning: {lost} of {len(encoded)} training examples lose their whole answer "
-             f"at --max_seq_len {cfg.max_seq_len} and add no loss")
-    method = spec.method_cls(spec.method_options, model.config)
-    method.check_model(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = method.apply(model)
+    """Train and evaluate; returns the results written to ``results.json``.
 
-    metric = data.metric
-    ds = ds_config.finalize(
-        spec.deepspeed, world_size=world_size, max_steps=cfg.max_steps,
-        warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,
-        grad_accum=cfg.grad_accum, cuda=cuda,
-    )
-    schedule = BatchSchedule(encoded, ds["train_micro_batch_size_per_gpu"], cfg.seed,
-                             tokenizer.pad_token_id)
-    _say("resolved configuration:\n" + json.dumps(
-        {"train": cfg.__dict__, "method": spec.method_options.__dict__, "deepspeed": ds,
-         "model_source": loaded.source, "world_size": world_size, "device": str(dev)},
-        indent=2, default=str,
-    ))
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = ds_config.initialize(model=module, model_parameters=trainable, config=ds)
-    ds_config.start_schedule(engine)
-    method.attach_engine(engine)
-    inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
-    external = method.external_parameters()
-    _say(f"engine: ZeRO stage {engine.zero_optimization_stage()}, "
-         f"bf16={engine.bfloat16_enabled()}, gradient clipping "
-         f"{engine.gradient_clipping() or 'off'}, optimizer {type(inner).__name__} "
-         f"(wrapped by {type(engine.optimizer).__name__}), {len(trainable)} trainable tensors, "
-         f"{sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} trainable "
-         "parameters"  # ds_numel: a ZeRO-3 partitioned parameter's full size
-         + (f" (+ {external:,} in the CPU row store)" if external else ""))
+    The phases, in order (each a method of :class:`_Recipe`): check that the model and
+    method fit this machine, start the process group and check the output directory, open
+    and tokenize the data, load and adapt the model, build the engine, train, then export
+    and evaluate.
+    """
+    recipe = _Recipe(spec)
+    recipe.check_machine()
+    recipe.setup_process()
+    recipe.setup_data()
+    recipe.setup_model()
+    recipe.setup_engine()
+    history = recipe.train()
+    return recipe.export_and_evaluate(history)
 
-    evals = {"trained": train_examples[: cfg.eval_trained], "heldout": heldout[: cfg.eval_heldout]}
-    evals = {k: v for k, v in evals.items() if v}
 
-    def score_all() -> dict[str, Any]:
-        return {k: _evaluate(method, engine, tokenizer, v, metric, cfg, dev, vocab)
-                for k, v in evals.items()}
+class _Recipe:
+    """One run's state, filled phase by phase (see :func:`run`); every phase reads what
+    the earlier ones set."""
 
-    def periodic() -> float:
-        res = _evaluate(method, engine, tokenizer, train_examples[: cfg.eval_periodic], metric,
-                        cfg, dev, vocab)
-        return res["score"]
+    # check_machine
+    spec: RunSpec
+    cfg: TrainConfig
+    cuda: bool
+    bf16: bool
+    precision_note: str | None
+    hf_config: Any
+    dtype: torch.dtype
+    # setup_process
+    dev: torch.device
+    rank: int
+    world_size: int
+    out: Path
+    identity: dict[str, Any]
+    # setup_data
+    data: DataSpec
+    train_examples: list
+    heldout: list
+    tokenizer: Any
+    encoded: Any
+    lost: int
+    # setup_model
+    loaded: Any
+    method: Method
+    module: torch.nn.Module
+    vocab: int
+    # setup_engine
+    engine: Any
+    schedule: BatchSchedule
+    evals: dict[str, list]
+    trainer: Trainer
+    before: dict[str, Any] | None
 
-    trainer = Trainer(cfg, engine, method, schedule, dev, periodic, identity)
-    before = None
-    if cfg.resume:
-        trainer.resume()
-        before = run_dir.load_before(out)
-        _say(f"resumed from step {trainer.step}")
-    elif cfg.eval_before and evals:
-        before = score_all()
-        if rank == 0:
-            run_dir.save_before(out, before)
-    history = run_dir.logged_steps(out / "metrics.jsonl", trainer.step) + trainer.fit()
-    if cfg.save_final and (not cfg.save_steps or trainer.step % cfg.save_steps):
-        trainer.save()
-    export_dir = Path(cfg.output_dir) / "adapter"
-    export.save_adapter(method, engine, export_dir, cfg, spec.method_options, tokenizer)
-    after = score_all() if evals else {}
-    results = {
-        "method": cfg.method, "model": cfg.model, "steps": trainer.step,
-        "precision": "bf16" if bf16 else "fp32", "prompt_format": cfg.prompt_format,
-        "final_loss": history[-1]["loss"] if history else None,
-        "before": _strip(before), "after": _strip(after),
-        "peak_rss_gib": max((h["rss_gib"] for h in history), default=None),
-        "mean_tokens_per_s": (sum(h["tokens_per_s"] for h in history) / len(history))
-        if history else None,
-    }
-    if rank == 0:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        (out / "predictions.json").write_text(json.dumps(after, indent=2))
-        if after:
-            print("\n" + format_table(before, after), flush=True)
-        print(f"adapter exported to {export_dir}", flush=True)
-    return results
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.cfg = spec.train
+
+    def check_machine(self) -> None:
+        """Resolve the precision; check the model and method against each other, the
+        DeepSpeed config and this node's RAM (before any process group starts)."""
+        cfg, spec = self.cfg, self.spec
+        self.cuda = torch.cuda.is_available()
+        deepspeed_cfg, self.precision_note = precision.resolve(spec.deepspeed, cfg.precision,
+                                                               self.cuda)
+        spec = self.spec = RunSpec(spec.train, spec.method_cls, spec.method_options,
+                                   deepspeed_cfg)
+        self.bf16 = ds_config.bf16_enabled(spec.deepspeed)
+        if not cfg.progress:
+            loader.hide_loading_bars()
+        hf_config = self.hf_config = loader.model_config(cfg.model)
+        probe = spec.method_cls(spec.method_options, hf_config)
+        probe.check_config(hf_config)
+        probe.check_deepspeed(spec.deepspeed)
+        # Every rank of this node loads the weights at once; the row store is one per node.
+        local = mdist.local_world_size()
+        # the weights load in the dtype they train in
+        dtype = self.dtype = ds_config.model_dtype(spec.deepspeed)
+        memory.require_ram(
+            local * estimate_host_bytes(hf_config, cfg.method, dtype, self.cuda)
+            + probe.host_bytes(hf_config),
+            f"model {cfg.model} with method {cfg.method}"
+            + (f" on {local} ranks of this node" if local > 1 else ""),
+        )
+
+    def setup_process(self) -> None:
+        """Join the process group; every rank checks the same config and that it can
+        start in the output directory (or resume from it)."""
+        cfg, spec = self.cfg, self.spec
+        self.dev = start_process(cfg.dist_timeout)  # before any collective: see its docstring
+        mdist.check_same_config(_config_identity(spec))
+        self.rank, self.world_size = world()
+        self.out = Path(cfg.output_dir)
+        self.identity = _run_identity(spec, self.bf16)
+        mdist.refuse_if_any(_start_problem(self.out, cfg, self.identity))
+        if self.precision_note:
+            _say(self.precision_note)
+        build_lock.clear_stale_locks()  # a killed op build would make the engine wait forever
+
+    def setup_data(self) -> None:
+        """Open the splits, render every prompt and tokenize the training examples; then
+        clear the output directory if asked."""
+        cfg = self.cfg
+        # the data and the prompt format first: a bad dataset, column, record or template
+        # fails before the model loads (and before --overwrite_output_dir removes anything)
+        data = self.data = DataSpec.of(cfg)
+        train_split = open_split(data, "train", cfg.train_examples)
+        self.train_examples = train_split.examples
+        self.heldout = (open_split(data, "heldout", cfg.eval_heldout).examples
+                        if cfg.eval_heldout else [])
+        tokenizer = self.tokenizer = loader.load_tokenizer(cfg.model)
+        check_format(cfg.prompt_format, tokenizer)
+        # every prompt rendered and every training example tokenized now, so that a record
+        # the template cannot render fails here too (the config's vocabulary is the model's)
+        self.encoded = tokenize_split(
+            train_split, cfg.prompt_format, tokenizer, cfg.max_seq_len,
+            int(self.hf_config.vocab_size), progress=cfg.progress and self.rank == 0)
+        self.lost = check_answers_kept(self.encoded, cfg.max_seq_len)
+        for example in (self.train_examples[: max(cfg.eval_trained, cfg.eval_periodic)]
+                        + self.heldout):
+            prompt_text(example, cfg.prompt_format, tokenizer)
+        if cfg.overwrite_output_dir and self.rank == 0:
+            run_dir.clear(self.out)
+        mdist.barrier()
+
+    def setup_model(self) -> None:
+        """Load the model (seeded) and apply the method to it."""
+        cfg, spec = self.cfg, self.spec
+        memory.cap_device_memory(cfg.gpu_memory_gib, self.dev)
+        seed_everything(cfg.seed)
+        self.loaded = loader.load_model(cfg.model, dtype=self.dtype, tokenizer=self.tokenizer)
+        model = self.loaded.model
+        self.vocab = int(model.config.vocab_size)
+        if self.lost:
+            _say(f"warning: {self.lost} of {len(self.encoded)} training examples lose their "
+                 f"whole answer at --max_seq_len {cfg.max_seq_len} and add no loss")
+        method = self.method = spec.method_cls(spec.method_options, model.config)
+        method.check_model(model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module = method.apply(model)
+
+    def setup_engine(self) -> None:
+        """The DeepSpeed engine over the method's module, the batch schedule, and the
+        trainer (resumed, or with the scores before training)."""
+        cfg, spec, method = self.cfg, self.spec, self.method
+        ds = ds_config.finalize(
+            spec.deepspeed, world_size=self.world_size, max_steps=cfg.max_steps,
+            warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,
+            grad_accum=cfg.grad_accum, cuda=self.cuda,
+        )
+        self.schedule = BatchSchedule(self.encoded, ds["train_micro_batch_size_per_gpu"],
+                                      cfg.seed, self.tokenizer.pad_token_id)
+        _say("resolved configuration:\n" + json.dumps(
+            {"train": cfg.__dict__, "method": spec.method_options.__dict__, "deepspeed": ds,
+             "model_source": self.loaded.source, "world_size": self.world_size,
+             "device": str(self.dev)},
+            indent=2, default=str,
+        ))
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        engine, *_ = ds_config.initialize(model=self.module, model_parameters=trainable,
+                                          config=ds)
+        self.engine = engine
+        ds_config.start_schedule(engine)
+        method.attach_engine(engine)
+        inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        external = method.external_parameters()
+        _say(f"engine: ZeRO stage {engine.zero_optimization_stage()}, "
+             f"bf16={engine.bfloat16_enabled()}, gradient clipping "
+             f"{engine.gradient_clipping() or 'off'}, optimizer {type(inner).__name__} "
+             f"(wrapped by {type(engine.optimizer).__name__}), {len(trainable)} trainable "
+             f"tensors, {sum(getattr(p, 'ds_numel', p.numel()) for p in trainable):,} "
+             "trainable parameters"  # ds_numel: a ZeRO-3 partitioned parameter's full size
+             + (f" (+ {external:,} in the CPU row store)" if external else ""))
+
+        evals = {"trained": self.train_examples[: cfg.eval_trained],
+                 "heldout": self.heldout[: cfg.eval_heldout]}
+        self.evals = {k: v for k, v in evals.items() if v}
+        self.trainer = Trainer(cfg, engine, method, self.schedule, self.dev, self._periodic,
+                               self.identity)
+
+    def train(self) -> list[dict[str, Any]]:
+        """Score before training (or resume), fit, save; returns every step's figures,
+        those logged before a resume included."""
+        cfg, trainer, out = self.cfg, self.trainer, self.out
+        self.before = None
+        if cfg.resume:
+            trainer.resume()
+            self.before = run_dir.load_before(out)
+            _say(f"resumed from step {trainer.step}")
+        elif cfg.eval_before and self.evals:
+            self.before = self._score_all()
+            if self.rank == 0:
+                run_dir.save_before(out, self.before)
+        history = run_dir.logged_steps(out / "metrics.jsonl", trainer.step) + trainer.fit()
+        if cfg.save_final and (not cfg.save_steps or trainer.step % cfg.save_steps):
+            trainer.save()
+        return history
+
+    def export_and_evaluate(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Export the adapter, score after training, write ``results.json`` and
+        ``predictions.json`` and print the table."""
+        cfg, out, before = self.cfg, self.out, self.before
+        export_dir = Path(cfg.output_dir) / "adapter"
+        export.save_adapter(self.method, self.engine, export_dir, cfg,
+                            self.spec.method_options, self.tokenizer)
+        after = self._score_all() if self.evals else {}
+        results = {
+            "method": cfg.method, "model": cfg.model, "steps": self.trainer.step,
+            "precision": "bf16" if self.bf16 else "fp32", "prompt_format": cfg.prompt_format,
+            "final_loss": history[-1]["loss"] if history else None,
+            "before": _strip(before), "after": _strip(after),
+            "peak_rss_gib": max((h["rss_gib"] for h in history), default=None),
+            "mean_tokens_per_s": (sum(h["tokens_per_s"] for h in history) / len(history))
+            if history else None,
+        }
+        if self.rank == 0:
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+            (out / "predictions.json").write_text(json.dumps(after, indent=2))
+            if after:
+                print("\n" + format_table(before, after), flush=True)
+            print(f"adapter exported to {export_dir}", flush=True)
+        return results
+
+    def _score(self, examples: list) -> dict[str, Any]:
+        return _evaluate(self.method, self.engine, self.tokenizer, examples, self.data.metric,
+                         self.cfg, self.dev, self.vocab)
+
+    def _score_all(self) -> dict[str, Any]:
+        return {k: self._score(v) for k, v in self.evals.items()}
+
+    def _periodic(self) -> float:
+        """The score on the first ``eval_periodic`` training examples (during fit)."""
+        return self._score(self.train_examples[: self.cfg.eval_periodic])["score"]
 
 
 def _run_identity(spec: RunSpec, bf16: bool) -> dict[str, Any]:
