@@ -168,6 +168,11 @@ class LatticeStreams(_Coupling):
         self.fused = fused
         self._extremes: list[torch.Tensor] = []
 
+    @property
+    def extremes(self) -> tuple[torch.Tensor, ...]:
+        """The ``(min, max)`` pairs recorded since the last :meth:`check` (read-only)."""
+        return tuple(self._extremes)
+
     def _fusable(self, scale: RationalScale, *tensors: torch.Tensor | None) -> bool:
         first = tensors[0]
         return (
