@@ -71,12 +71,31 @@ class Block(nn.Module):
         raise NotImplementedError
 
     def trainable(self) -> list[nn.Parameter]:
-        """Parameters of this block that receive gradients."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """Parameters of this block that receive gradients, those inside the frozen layer
+        parts it runs included (see :func:`frozen_trainable`)."""
+        own = [p for p in self.parameters() if p.requires_grad]
+        seen = {id(p) for p in own}
+        return own + [p for p in frozen_trainable(self) if id(p) not in seen]
+
+
+def frozen_trainable(module: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters inside the frozen decoder-layer parts that the blocks in
+    ``module`` run, which ``module.parameters()`` misses (the layer is held unregistered):
+    e.g. a LoRA injected into the attention (``sparse_attn_lora_r``)."""
+    found: dict[int, nn.Parameter] = {}
+    for block in module.modules():
+        if isinstance(block, _FrozenLayerBlock):
+            for name in block.PARTS:
+                for param in block.part(name).parameters():
+                    if param.requires_grad:
+                        found[id(param)] = param
+    return list(found.values())
 
 
 class _FrozenLayerBlock(Block):
     """A block using part of a frozen decoder layer (held unregistered)."""
+
+    PARTS: tuple[str, ...] = ()  # the layer's parts it runs (Family roles)
 
     def __init__(self, layer: nn.Module, index: int, adapter: nn.Module | None,
                  family: Family) -> None:
@@ -99,6 +118,8 @@ class AttentionBlock(_FrozenLayerBlock):
     """``x + out(Attn(LN1(x)) [+ adapter(LN1(x))])`` (``out``: the family's post-attention
     norm or dropout, else identity)."""
 
+    PARTS = ("attn_norm", "attention", "attn_out")
+
     def branch(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """The attention branch (no residual) in the compute dtype."""
         with ctx.precision.compute():
@@ -119,6 +140,8 @@ class AttentionBlock(_FrozenLayerBlock):
 class FFNBlock(_FrozenLayerBlock):
     """``x + out(MLP(LN2(x)) [+ adapter(LN2(x))])`` (the adapter parallel to the FFN, as
     the hook-attached adapters of the other methods are)."""
+
+    PARTS = ("ffn_norm", "ffn", "ffn_out")
 
     def branch(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """The FFN branch (no residual) in the compute dtype."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meft_ds.reversible.blocks import Block, LayerContext
+from meft_ds.reversible.blocks import Block, LayerContext, frozen_trainable
 from meft_ds.reversible.replay import Replayable
 from meft_ds.reversible.streams import FloatStreams, LatticeStreams
 
@@ -346,5 +346,6 @@ def run_stack(
     if not (x1.requires_grad or x2.requires_grad):
         # The Function's backward must run even with frozen embeddings.
         x1 = x1.detach().requires_grad_(True)
-    params = [p for layer in run.layers for p in layer.parameters() if p.requires_grad]
+    params = [p for layer in run.layers
+              for p in (*layer.parameters(), *frozen_trainable(layer)) if p.requires_grad]
     return RevStackFunction.apply(run, x1, x2, *params)
