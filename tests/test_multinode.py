@@ -180,7 +180,7 @@ def test_prefetch_with_the_shared_replicated_store_on_two_ranks(tmp_path: Path) 
                 "--sparse_check_every", "1", "--grad_accum", "1", "--output_dir", str(out)])
     _ok(two)
     _same_run(out, ref)
-    assert "--sparse_eager_update is off in this run (2 data-parallel ranks)" in two.stdout
+    assert "sparse_eager_update is off in this run (2 data-parallel ranks)" in two.stdout
     assert _metric(ref, "sparse_eager_layers") + _metric(ref, "sparse_eager_layers_deferred") == 2
     assert "sparse_eager_layers" not in (out / "metrics.jsonl").read_text()
     assert _metric(out, "sparse_prefetched_layers") == 2  # layers 28 and 29, every step

@@ -249,7 +249,7 @@ class SparseMethod(Method):
                                 (f"{ranks} data-parallel ranks", ranks > 1)) if bad]
         if why:
             if wanted and mdist.rank() == 0:
-                print(f"note: --sparse_eager_update is off in this run ({', '.join(why)}): "
+                print(f"note: sparse_eager_update is off in this run ({', '.join(why)}): "
                       "rows are updated after backward, where that is exact", flush=True)
             return False
         return wanted or getattr(engine, "device", torch.device("cpu")).type == "cuda"

@@ -204,5 +204,5 @@ def _load_op():
     except Exception as exc:  # a JIT build failed or DeepSpeed is missing
         raise UserError(
             f"sparse: the row-sparse cpu_adam op is unavailable ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); use --sparse_optimizer torch"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); use `sparse_optimizer` torch"
         ) from None
