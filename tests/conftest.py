@@ -20,9 +20,13 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
+from meft_ds.build_lock import prefer_interpreter_ninja  # noqa: E402
 from meft_ds.runner import free_port  # noqa: E402
 
 torch.set_num_threads(1)
+# Tests build DeepSpeed's ops in process too (DeepSpeedCPUAdam, deepspeed.initialize): with
+# the venv's ninja, as make setup and the launchers do, or each side rebuilds every op.
+prefer_interpreter_ninja()
 
 for key, value in {
     "RANK": "0",
