@@ -28,7 +28,7 @@ SPARSE = dict(sparse_rank=32, sparse_experts=4, sparse_top_k=4, sparse_optimizer
 CONFIGS = {
     "sparse": lambda: meft_ds.SparseConfig(**SPARSE),
     "sparse_reversible": lambda: meft_ds.SparseConfig(**SPARSE, reversible=True),
-    "sparse_attn": lambda: meft_ds.SparseConfig(**SPARSE, sparse_attn_lora_r=4),
+    "sparse_noattn": lambda: meft_ds.SparseConfig(**SPARSE, sparse_attn_lora_r=0),
     "reversible": lambda: meft_ds.ReversibleConfig(rev_adapter_size=8),
     "read": lambda: meft_ds.ReadConfig(read_hidden=16),
 }
@@ -96,7 +96,7 @@ def test_forward_returns_the_launchers_logits_and_loss(kind: str) -> None:
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("kind", ["reversible", "sparse_reversible", "sparse", "sparse_attn",
+@pytest.mark.parametrize("kind", ["reversible", "sparse_reversible", "sparse", "sparse_noattn",
                                   "read"])
 def test_generate_decodes_as_the_launchers_evaluation(kind: str, base_dir: Path) -> None:
     """Greedy ``generate`` gives the answers of the launcher's evaluation: for reversible
@@ -203,7 +203,7 @@ def test_loss_scale_and_global_clipping_reach_the_rows() -> None:
         torch.testing.assert_close(value, _store(plain)[key], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["sparse", "sparse_attn", "reversible", "read"])
+@pytest.mark.parametrize("kind", ["sparse", "sparse_noattn", "reversible", "read"])
 def test_save_pretrained_writes_the_launchers_export(kind: str, base_dir: Path,
                                                      tmp_path: Path) -> None:
     """``save_pretrained`` -> ``MeftModel.from_pretrained`` and the launcher's own loader
@@ -241,7 +241,7 @@ def test_attention_lora_sits_on_the_adapted_layers_and_old_exports_load_without(
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, want)
 
-    old = _model("sparse", loader.load_model(str(base_dir)).model)
+    old = _model("sparse", loader.load_model(str(base_dir)).model, sparse_attn_lora_r=0)
     _train(old)
     old.eval().save_pretrained(tmp_path / "old")
     config = tmp_path / "old" / "adapter_config.json"

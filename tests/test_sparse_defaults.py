@@ -13,7 +13,8 @@ from meft_ds.sparse import adapter as adapter_mod
 from meft_ds.sparse import optim
 from meft_ds.trainer import lm_loss
 
-PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0}
+PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0,
+         "sparse_attn_lora_r": 0}
 
 
 def _losses(steps: int = 5, **flags) -> list[float]:
@@ -51,7 +52,7 @@ def test_paper_settings_reproduce_the_code_before_the_new_options_bit_for_bit(mo
 def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
     options = SparseMethod.Options()
     assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
-            options.sparse_lr_ratio) == (0.0, 10.0, 3.0)
+            options.sparse_lr_ratio, options.sparse_attn_lora_r) == (0.0, 10.0, 3.0, 8)
     assert _losses() != _losses(**PAPER)
 
 

@@ -2,8 +2,9 @@
 
 Beside every adapted layer's FFN runs ``FFN(h) + act(h K^T) V`` with thousands of
 key/value rows per layer (see :mod:`meft_ds.sparse`). The engine trains only the small
-routers; the rows live in a CPU store with its own row-sparse AdamW, stepped in
-:meth:`SparseMethod.after_engine_step` with the engine's learning rate.
+routers and a small LoRA on the same layers' attention (``sparse_attn_lora_r``); the rows
+live in a CPU store with its own row-sparse AdamW, stepped in
+:meth:`SparseMethod.after_engine_step` at a multiple of the engine's learning rate.
 
 The adapter is attached with a forward hook on each layer's FFN block (``mlp``; found
 through the family table :data:`meft_ds.models.arch.FAMILIES`, so any code that
