@@ -80,11 +80,13 @@ class _BeginMicroBatch:
         self.runtime.begin_micro_batch(mask if isinstance(mask, torch.Tensor) else None)
 
 
-def _add_attention_lora(model: nn.Module, rank: int, layers: tuple[int, ...]
+def _add_attention_lora(model: nn.Module, rank: int, layers: tuple[int, ...], seed: int
                         ) -> list[nn.Parameter]:
     """PEFT LoRA modules (alpha ``2 * rank``, no dropout: reversible recomputation stays
     exact) on the attention projections of ``layers``, in place; their parameters (returned)
-    are the only trainable ones so far (the routers come next)."""
+    are the only trainable ones so far (the routers come next). Initialised from ``seed``
+    on a forked RNG: the same on every rank, and the run's own random stream (data order,
+    dropout) is the one it would be without the LoRA."""
     from peft import LoraConfig, inject_adapter_in_model
 
     family = arch.family_of(model, "sparse")
@@ -95,7 +97,10 @@ def _add_attention_lora(model: nn.Module, rank: int, layers: tuple[int, ...]
         raise UserError("sparse_attn_lora_r: this model's attention has no linear projections")
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
                         layers_to_transform=list(layers))
-    inject_adapter_in_model(config, model)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, model)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -171,7 +176,8 @@ class SparseMethod(Method):
         self.options.sparse_experts_per_token = sizes.experts_per_token
         for param in model.parameters():
             param.requires_grad_(False)
-        lora = (_add_attention_lora(model, self.options.sparse_attn_lora_r, sizes.layers)
+        lora = (_add_attention_lora(model, self.options.sparse_attn_lora_r, sizes.layers,
+                                    self.options.sparse_init_seed)
                 if self.options.sparse_attn_lora_r else [])
         self.runtime = SparseRuntime(self.options, sizes)
         if self.options.sparse_diagnostics:
