@@ -18,7 +18,10 @@ per run:
   ``saved_activation_bytes``; it includes the sparse working sets).
 
 Every run keeps its directory under ``--work`` (``<config>/n<N>_lr<lr>``); a run with a
-``point.json`` is not run again, so an interrupted study resumes where it stopped.
+``point.json`` is not run again, so an interrupted study resumes where it stopped. Each
+scored point is also recorded in ``--points`` (committed to the repository, with the
+study's settings and the commit it was trained at), so the study resumes across machines
+and sessions even where the run directories are gone.
 ``--sweep`` first tries each configuration's learning rates at N = 256 and keeps the
 best (by trained EM, then final loss) for the study. Writes ``--out`` (JSON) and a plot.
 
@@ -47,17 +50,18 @@ sys.path.insert(0, str(ROOT))
 # (trained keys, router and rows at the engine's rate) instead of today's defaults.
 PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
                 "--sparse_lr_ratio", "1"]
+# In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
-    "sparse_0.1": ["--method", "sparse", "--sparse_param_fraction", "0.1"],
     "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0"],
-    "sparse_1.0_paper": ["--method", "sparse", "--sparse_param_fraction", "1.0", *PAPER_SPARSE],
     "lora_r8": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16"],
-    "lora_r16": ["--method", "lora"],
     "lora_r64": ["--method", "lora", "--lora_r", "64", "--lora_alpha", "128"],
-    "parallel_adapter": ["--method", "parallel_adapter", "--adapter_size", "391"],
     "full": ["--method", "full"],
+    "sparse_0.1": ["--method", "sparse", "--sparse_param_fraction", "0.1"],
+    "parallel_adapter": ["--method", "parallel_adapter", "--adapter_size", "391"],
     "reversible": ["--method", "reversible"],
     "sparse_reversible": ["--method", "sparse", "--reversible", "true"],
+    "lora_r16": ["--method", "lora"],
+    "sparse_1.0_paper": ["--method", "sparse", "--sparse_param_fraction", "1.0", *PAPER_SPARSE],
 }
 SWEEP_LRS: dict[str, list[float]] = {
     "sparse_0.1": [1e-3, 3e-3], "sparse_1.0": [1e-3, 3e-3], "sparse_1.0_paper": [3e-3, 1e-3],
@@ -203,39 +207,98 @@ def score(run: Path, study: Study, work: Path) -> dict:
     return point
 
 
+@dataclass(frozen=True)
+class Ledger:
+    """Scored points kept beside the results: ``<dir>/<config>/n<N>_lr<lr>.json`` holds
+    ``{"study", "commit", "point"}``; a point counts only for the same study settings."""
+
+    root: Path
+
+    def path(self, name: str, n: int, lr: float) -> Path:
+        return self.root / name / f"n{n}_lr{lr:g}.json"
+
+    def get(self, name: str, n: int, lr: float, study: Study) -> dict | None:
+        path = self.path(name, n, lr)
+        if not path.is_file():
+            return None
+        entry = json.loads(path.read_text())
+        return entry["point"] if entry["study"] == study_settings(study) else None
+
+    def put(self, name: str, n: int, lr: float, study: Study, point: dict) -> None:
+        path = self.path(name, n, lr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"study": study_settings(study), "commit": _commit(), "point": point}
+        path.write_text(json.dumps(entry, indent=1) + "\n")
+
+
+def study_settings(study: Study) -> dict:
+    return {**study.__dict__, "extra": list(study.extra)}
+
+
+def _commit() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    return done.stdout.strip() or None
+
+
+def point_for(name: str, n: int, lr: float, study: Study, work: Path, ledger: Ledger | None,
+              only_finished: bool = False) -> dict | None:
+    """One point of the study: from the ledger, else scored from a trained run, else
+    trained and scored (``only_finished``: None instead of training)."""
+    if ledger is not None and (recorded := ledger.get(name, n, lr, study)) is not None:
+        return recorded
+    if only_finished and not (run_dir(work, name, n, lr) / "results.json").is_file():
+        return None
+    point = score(train(name, n, lr, study, work), study, work)
+    if ledger is not None:
+        ledger.put(name, n, lr, study, point)
+    return point
+
+
 def best_lr(points: dict[float, dict]) -> float:
     """Highest trained EM; ties go to the lower loss over the last pass."""
     return max(points, key=lambda lr: (points[lr]["trained_em"], -points[lr]["loss_last_pass"]))
 
 
 def run_study(names: list[str], sizes: list[int], study: Study, work: Path, sweep: bool,
-              lrs: dict[str, float], only_finished: bool = False) -> dict:
+              lrs: dict[str, float], only_finished: bool = False,
+              ledger: Ledger | None = None) -> dict:
     """Sweep (optional), then every configuration at every size; returns the report
-    (``only_finished``: score the runs already trained, start none; the report says
-    which points are missing)."""
-    report: dict = {"study": {**study.__dict__, "extra": list(study.extra),
-                              "micro_batch": MICRO_BATCH, "configs": {n: CONFIGS[n]
-                                                                      for n in names}},
+    (``only_finished``: score the runs already trained or recorded in ``ledger``, start
+    none; the report says which points are missing)."""
+    report: dict = {"study": {**study_settings(study), "micro_batch": MICRO_BATCH,
+                              "configs": {n: CONFIGS[n] for n in names}},
                     "sweep": {}, "points": {}}
+    missing = report.setdefault("missing", [])
+    chosen: dict[str, float] = {}
+    # breadth first (every sweep, then every size for every configuration, smallest N
+    # first), so a study stopped part-way already compares the methods
     for name in names:
-        if sweep and not only_finished:
-            tried = {}
-            for lr in SWEEP_LRS[name]:
-                tried[lr] = score(train(name, SWEEP_N, lr, study, work), study, work)
-            lrs[name] = best_lr(tried)
-            report["sweep"][name] = {"n": SWEEP_N, "chosen": lrs[name],
-                                     "tried": {f"{lr:g}": p for lr, p in tried.items()}}
-        lr = lrs.get(name, SWEEP_LRS[name][0])
-        for n in sizes:
-            if only_finished and not (run_dir(work, name, n, lr) / "results.json").is_file():
-                report.setdefault("missing", []).append(f"{name} n={n} lr={lr:g}")
+        chosen[name] = lrs.get(name, SWEEP_LRS[name][0])
+        if not sweep:
+            continue
+        tried = {lr: point_for(name, SWEEP_N, lr, study, work, ledger, only_finished)
+                 for lr in SWEEP_LRS[name]}
+        missing += [f"{name} n={SWEEP_N} lr={lr:g}" for lr, p in tried.items() if p is None]
+        if any(p is None for p in tried.values()):
+            del chosen[name]  # no lr chosen yet: its points wait for the sweep
+            continue
+        chosen[name] = lrs[name] = best_lr(tried)
+        report["sweep"][name] = {"n": SWEEP_N, "chosen": chosen[name],
+                                 "tried": {f"{x:g}": p for x, p in tried.items()}}
+    for n in sorted(sizes):
+        for name, lr in chosen.items():
+            point = point_for(name, n, lr, study, work, ledger, only_finished)
+            if point is None:
+                missing.append(f"{name} n={n} lr={lr:g}")
                 continue
-            point = score(train(name, n, lr, study, work), study, work)
             report["points"].setdefault(name, {})[str(n)] = {"lr": lr, **point}
             print(f"{name:<18} N={n:<5} lr={lr:<7g} trained EM {100 * point['trained_em']:5.1f}%"
                   f"  heldout {100 * (point['heldout_em'] or 0):4.1f}%  damage "
                   f"{point['damage']:+.3f}  proxy {point['memory_proxy_bytes'] / 2**20:7.1f} MiB",
                   flush=True)
+    if not missing:
+        del report["missing"]
     return report
 
 
@@ -276,6 +339,8 @@ def main() -> None:
     parser.add_argument("--lr", action="append", default=[], metavar="CONFIG=LR",
                         help="a configuration's learning rate (without --sweep)")
     parser.add_argument("--work", default=str(ROOT / "runs" / "knowledge"))
+    parser.add_argument("--points", default=str(ROOT / "bench" / "results" / "knowledge_points"),
+                        help="ledger of scored points, kept across machines and sessions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "knowledge.json"))
     parser.add_argument("--extra", default="", help="more launcher flags for every run")
     parser.add_argument("--only_finished", action="store_true",
@@ -293,7 +358,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report = run_study(args.configs, args.sizes, study, work, args.sweep, lrs,
-                       args.only_finished)
+                       args.only_finished, Ledger(Path(args.points)))
     report["complete"] = not report.get("missing")
     report["machine"] = platform.machine()
     Path(args.out).write_text(json.dumps(report, indent=1))

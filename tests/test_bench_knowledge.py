@@ -52,8 +52,9 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
                             model=str(tiny_model_dir))
     work = tmp_path / "work"
     work.mkdir()
+    ledger = knowledge.Ledger(tmp_path / "points")
     report = knowledge.run_study(["lora_r8", "sparse_0.1"], [8], study, work, sweep=False,
-                                 lrs={"lora_r8": 1e-3})
+                                 lrs={"lora_r8": 1e-3}, ledger=ledger)
     lora, sparse = report["points"]["lora_r8"]["8"], report["points"]["sparse_0.1"]["8"]
     for point in (lora, sparse):
         assert point["steps"] == 2 and point["trained_n"] == 8
@@ -79,7 +80,7 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
                                 lrs={"lora_r8": 1e-3})
     assert again["points"] == report["points"]
     # ... and --only_finished scores what exists and lists what does not, training nothing
-    partial = knowledge.run_study(["lora_r8", "lora_r64"], [8], study, work, sweep=True,
+    partial = knowledge.run_study(["lora_r8", "lora_r64"], [8], study, work, sweep=False,
                                   lrs={"lora_r8": 1e-3}, only_finished=True)
     assert partial["points"] == {"lora_r8": report["points"]["lora_r8"]}
     assert partial["missing"] == ["lora_r64 n=8 lr=0.0003"]
@@ -90,3 +91,19 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
                                    lrs={"lora_r8": 1e-3})
     assert rescored["points"]["lora_r8"]["8"] == lora
     assert json.loads((run / "point.json").read_text())["trained_em"] == lora["trained_em"]
+    # ... and the ledger alone (run directories gone: another machine, a later session)
+    # gives the same points, for the same study settings only
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    from_ledger = knowledge.run_study(["lora_r8", "sparse_0.1"], [8], study, elsewhere,
+                                      sweep=False, lrs={"lora_r8": 1e-3}, ledger=ledger)
+    assert from_ledger["points"] == report["points"] and "missing" not in from_ledger
+    other = knowledge.Study(**{**study.__dict__, "epochs": 2})
+    assert knowledge.run_study(["lora_r8"], [8], other, elsewhere, sweep=False,
+                               lrs={"lora_r8": 1e-3}, only_finished=True,
+                               ledger=ledger)["missing"] == ["lora_r8 n=8 lr=0.001"]
+    # ... and a sweep waits for its points before choosing: none are made up
+    swept = knowledge.run_study(["lora_r8"], [8], study, elsewhere, sweep=True, lrs={},
+                                only_finished=True, ledger=ledger)
+    assert swept["points"] == {} and swept["missing"] == ["lora_r8 n=256 lr=0.001",
+                                                         "lora_r8 n=256 lr=0.003"]
