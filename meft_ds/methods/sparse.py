@@ -140,8 +140,9 @@ class SparseMethod(Method):
         layer_range = arch.check_layer_range(
             model, self.options.layer_start, self.options.layer_end, "sparse"
         )
-        model_params = sum(
-            p.numel() for name, p in model.named_parameters() if "sparse_adapter." not in name
+        model_params = sum(  # ds_numel: a ZeRO-3 partitioned weight's whole size
+            getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters()
+            if "sparse_adapter." not in name
         )
         return resolve_sizes(self.options, arch.hidden_size(model), layer_range, model_params)
 
