@@ -9,6 +9,7 @@ from meft_ds.data.load import DataSpec
 from meft_ds.data.prompts import FORMATS
 from meft_ds.data.records import SHAPES
 from meft_ds.errors import UserError
+from meft_ds.models.loader import ATTENTION, check_attention
 from meft_ds.options import opt
 from meft_ds.precision import CHOICES as PRECISIONS
 from meft_ds.reporting import CHOICES as REPORT_TO
@@ -50,6 +51,10 @@ class TrainConfig:
         "auto", "auto: the DeepSpeed config's bf16, except without CUDA on a CPU without "
         "native bf16 (AVX512-BF16/AMX), where fp32 is used; bf16 or fp32 to choose",
         choices=PRECISIONS)
+    attn_implementation: str = opt(
+        "auto", "attention kernel: auto (what transformers picks: sdpa where the model "
+        "supports it, else eager), sdpa, eager, or flash_attention_2 (CUDA and the package "
+        "flash_attn); recorded in the run and its export", choices=ATTENTION)
     train_examples: int = opt(256, "training questions (the first N of the training split)")
     eval_trained: int = opt(128, "trained questions scored before/after (0 = none)")
     eval_heldout: int = opt(128, "held-out questions scored before/after (0 = none)")
@@ -126,6 +131,7 @@ class TrainConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         DataSpec.of(self).validate()  # the data options, checked as the evaluator checks them
         check_available(self.report_to)
+        check_attention(self.attn_implementation)  # FlashAttention-2 here: before any loading
         if self.resume and self.overwrite_output_dir:
             raise UserError("`resume` and `overwrite_output_dir` exclude each other")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():

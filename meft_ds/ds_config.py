@@ -209,6 +209,11 @@ def finalize(
     return ds
 
 
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The config's ZeRO stage (0 where it sets none)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
 def bf16_enabled(ds: dict[str, Any]) -> bool:
     """Whether the engine computes in bf16."""
     return bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("bfloat16", {}).get("enabled"))

@@ -75,9 +75,10 @@ def is_model(directory: Path) -> bool:
 
 
 def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: Any,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, attention: str = "auto") -> None:
     """Write the launcher run's adapter with :func:`write_export` (ZeRO-3 parameters
-    gathered) and the metadata needed to rebuild the model and score it as it trained."""
+    gathered) and the metadata needed to rebuild the model and score it as it trained
+    (``attention``: the resolved attention kernel it ran with)."""
     meta = {
         "method": cfg.method,
         "model": cfg.model,
@@ -85,6 +86,7 @@ def save_adapter(method: Any, engine: Any, directory: Path, cfg: Any, options: A
         "max_seq_len": cfg.max_seq_len,
         # the dtype the model ran in: evaluate.py rebuilds it so, to score as training did
         "dtype": module_dtype(engine.module),
+        "attn_implementation": attention,
         # what it trained on and how it was prompted, so that evaluate.py scores the same
         # questions in the same format by default
         "data": data_record(cfg),

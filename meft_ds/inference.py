@@ -45,7 +45,9 @@ def load_adapted(directory: str | Path, model: str | None = None,
         raise UserError(f"adapter {directory}: unknown dtype {name!r} (fp32, bf16 or fp16)")
     method_cls, opts = export_options(meta, f"adapter {directory}")  # before any loading
     own = weights and export.is_model(directory)
-    loaded = loader.load_model(str(directory) if own else model or meta["model"])
+    # the attention kernel it trained with (older exports: transformers' default)
+    loaded = loader.load_model(str(directory) if own else model or meta["model"],
+                               attention=meta.get("attn_implementation", "auto"))
     method, module = apply_method(loaded.model, method_cls, opts,
                                   tensors if weights and not own else None)
     module.to(device=device, dtype=DTYPES[name]).eval()

@@ -3,8 +3,8 @@
 A run writes ``metrics.jsonl``, ``checkpoints/``, ``adapter/``, ``results.json``,
 ``predictions.json`` and ``before.json`` (the scores before training, kept so that a
 resumed run still reports them). Each checkpoint also carries ``run.json``: the model,
-method, method options, prompt format and precision that shaped it, compared before a
-resume loads anything.
+method, method options, prompt format, precision and attention kernel that shaped it,
+compared before a resume loads anything.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ RUN_DIRS = ("checkpoints", "adapter")
 IDENTITY_FILE = "run.json"
 BEFORE_FILE = "before.json"
 # identity keys recorded since a later version: a run.json without them is not checked on them
-LATER_KEYS = ("prompt_format", "precision")
+LATER_KEYS = ("prompt_format", "precision", "attn_implementation")
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -62,7 +62,7 @@ def write_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
 
 def check_identity(checkpoint_dir: Path, identity: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint written with another model, method, method options,
-    prompt format or precision.
+    prompt format, precision or attention kernel.
 
     Checkpoints without ``run.json`` (older ones) are not checked, nor on the
     ``LATER_KEYS`` their ``run.json`` lacks.

@@ -157,6 +157,7 @@ class _Recipe:
     precision_note: str | None
     hf_config: Any
     dtype: torch.dtype
+    attention: str
     # setup_process
     dev: torch.device
     rank: int
@@ -171,6 +172,7 @@ class _Recipe:
     encoded: Any
     lost: int
     # setup_model
+    ds: dict[str, Any]
     loaded: Any
     method: Method
     module: torch.nn.Module
@@ -199,6 +201,7 @@ class _Recipe:
         if not cfg.progress:
             loader.hide_loading_bars()
         hf_config = self.hf_config = loader.model_config(cfg.model)
+        self.attention = loader.attention_for(hf_config, cfg.attn_implementation)
         probe = spec.method_cls(spec.method_options, hf_config)
         probe.check_config(hf_config)
         probe.check_deepspeed(spec.deepspeed)
@@ -221,7 +224,7 @@ class _Recipe:
         mdist.check_same_config(_config_identity(spec))
         self.rank, self.world_size = world()
         self.out = Path(cfg.output_dir)
-        self.identity = _run_identity(spec, self.bf16)
+        self.identity = _run_identity(spec, self.bf16, self.attention)
         mdist.refuse_if_any(_start_problem(self.out, cfg, self.identity))
         if self.precision_note:
             _say(self.precision_note)
@@ -254,11 +257,19 @@ class _Recipe:
         mdist.barrier()
 
     def setup_model(self) -> None:
-        """Load the model (seeded) and apply the method to it."""
+        """Resolve the DeepSpeed config, load the model (seeded; partitioned over the ranks
+        under ZeRO-3) and apply the method to it."""
         cfg, spec = self.cfg, self.spec
         memory.cap_device_memory(cfg.gpu_memory_gib, self.dev)
+        ds = self.ds = ds_config.finalize(
+            spec.deepspeed, world_size=self.world_size, max_steps=cfg.max_steps,
+            warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,
+            grad_accum=cfg.grad_accum, cuda=self.cuda,
+        )
         seed_everything(cfg.seed)
-        self.loaded = loader.load_model(cfg.model, dtype=self.dtype, tokenizer=self.tokenizer)
+        self.loaded = loader.load_model(
+            cfg.model, dtype=self.dtype, tokenizer=self.tokenizer, attention=self.attention,
+            zero3=ds if ds_config.zero_stage(ds) == 3 else None)
         model = self.loaded.model
         self.vocab = int(model.config.vocab_size)
         if self.lost:
@@ -274,12 +285,7 @@ class _Recipe:
     def setup_engine(self) -> None:
         """The DeepSpeed engine over the method's module, the batch schedule, and the
         trainer (resumed, or with the scores before training)."""
-        cfg, spec, method = self.cfg, self.spec, self.method
-        ds = ds_config.finalize(
-            spec.deepspeed, world_size=self.world_size, max_steps=cfg.max_steps,
-            warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,
-            grad_accum=cfg.grad_accum, cuda=self.cuda,
-        )
+        cfg, spec, method, ds = self.cfg, self.spec, self.method, self.ds
         self.schedule = BatchSchedule(self.encoded, ds["train_micro_batch_size_per_gpu"],
                                       cfg.seed, self.tokenizer.pad_token_id)
         _say("resolved configuration:\n" + json.dumps(
@@ -334,7 +340,7 @@ class _Recipe:
         cfg, out, before = self.cfg, self.out, self.before
         export_dir = Path(cfg.output_dir) / "adapter"
         export.save_adapter(self.method, self.engine, export_dir, cfg,
-                            self.spec.method_options, self.tokenizer)
+                            self.spec.method_options, self.tokenizer, self.attention)
         after = self._score_all() if self.evals else {}
         results = {
             "method": cfg.method, "model": cfg.model, "steps": self.trainer.step,
@@ -365,16 +371,17 @@ class _Recipe:
         return self._score(self.train_examples[: self.cfg.eval_periodic])["score"]
 
 
-def _run_identity(spec: RunSpec, bf16: bool) -> dict[str, Any]:
+def _run_identity(spec: RunSpec, bf16: bool, attention: str) -> dict[str, Any]:
     """What shapes a checkpoint: a resume must use the same (see :mod:`run_dir`). A
     snapshot of the options as given: methods fill some of theirs in later. The precision
-    is the resolved one (``--precision auto`` resuming a bf16 run on the same machine is
-    the same run)."""
+    and the attention kernel are the resolved ones (``--precision auto`` resuming a bf16
+    run on the same machine is the same run; so is ``auto`` resuming an ``sdpa`` one)."""
     options = {k: v for k, v in spec.method_options.__dict__.items()
                if k not in spec.method_cls.resume_free}
     return run_dir.snapshot({"model": spec.train.model, "method": spec.train.method,
                              "options": options, "prompt_format": spec.train.prompt_format,
-                             "precision": "bf16" if bf16 else "fp32"})
+                             "precision": "bf16" if bf16 else "fp32",
+                             "attn_implementation": attention})
 
 
 def _start_problem(out: Path, cfg: TrainConfig, identity: dict[str, Any]) -> str | None:

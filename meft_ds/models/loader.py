@@ -16,7 +16,10 @@ Model specs:
 
 Weights load in the dtype the run trains in (bf16 under a bf16 DeepSpeed config), tensor
 by tensor onto a model built without memory (transformers' loading: the host never holds
-an fp32 copy of a bf16 run's weights).
+an fp32 copy of a bf16 run's weights). Attention runs as :data:`ATTENTION` names it
+(:func:`attention_for`). Under a ZeRO-3 DeepSpeed config the model is built and loaded
+partitioned over the ranks (``load_model(..., zero3=config)``): no rank holds the whole
+model.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ class LoadedModel:
     tokenizer: object
     spec: str
     source: str
+    # transformers' HfDeepSpeedConfig of a partitioned load: while it lives, transformers
+    # and PEFT treat the model as ZeRO-3 (generation syncs the ranks, PEFT gathers weights)
+    zero3: Any = None
 
 
 def cache_dir() -> Path:
@@ -271,6 +277,44 @@ def load_tokenizer(spec: str):
     return tok
 
 
+# ``auto``: what transformers picks for the architecture (SDPA where the class supports it)
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def check_attention(name: str, cuda: bool | None = None) -> None:
+    """One line, before anything loads, where attention ``name`` cannot run here:
+    FlashAttention-2 needs CUDA and the package ``flash_attn`` (transformers would
+    otherwise fail deep inside loading, or fall back to a Hub kernel)."""
+    if name not in ATTENTION:
+        raise UserError(f"`attn_implementation` {name!r} is not one of {', '.join(ATTENTION)}")
+    if name != "flash_attention_2":
+        return
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    missing = [what for what, ok in (("CUDA", cuda), (
+        "the package flash_attn", importlib.util.find_spec("flash_attn") is not None)) if not ok]
+    if missing:
+        raise UserError(f"`attn_implementation` flash_attention_2 needs {' and '.join(missing)}"
+                        ", not found here; use sdpa or eager")
+
+
+def attention_for(config: Any, name: str = "auto") -> str:
+    """The attention implementation a model of ``config`` runs with under option
+    ``name``: ``auto`` resolved as transformers resolves no choice (SDPA where the model
+    class supports it, else eager), so that runs and exports record a concrete one."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    check_attention(name)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    supported = {"eager": True, "sdpa": bool(getattr(cls, "_supports_sdpa", False)),
+                 "flash_attention_2": bool(getattr(cls, "_supports_flash_attn", False))}
+    if name == "auto":
+        return "sdpa" if supported["sdpa"] else "eager"
+    if not supported[name]:
+        raise UserError(f"model type {config.model_type!r} does not support "
+                        f"`attn_implementation` {name}")
+    return name
+
+
 def hide_loading_bars() -> None:
     """No transformers progress bars (weights loading) in this process (--progress false)."""
     from transformers.utils import logging as hf_logging
@@ -280,23 +324,45 @@ def hide_loading_bars() -> None:
 
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-    tokenizer: Any = None,
+    tokenizer: Any = None, attention: str = "auto", zero3: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer for ``spec`` (see the module docstring), the weights in
     ``dtype`` whatever the checkpoint holds.
 
     ``device``: where the weights go (and where a shape's random weights are drawn the
     first time). ``tokenizer``: one the caller already loaded with :func:`load_tokenizer`
-    (it is not loaded again).
+    (it is not loaded again). ``attention``: one of :data:`ATTENTION`
+    (:func:`attention_for`; the model's config records the resolved one). ``zero3``: a
+    finalized DeepSpeed config with ZeRO stage 3 (process group started): the model is
+    built under ``deepspeed.zero.Init`` and each rank keeps only its partition of every
+    weight (placed by DeepSpeed, ``device`` is not applied).
     """
     from transformers import AutoModelForCausalLM
 
-    model_config(spec)  # the checks, before any weight is read
+    attn = attention_for(model_config(spec), attention)  # the checks, before any weight
     where = resolve(spec)
+    # a shape's checkpoint is written whole, before any partitioning applies
     directory = shape_dir(where, device) if isinstance(where, str) else where
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+    keep = None
+    if zero3 is None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # whole, as asked, even where an earlier run of this process left its config alive
+        unset_hf_deepspeed_config()
+    else:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # from_pretrained sees it (a module-level weak reference) and builds the model
+        # under deepspeed.zero.Init, then loads each tensor into its partitions
+        keep = HfDeepSpeedConfig(zero3)
+        if not keep.is_zero3():
+            raise ValueError("load_model(zero3=...) needs a ZeRO stage 3 DeepSpeed config")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
+                                                 attn_implementation=attn)
+    if keep is None:
+        model = model.to(device)
     source = f"random weights, {directory}" if isinstance(where, str) else str(where)
     model.config.use_cache = False
     if tokenizer is None:
         tokenizer = load_tokenizer(spec)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source, zero3=keep)
