@@ -12,7 +12,7 @@ from conftest import ds_engine, lm_loss, tiny_lambda_error
 
 from meft_ds import methods, options
 from meft_ds.errors import UserError
-from meft_ds.models import arch
+from meft_ds.models import arch, loader
 from meft_ds.reversible.blocks import LayerBlock
 from meft_ds.reversible.model import ReversibleLM
 from meft_ds.reversible.options import ReversibleOptions
@@ -47,17 +47,25 @@ OPTIONS = {
 LR = {"full": 1e-3}
 
 
-def tiny(kind: str, layers: int = 2) -> torch.nn.Module:
-    """A seeded random model of family ``kind`` (fp32, eval mode); norm weights random
-    too, so that mixing up two norms shows."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+def tiny_config(kind: str, layers: int = 2):
+    """The tiny config of family ``kind``."""
+    from transformers import CONFIG_MAPPING
 
     extra = CONFIGS[kind]
     values = (dict(COMMON, num_hidden_layers=layers, **extra) if extra is not None else
               dict(n_embd=32, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64))
-    config = CONFIG_MAPPING[kind](**values)
+    return CONFIG_MAPPING[kind](**values)
+
+
+def tiny(kind: str, layers: int = 2, attention: str | None = None) -> torch.nn.Module:
+    """A seeded random model of family ``kind`` (fp32, eval mode; ``attention``: its kernel,
+    default transformers' pick); norm weights random too, so that mixing up two norms
+    shows."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(kind, layers)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:
@@ -139,12 +147,20 @@ def test_layer_blocks_compute_the_family_layer(kind: str) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", list(arch.FAMILIES))
-def test_reversible_gradients_equal_autograd_at_full_depth(kind: str) -> None:
-    """Every layer reversible (MEFT1, adapter dropout on): the reversible backward's
-    gradients equal plain autograd's, every layer's inputs rebuilt exactly; with a tiny λ
-    and no centring the stack reproduces the base model."""
-    base = tiny(kind, layers=3)
+def test_reversible_gradients_equal_autograd_at_full_depth(kind: str, attention: str) -> None:
+    """Every layer reversible (MEFT1, adapter dropout on), with either attention kernel:
+    the reversible backward's gradients equal plain autograd's, every layer's inputs
+    rebuilt exactly; with a tiny λ and no centring the stack reproduces the base model."""
+    if kind == "gemma2" and attention == "sdpa":  # transformers: eager only (soft-capping)
+        with pytest.raises(UserError, match="model type 'gemma2' does not support "
+                                            "`attn_implementation` sdpa"):
+            loader.attention_for(tiny_config(kind), attention)
+        assert loader.attention_for(tiny_config(kind)) == "eager"  # auto
+        return
+    base = tiny(kind, layers=3, attention=loader.attention_for(tiny_config(kind), attention))
+    assert base.config._attn_implementation == attention
     model = ReversibleLM(copy.deepcopy(base), ReversibleOptions(
         rev_variant="meft1", rev_adapter_size=8, rev_adapter_dropout=0.1)).train()
     gen = torch.Generator().manual_seed(1)

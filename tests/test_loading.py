@@ -215,3 +215,78 @@ def test_bad_checkpoints_are_one_line_before_loading(tmp_path: Path, monkeypatch
     with pytest.raises(UserError, match=r"token id \d+ is outside the model's vocabulary of 10:"):
         encode_ids(example, "plain", tok, 64, 10)
     assert in_vocab([1, 2], 3) == [1, 2]
+
+
+@pytest.mark.unit
+def test_attention_option_is_checked_before_anything_loads(capsys, monkeypatch) -> None:
+    """``--attn_implementation``: FlashAttention-2 without CUDA (or without the package
+    flash_attn) is one line, exit 2, before any model loads; ``auto`` resolves to what
+    transformers picks; a kernel outside the choices is the parser's error."""
+    from meft_ds.errors import UserError
+
+    def loads(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loader, "load_model", loads)
+    monkeypatch.setattr(loader, "model_config", loads)
+    argv = ["--deepspeed", CPU, "--output_dir", "/nonexistent/never-written",
+            "--progress", "false", "--attn_implementation"]
+    if not torch.cuda.is_available():
+        assert cli.main([*argv, "flash_attention_2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            "error: --attn_implementation flash_attention_2 needs CUDA"), err
+    with pytest.raises(SystemExit) as stop:
+        cli.parse([*argv, "flash_attention_3"])
+    assert stop.value.code == 2
+    monkeypatch.undo()
+    # CUDA present but no flash_attn: the package is named (whatever this machine has)
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"^`attn_implementation` flash_attention_2 needs "
+                                        r"the package flash_attn, not found here; use sdpa"):
+        loader.check_attention("flash_attention_2", cuda=True)
+    monkeypatch.undo()
+    from transformers import CONFIG_MAPPING
+
+    values = dict(TINY)
+    config = CONFIG_MAPPING[values.pop("model_type")](**values)
+    assert [loader.attention_for(config, name) for name in ("auto", "sdpa", "eager")] == \
+        ["sdpa", "sdpa", "eager"]
+
+
+@pytest.mark.integration
+def test_attention_is_recorded_and_a_resume_must_keep_it(tmp_path: Path) -> None:
+    """A run with ``--attn_implementation eager`` trains with eager attention, records it
+    in its checkpoints' run.json and its export (which loads back with it); resuming with
+    another kernel is refused, as another precision is."""
+    from meft_ds.errors import UserError
+    from meft_ds.inference import load_adapted
+
+    where = tiny_checkpoint(tmp_path / "model")
+    out = tmp_path / "run"
+    seen = []
+    real = loader.load_model
+
+    def spy(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        seen.append(loaded.model.config._attn_implementation)
+        return loaded
+
+    argv = ["--deepspeed", CPU, "--model", str(where), "--method", "lora", "--lora_r", "2",
+            "--output_dir", str(out), "--train_examples", "4", "--max_seq_len", "32",
+            "--eval_trained", "0", "--eval_heldout", "0", "--progress", "false",
+            "--micro_batch_size", "2", "--lr", "1e-2"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader, "load_model", spy)
+        run(cli.parse([*argv, "--max_steps", "1", "--attn_implementation", "eager"]))
+    assert seen == ["eager"]
+    identity = json.loads((out / "checkpoints" / "step_0000001" / "run.json").read_text())
+    assert identity["attn_implementation"] == "eager"
+    meta = json.loads((out / "adapter" / "meft_ds.json").read_text())
+    assert meta["attn_implementation"] == "eager"
+    adapted = load_adapted(out / "adapter")
+    assert adapted.module.config._attn_implementation == "eager"
+    for other in ("sdpa", "auto"):  # auto is sdpa for LLaMA: another kernel too
+        with pytest.raises(UserError, match=r"attn_implementation 'eager' -> 'sdpa'"):
+            run(cli.parse([*argv, "--max_steps", "2", "--resume", "--attn_implementation",
+                           other]))

@@ -62,13 +62,20 @@ def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    ("variant", "compute"), [("meft1", "auto"), ("meft2", "auto"), ("meft3", "auto"),
-                             ("meft3", "bf16")],
+    ("variant", "compute", "attention"),
+    [("meft1", "auto", "sdpa"), ("meft2", "auto", "sdpa"), ("meft3", "auto", "sdpa"),
+     ("meft3", "bf16", "sdpa"), ("meft1", "auto", "eager")],
 )
-def test_gradients_equal_autograd_at_full_depth(smollm2, variant: str, compute: str) -> None:
+def test_gradients_equal_autograd_at_full_depth(smollm2, variant: str, compute: str,
+                                                attention: str) -> None:
+    """The reversible backward's gradients equal autograd's through all 30 layers, with
+    either attention kernel (``--attn_implementation``) recomputed in backward."""
     opts = ReversibleOptions(rev_variant=variant, rev_adapter_dropout=0.1,
                              rev_compute_dtype=compute, rev_adapter_size=16)
-    model = ReversibleLM(copy.deepcopy(smollm2.model), opts).train()
+    base = copy.deepcopy(smollm2.model)
+    base.set_attn_implementation(attention)
+    assert base.config._attn_implementation == attention
+    model = ReversibleLM(base, opts).train()
     assert len(model.rev_layers) == 30
     _perturb_adapters(model)
     model.record_errors = True
