@@ -207,10 +207,12 @@ class _Recipe:
         probe.check_deepspeed(spec.deepspeed)
         # Every rank of this node loads the weights at once; the row store is one per node.
         local = mdist.local_world_size()
-        # the weights load in the dtype they train in
+        # the weights load in the dtype they train in; under ZeRO-3, partitioned
         dtype = self.dtype = ds_config.model_dtype(spec.deepspeed)
+        ranks = (int(os.environ.get("WORLD_SIZE", "1"))
+                 if ds_config.zero_stage(spec.deepspeed) == 3 else 1)
         memory.require_ram(
-            local * estimate_host_bytes(hf_config, cfg.method, dtype, self.cuda)
+            local * estimate_host_bytes(hf_config, cfg.method, dtype, self.cuda, ranks)
             + probe.host_bytes(hf_config),
             f"model {cfg.model} with method {cfg.method}"
             + (f" on {local} ranks of this node" if local > 1 else ""),

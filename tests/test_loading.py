@@ -89,6 +89,28 @@ def test_fp32_checkpoint_loads_and_trains_in_bf16(tmp_path: Path, monkeypatch) -
 
 
 @pytest.mark.integration
+def test_ram_check_counts_one_share_per_rank_under_zero3(tmp_path: Path, monkeypatch) -> None:
+    """Two local ranks under ZeRO-3 load partitioned: each needs half the weights plus two
+    copies of the largest one (measured: bench/results/model_load.json), not the model."""
+    from meft_ds.models.sizes import largest_tensor
+
+    where = tiny_checkpoint(tmp_path / "model")
+    config = json.loads(Path(CPU).read_text())
+    config["zero_optimization"] = {"stage": 3}
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    n, big = count_params(loader.model_config(str(where))), largest_tensor(
+        loader.model_config(str(where)))
+    assert big == 49152 * 16  # the tied embedding
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    common = ("--model", str(where), "--method", "lora", "--output_dir", str(tmp_path / "r"),
+              "--precision", "fp32")
+    assert _ram_needed(monkeypatch, *common) == 2 * 4 * n  # ZeRO-0: a whole copy each
+    assert _ram_needed(monkeypatch, *common, "--deepspeed", str(tmp_path / "zero3.json")) \
+        == 2 * (4 * n // 2 + 2 * 4 * big)
+
+
+@pytest.mark.integration
 def test_shapes_load_from_a_checkpoint_written_once(tmp_path: Path, monkeypatch) -> None:
     smollm2 = loader.smollm2_dir()  # the converted SmolLM2 stays where it is
     monkeypatch.setattr(loader, "smollm2_dir", lambda: smollm2)
