@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,20 +104,28 @@ def held_bytes(model: torch.nn.Module) -> int:
 
 
 def load_case(layers: int | None, dtype: str) -> dict[str, Any]:
-    """One load in this (fresh) process."""
+    """One load in this (fresh) process, then one read of every weight (a bf16 load of a
+    bf16 checkpoint maps the file: its pages are read when first used)."""
     name = shape(layers)
     peaks = Peaks()
     before = peaks.read()
     start = time.perf_counter()
     model = loader.load_model(name, dtype=getattr(torch, dtype)).model
-    seconds = time.perf_counter() - start
-    after = peaks.read()
+    loaded = time.perf_counter()
+    after_load = peaks.read()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.sum()  # reads every page; no copy (the sum accumulates in fp32 registers)
+    read = time.perf_counter()
+    after_read = peaks.read()
     peaks.stop()
     return {"layers": model.config.num_hidden_layers, "dtype": dtype,
             "params": sum(p.numel() for p in model.parameters()),
             "param_bytes": held_bytes(model), "rss_before": before["rss"],
-            "peak_rss": after["peak_rss"], "peak_anon_rss": after["peak_anon_rss"],
-            "seconds": seconds}
+            "after_load": {k: after_load[k] for k in ("peak_rss", "peak_anon_rss")},
+            "after_reading_every_weight": {k: after_read[k] for k in ("peak_rss",
+                                                                      "peak_anon_rss")},
+            "seconds": loaded - start, "seconds_with_read": read - start}
 
 
 def zero3_config() -> dict[str, Any]:
@@ -176,11 +185,13 @@ def measure() -> dict[str, Any]:
         target = tmp / f"load_{layers}_{dtype}.json"
         run_fresh([me, "--load", str(layers or 0), dtype, str(target)])
         loads.append(json.loads(target.read_text()))
-    pair = {d: [x["seconds"] for x in loads if x["layers"] == 4 and x["dtype"] == d]
-            for d in ("bfloat16", "float32")}
-    ratio = min(pair["float32"]) / min(pair["bfloat16"])
+    ratios = {}
+    for key in ("seconds", "seconds_with_read"):
+        pair = {d: min(x[key] for x in loads if x["layers"] == 4 and x["dtype"] == d)
+                for d in ("bfloat16", "float32")}
+        ratios[key] = pair["float32"] / pair["bfloat16"]
     for case in loads:
-        del case["seconds"]  # absolute CPU times are not reported
+        del case["seconds"], case["seconds_with_read"]  # absolute CPU times: not reported
     from meft_ds.runner import free_port
 
     zero3: dict[str, list] = {"partitioned_init": [], "whole_then_partitioned": []}
@@ -194,7 +205,10 @@ def measure() -> dict[str, Any]:
             zero3["partitioned_init" if partitioned else "whole_then_partitioned"] += [
                 {"layers": layers, **json.loads((where / f"rank{r}.json").read_text())}
                 for r in (0, 1)]
-    return {"loads": _dedupe(loads), "fp32_over_bf16_load_time_4layers": ratio,
+    shutil.rmtree(tmp)
+    return {"loads": _dedupe(loads),
+            "fp32_over_bf16_time_4layers": {"load": ratios["seconds"],
+                                            "load_and_read": ratios["seconds_with_read"]},
             "zero3_two_ranks": zero3}
 
 
@@ -205,8 +219,9 @@ def _dedupe(loads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for case in loads:
         key = (case["layers"], case["dtype"])
         if key in rows:
-            for field in ("peak_rss", "peak_anon_rss"):
-                rows[key][field] = max(rows[key][field], case[field])
+            for when in ("after_load", "after_reading_every_weight"):
+                for field in ("peak_rss", "peak_anon_rss"):
+                    rows[key][when][field] = max(rows[key][when][field], case[when][field])
         else:
             rows[key] = dict(case)
     return list(rows.values())
@@ -222,17 +237,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["loads"]
     labels = [f"{r['layers']} layers\n{r['dtype']}" for r in rows]
     xs = range(len(rows))
-    left.bar([x - 0.27 for x in xs], [r["peak_rss"] / GIB for r in rows], 0.27,
-             label="peak RSS (VmHWM)")
-    left.bar(list(xs), [r["peak_anon_rss"] / GIB for r in rows], 0.27,
-             label="peak anonymous RSS")
-    left.bar([x + 0.27 for x in xs], [r["param_bytes"] / GIB for r in rows], 0.27,
-             label="parameter bytes")
+    w = 0.2
+    series = [(lambda r: r["after_load"]["peak_rss"], "peak RSS after load"),
+              (lambda r: r["after_reading_every_weight"]["peak_rss"],
+               "peak RSS after reading every weight"),
+              (lambda r: r["after_reading_every_weight"]["peak_anon_rss"],
+               "peak anonymous RSS (the process's own copy)"),
+              (lambda r: r["param_bytes"], "parameter bytes")]
+    for i, (value, label) in enumerate(series):
+        left.bar([x + (i - 1.5) * w for x in xs], [value(r) / GIB for r in rows], w,
+                 label=label)
     left.set_xticks(list(xs), labels)
     left.set_ylabel("GiB")
+    times = result["fp32_over_bf16_time_4layers"]
     left.set_title(f"{BASE} checkpoint (bf16 on disk) loaded: host RAM\n"
-                   f"fp32/bf16 load time at 4 layers: "
-                   f"{result['fp32_over_bf16_load_time_4layers']:.2f}x")
+                   f"fp32/bf16 time at 4 layers: load {times['load']:.1f}x, "
+                   f"load + first read {times['load_and_read']:.1f}x", fontsize=10)
     left.legend(fontsize=8)
     z = result["zero3_two_ranks"]
     cases = [(k, r) for k in ("partitioned_init", "whole_then_partitioned") for r in z[k]]
@@ -278,9 +298,15 @@ def main() -> None:
         "note": "this machine has 24 GiB of RAM: a 7B fp32 load (27 GB) does not fit, so "
                 "fp32 and bf16 are compared on the 7B config truncated to 4 layers (same "
                 "width), and bf16 alone is loaded at full depth (32 layers). Each load in "
-                "a fresh process; peak_rss is the kernel's VmHWM (file pages of the "
-                "memory-mapped checkpoint included), peak_anon_rss the anonymous RSS "
-                "sampled every 10 ms. Times only as the fp32/bf16 ratio (CPU).",
+                "a fresh process, then every weight read once (a bf16 load of the bf16 "
+                "checkpoint maps the file: pages are read on first use). peak_rss is the "
+                "kernel's VmHWM (file pages of the mapped checkpoint included: page cache, "
+                "shared by the processes mapping it), peak_anon_rss the anonymous RSS "
+                "sampled every 10 ms (the process's own copy). The checkpoint files were "
+                "in the page cache (written or read just before). Times only as fp32/bf16 "
+                "ratios (CPU). zero3_two_ranks: per rank, 7B config at 2 and 4 layers, "
+                "bf16, ZeRO-3; param_bytes = bytes of parameters the rank holds (a "
+                "partitioned weight's share).",
         "params": {str(n): count_params(loader.model_config(shape(n)))
                    for n in (*ZERO3_LAYERS, None)},
         **measure(),

@@ -36,7 +36,7 @@ def _counts(config: Any) -> tuple[int, int]:
 _COUNTS: dict[str, tuple[int, int]] = {}
 # a ZeRO-3 partitioned load holds, besides its share, about this many copies of the
 # largest weight at once (built whole under zero.Init, then gathered to load it):
-# measured 1.9 at the 7B width, at 2 and at 4 layers (bench/results/model_load.json)
+# measured 2.0 at the 7B width, at 2 and at 4 layers (bench/results/model_load.json)
 ZERO3_TRANSIENT_COPIES = 2
 
 
