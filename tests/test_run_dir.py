@@ -138,8 +138,9 @@ def test_bad_data_fails_before_overwrite_removes_anything(tmp_path: Path) -> Non
 
 @pytest.mark.unit
 def test_resume_with_another_prompt_format_or_precision_is_refused(tmp_path: Path) -> None:
-    """Both are in the run identity a resume compares (before anything loads); a
-    checkpoint written before they were recorded is not refused for lacking them."""
+    """Prompt format, precision and attention kernel are in the run identity a resume
+    compares (before anything loads); a checkpoint written before they were recorded is
+    not refused for lacking them."""
     from meft_ds.runner import _run_identity, _start_problem
 
     argv = ["--deepspeed", CPU, "--output_dir", str(tmp_path), "--progress", "false"]
@@ -147,22 +148,28 @@ def test_resume_with_another_prompt_format_or_precision_is_refused(tmp_path: Pat
     tag = tmp_path / "checkpoints" / "step_0000002"
     tag.mkdir(parents=True)
     (tmp_path / "checkpoints" / "latest").write_text(tag.name)
-    run_dir.write_identity(tag, _run_identity(first, bf16=False))
+    run_dir.write_identity(tag, _run_identity(first, bf16=False, attention="sdpa"))
     saved = json.loads((tag / run_dir.IDENTITY_FILE).read_text())
-    assert (saved["prompt_format"], saved["precision"]) == ("plain", "fp32")
+    assert (saved["prompt_format"], saved["precision"], saved["attn_implementation"]) == (
+        "plain", "fp32", "sdpa")
     resume = cli.parse([*argv, "--resume"])
-    assert _start_problem(tmp_path, resume.train, _run_identity(resume, bf16=False)) is None
+    assert _start_problem(tmp_path, resume.train,
+                          _run_identity(resume, bf16=False, attention="sdpa")) is None
     for extra, change in ((["--prompt_format", "chat"], "prompt_format 'plain' -> 'chat'"),
-                          (["--precision", "bf16"], "precision 'fp32' -> 'bf16'")):
+                          (["--precision", "bf16"], "precision 'fp32' -> 'bf16'"),
+                          (["--attn_implementation", "eager"],
+                           "attn_implementation 'sdpa' -> 'eager'")):
         with pytest.raises(UserError, match=re.escape(change)) as info:
             run(cli.parse([*argv, "--resume", *extra]))
         assert "was written by another configuration" in str(info.value)
         assert "\n" not in str(info.value)
     # an older run.json (model, method, options only) resumes as before
-    old = {k: v for k, v in saved.items() if k not in ("prompt_format", "precision")}
+    old = {k: v for k, v in saved.items()
+           if k not in ("prompt_format", "precision", "attn_implementation")}
     run_dir.write_identity(tag, old)
     chat = cli.parse([*argv, "--resume", "--prompt_format", "chat"])
-    assert _start_problem(tmp_path, chat.train, _run_identity(chat, bf16=True)) is None
+    assert _start_problem(tmp_path, chat.train,
+                          _run_identity(chat, bf16=True, attention="eager")) is None
 
 
 @pytest.mark.unit
