@@ -12,8 +12,10 @@ and the CPU default (eager update off). Reported per step (steps 2 and 3 average
 per adapted layer; "sparse" counts only points in ``meft_ds/sparse/``, "all" every
 point (the model's and DeepSpeed's too).
 
-``--label before|after`` stores this checkout's figures under that label, keeping the
-other label's, in ``bench/results/sparse_host_syncs.json`` (+ ``.png``).
+``--label`` stores this checkout's figures under that name (``before`` / ``after`` the
+changes of issue 19.6; the GPU kit, ``bench/gpu/checks.sh``, runs it with ``--device
+cuda --label cuda`` to check the count is the CPU's), keeping the other labels', in
+``bench/results/sparse_host_syncs.json`` (+ ``.png``).
 Run: ``nice -n 10 .venv/bin/python bench/sparse_host_syncs.py --label after`` (~2 min).
 """
 
@@ -62,7 +64,8 @@ def batches(tokenizer, n: int, steps: int) -> list[tuple[torch.Tensor, ...]]:
     return out
 
 
-def measure(model, tokenizer, values: dict, steps: int = 3, micro_batch: int = 4) -> dict:
+def measure(model, tokenizer, values: dict, device: torch.device, steps: int = 3,
+            micro_batch: int = 4) -> dict:
     """Sync points of ``steps`` training steps of a fresh sparse adapter on ``model``."""
     import copy
 
@@ -76,7 +79,7 @@ def measure(model, tokenizer, values: dict, steps: int = 3, micro_batch: int = 4
     cls = methods.get("sparse")
     options = opt.build(cls.Options, {"sparse_param_fraction": 1.0, **values}, context="sparse")
     method = cls(options, model.config)
-    module = method.apply(copy.deepcopy(model))
+    module = method.apply(copy.deepcopy(model)).to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=module, model_parameters=params,
@@ -87,7 +90,8 @@ def measure(model, tokenizer, values: dict, steps: int = 3, micro_batch: int = 4
     method.attach_engine(engine)
     layers = len(method.adapters)
     per_step = []
-    for input_ids, mask, labels in batches(tokenizer, micro_batch, steps):
+    for batch in batches(tokenizer, micro_batch, steps):
+        input_ids, mask, labels = (t.to(device) for t in batch)  # as the trainer does
         counter = HostSyncCounter().mark_device(engine.module, input_ids, mask, labels)
         with counter:
             logits = method.forward(engine, input_ids, mask)
@@ -131,7 +135,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for label in ("before", "after") if label in report["runs"]]
+    labels = list(report["runs"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, phase in zip(axes, ("forward", "backward"), strict=True):
         width = 0.8 / max(1, len(labels))
@@ -154,7 +158,12 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--label", choices=("before", "after"), required=True)
+    parser.add_argument("--label", required=True, help="before, after, cuda, ...")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m-shape: random weights (the GPU kit carries none)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--optimizer", default="cpu_adam", choices=("cpu_adam", "torch"),
+                        help="the row store's Adam (torch: no op build on a fresh machine)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     from meft_ds.build_lock import prefer_interpreter_ninja
@@ -167,7 +176,8 @@ def main() -> None:
                        "MASTER_PORT": str(free_port())}.items():
         os.environ.setdefault(key, value)  # one process: DeepSpeed's single-rank group
     torch.manual_seed(0)
-    loaded = load_model("smollm2-135m")
+    device = torch.device(args.device)
+    loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     report = {"runs": {}}
     path = Path(args.out).with_suffix(".json")
@@ -175,13 +185,17 @@ def main() -> None:
         report = json.loads(path.read_text())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    report["model"] = "smollm2-135m"
     report["goal_per_layer"] = GOAL
     report["runs"][args.label] = {
-        "commit": commit,
-        "variants": {name: measure(model, tokenizer, values) for name, values in VARIANTS.items()},
+        "commit": commit, "model": args.model, "device": str(device),
+        "variants": {name: measure(model, tokenizer, {**values, "sparse_optimizer": args.optimizer},
+                                   device)
+                     for name, values in VARIANTS.items()},
     }
     write_report(report, args.out, plot)
+    for name, result in report["runs"][args.label]["variants"].items():
+        print(f"{args.label} {name}: host syncs per layer per step (sparse): " + ", ".join(
+            f"{phase} {result[phase]['sparse_per_layer']:.3f}" for phase in PHASES))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@
 #     sparse adapter, GSM8K at up to GPU_CHECKS_SPARSE_SEQ (256) tokens, micro-batch 4,
 #     capped at 24 GiB
 #     (--gpu_memory_gib), then parallel_adapter of the same width held on the GPU
-#     (24gb.json without optimizer offload), uncapped; bench/gpu/summary.py compares them.
-# GPU_CHECKS_PARTS="exact rev sparse" (default) picks the parts: at the 7B shape "sparse"
+#     (24gb.json without optimizer offload), uncapped; bench/gpu/summary.py compares them;
+#  3. syncs (issue 19.6): bench/sparse_host_syncs.py on CUDA (SmolLM2-135M's shape, random
+#     weights): host synchronisation points per layer of the sparse step, which must equal
+#     the CPU's count (bench/results/sparse_host_syncs.json, "after"), and the CUDA paths
+#     (pinned staging, side streams, events, the gradient receiver) run for real.
+# GPU_CHECKS_PARTS="exact rev syncs sparse" (default) picks the parts: at the 7B shape "sparse"
 # alone takes several minutes (two 7B models initialised on the host, the CPU Adam
 # builds), so run it in its own call: GPU_CHECKS_PARTS="sparse", then "exact rev".
 # Results land in $OUT (the device tool's output folder). A dry run on a CPU machine checks
@@ -29,7 +33,7 @@ STEPS=${GPU_CHECKS_STEPS:-8}
 SEQ=${GPU_CHECKS_SEQ:-2048}
 SPARSE_SEQ=${GPU_CHECKS_SPARSE_SEQ:-256}  # part 2: GSM8K questions up to this many tokens
 CAP=${GPU_CHECKS_CAP:-24}
-PARTS=${GPU_CHECKS_PARTS:-exact rev sparse}
+PARTS=${GPU_CHECKS_PARTS:-exact rev syncs sparse}
 mkdir -p "$OUT" "$RUNS"
 rm -rf "$RUNS/sparse" "$RUNS/dense" "$RUNS/dense.json"  # a rerun on a warm machine
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -62,6 +66,14 @@ echo "== 1. reversible step time, tokens/s, peak memory ($MODEL, seq $SEQ) =="
   --dtypes bf16 --configs parallel_adapter,meft1,meft1_eager,meft2,meft3,meft1_keep2 --reps 3 --warmup 1 --no-flops \
   --name rev_speed_gpu --out "$OUT" 2>&1 | grep -v Warning | tail -n 12
 rc=${PIPESTATUS[0]}; echo "rc $rc (inexact_backwards in rev_speed_gpu.json must be 0)"
+[ "$rc" = 0 ] || exit 1
+fi
+if [[ " $PARTS " == *" syncs "* ]]; then
+echo "== 3. host sync points per layer of the sparse step on $device =="
+"$PY" bench/sparse_host_syncs.py --device "$device" --label "$device" \
+  --model smollm2-135m-shape --optimizer torch --out "$OUT/sparse_host_syncs" 2>&1 \
+  | grep -v Warning | tail -n 4
+rc=${PIPESTATUS[0]}; echo "rc $rc (per layer: forward <= 1 + 1/layers, backward 0)"
 [ "$rc" = 0 ] || exit 1
 fi
 [[ " $PARTS " == *" sparse "* ]] || exit 0

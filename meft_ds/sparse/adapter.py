@@ -103,8 +103,7 @@ class _SparseRows(torch.autograd.Function):
 
 def _scatter(gates: torch.Tensor, local: torch.Tensor, columns: int) -> torch.Tensor:
     """``[T, columns]`` zeros with ``gates[t, j]`` at column ``local[t, j]``."""
-    out = torch.zeros(gates.shape[0], columns, device=gates.device, dtype=gates.dtype)
-    return out.scatter_(1, local, gates)
+    return gates.new_zeros(gates.shape[0], columns).scatter_(1, local, gates)
 
 
 @dataclass
@@ -238,13 +237,11 @@ class SparseAdapter(nn.Module):
         return full.index_copy(0, tokens, out).reshape(hidden.shape)
 
     def _active_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Indices of the non-padding tokens (training only), ``None`` = all tokens."""
-        mask = self.runtime.token_mask
-        if not self.training or mask is None or tuple(mask.shape) != tuple(hidden.shape[:-1]):
+        """Indices of the non-padding tokens (training only), ``None`` = all tokens (found
+        once per micro-batch: :meth:`SparseRuntime.active_tokens`)."""
+        if not self.training:
             return None
-        if bool(mask.all()):
-            return None
-        return mask.reshape(-1).nonzero().squeeze(1).to(hidden.device)
+        return self.runtime.active_tokens(hidden.shape[:-1], hidden.device)
 
     def _reused(self, hidden: torch.Tensor) -> Decision | None:
         """The decision to reuse for this call: a replayed one, or this micro-batch's."""

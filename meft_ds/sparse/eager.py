@@ -34,6 +34,7 @@ arms the update only where it is exact
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -70,14 +71,17 @@ class _Result:
 class EagerRowUpdate:
     """The worker, this step's submitted layers and their speculative copies."""
 
-    def __init__(self, store, optimizer: RowAdamW, lr_ratio: float) -> None:
+    def __init__(self, store, optimizer: RowAdamW, lr_ratio: float,
+                 worker: Callable[[], ThreadPoolExecutor]) -> None:
         self.store = store
         self.optimizer = optimizer
         self.lr_ratio = lr_ratio
         self.lr: float | None = None
         self.clip = 0.0
         self._seen_sq = 0.0  # worker only: squared norm of the gradients it took
-        self._worker: ThreadPoolExecutor | None = None
+        # the runtime's host worker, one thread: a layer's update runs after the receipt
+        # of its row gradients (meft_ds.sparse.transfer), submitted before it
+        self._worker = worker
         self._futures: dict[int, Future] = {}
 
     @property
@@ -96,9 +100,7 @@ class EagerRowUpdate:
                 f"sparse layer {layer}: a second row gradient after its eager update; "
                 "the adapter must run backward once per micro-batch"
             )
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparse-row-adam")
-        self._futures[layer] = self._worker.submit(self._update, layer, self.lr, self.clip)
+        self._futures[layer] = self._worker().submit(self._update, layer, self.lr, self.clip)
 
     def wait(self) -> dict[int, _Result]:
         """This step's results so far (waits for the worker)."""

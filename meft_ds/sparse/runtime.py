@@ -62,6 +62,7 @@ from meft_ds.sparse.optim import RowAdamW
 from meft_ds.sparse.options import SparseOptions, SparseSizes
 from meft_ds.sparse.router import Selection
 from meft_ds.sparse.sharded import make_store
+from meft_ds.sparse.staging import HostCopy
 from meft_ds.sparse.step import RowStep, engine_loss_scale
 from meft_ds.sparse.transfer import RowTransfer
 
@@ -80,14 +81,26 @@ class SparseRuntime:
         self.caches: dict[int, LayerCache] = {}
         self._cache_rows = cache_capacity(options.sparse_cache_rows, sizes.rank)
         self.counters = StepCounters()
-        self.transfer = RowTransfer(self.store, sizes, self.counters, self.cache)
-        self.stepper = RowStep(options, sizes, self.store, self.counters, self.caches)
+        self._worker: ThreadPoolExecutor | None = None
+        self.transfer = RowTransfer(self.store, sizes, self.counters, self.cache,
+                                    self.host_worker)
+        self.stepper = RowStep(options, sizes, self.store, self.counters, self.caches,
+                               self.host_worker, self.transfer.drain)
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._tokens: tuple[int, torch.Tensor | None] | None = None  # (generation, on device)
+        self._mask_copy: HostCopy | None = None
         self.usage: Usage | None = None  # row/expert counts (meft_ds.sparse.diagnostics)
 
     def row_optimizer(self) -> RowAdamW:
         """The store's AdamW, made on first use (inference never builds its kernel)."""
         return self.stepper.row_optimizer()
+
+    def host_worker(self) -> ThreadPoolExecutor:
+        """The host thread that receives row gradients and runs eager row updates, in the
+        order they were submitted (made on first use)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparse-host")
+        return self._worker
 
     @property
     def eager(self) -> EagerRowUpdate:
@@ -96,9 +109,39 @@ class SparseRuntime:
 
     # --- per micro-batch --------------------------------------------------------------
     def begin_micro_batch(self, attention_mask: torch.Tensor | None) -> None:
-        """A new micro-batch: new row selections; padding tokens select no rows."""
+        """A new micro-batch: new row selections; padding tokens select no rows. The mask
+        starts its way to the host now, ahead of the model's work (see
+        :meth:`active_tokens`)."""
         self.generation += 1
         self.token_mask = attention_mask
+        if self._mask_copy is not None:
+            self._mask_copy.release()
+        self._mask_copy = None if attention_mask is None else self.transfer.to_host(
+            [attention_mask.detach()])
+
+    def active_tokens(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """Indices of this micro-batch's non-padding tokens on ``device`` (``None``: all of
+        them, or no mask of ``shape`` = the hidden states' ``[B, S]``). Found once per
+        micro-batch, on the host, and shared by every layer: one host wait per
+        micro-batch, on a copy queued before the model's forward began (on a GPU long
+        done by the first layer), instead of a ``bool(mask.all())`` and a ``nonzero`` on
+        the device per layer, which wait for all the work queued before them."""
+        mask = self.token_mask
+        if mask is None or tuple(mask.shape) != tuple(shape):
+            return None
+        if self._tokens is None or self._tokens[0] != self.generation:
+            copy = self._mask_copy
+            if copy is None or copy.released:  # (a mask set without begin_micro_batch)
+                copy = self.transfer.to_host([mask.detach()])
+            (host,) = copy.wait()
+            tokens = host.reshape(-1).nonzero().squeeze(1)  # a host op
+            copy.release()
+            if tokens.numel() == mask.numel():
+                tokens = None
+            else:  # sent once (pageable: copied out before the call returns)
+                tokens = tokens.to(device, non_blocking=True)
+            self._tokens = (self.generation, tokens)
+        return self._tokens[1]
 
     def working_dtype(self, hidden_dtype: torch.dtype) -> torch.dtype:
         wanted = self.options.sparse_working_dtype
@@ -107,19 +150,28 @@ class SparseRuntime:
     def select(
         self, layer: int, hidden: torch.Tensor, experts: torch.Tensor, count: bool = True
     ) -> Selection:
-        """Top-K rows per token for ``hidden`` ``[T, d]`` routed to ``experts`` ``[T, E]``.
+        """Top-K rows per token for ``hidden`` ``[T, d]`` routed to ``experts`` ``[T, E]``
+        (device tensors): the host waits for their copy, the one sync point of a layer
+        that the method needs (the host chooses the rows).
 
         ``count``: add to the step's figures (training calls; evaluation is not counted)."""
         start = time.perf_counter()
-        hidden_cpu = hidden.detach().to("cpu")
-        experts_cpu = experts.to("cpu")
+        copy = self.transfer.to_host([hidden.detach(), experts])
+        try:
+            return self._select(layer, *copy.wait(), count, start)
+        finally:
+            copy.release()
+
+    def _select(self, layer: int, hidden_cpu: torch.Tensor, experts_cpu: torch.Tensor,
+                count: bool, start: float) -> Selection:
+        """:meth:`select` on host tensors (views of a staging buffer, read only here)."""
         selection = self.store.select(layer, hidden_cpu, experts_cpu)
         if count:
             if self.usage is not None:
                 self.usage.add_selection(layer, experts_cpu, selection, hidden_cpu)
             self.counters.moved("d2h", Moved.of(hidden_cpu) + Moved.of(experts_cpu))
             self.counters.add("select_s", time.perf_counter() - start)
-            self.counters.add("tokens", hidden.shape[0])
+            self.counters.add("tokens", hidden_cpu.shape[0])
         return selection
 
     def prefetch(
@@ -129,13 +181,17 @@ class SparseRuntime:
         """Select and fetch ``layer``'s rows for ``hidden`` on a worker thread (see the
         module docstring); :meth:`take` waits for the ``(selection, working)`` result."""
         device = hidden.device
-        hidden_cpu = hidden.detach().to("cpu")  # on this thread: ordered after its producer
-        experts_cpu = experts.to("cpu")
+        # queued on this thread (ordered after its producer), waited for by the worker
+        copy = self.transfer.to_host([hidden.detach(), experts])
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefetch")
 
         def work() -> tuple[Selection, torch.Tensor]:
-            selection = self.select(layer, hidden_cpu, experts_cpu, count=count)
+            start = time.perf_counter()
+            try:
+                selection = self._select(layer, *copy.wait(), count, start)
+            finally:
+                copy.release()
             working = self.fetch(layer, selection.rows, device, dtype, count=count, wait=False)
             return selection, working
 
@@ -187,8 +243,8 @@ class SparseRuntime:
             if cold_pos.numel() < rows.numel():
                 rows = rows[cold_pos]
                 grad = grad.index_select(0, cold_pos.to(grad.device, non_blocking=True))
-        if rows.numel():
-            self.store.add_grad(layer, rows, self.transfer.grad_to_host(grad, self.loss_scale()))
+        if rows.numel():  # backward does not wait for the copy (meft_ds.sparse.transfer)
+            self.transfer.grad_to_store(layer, rows, grad, self.loss_scale())
             self.stepper.grads_arrived()
         self.stepper.eager_submit(layer)
         self.counters.add("grad_s", time.perf_counter() - start)

@@ -12,6 +12,8 @@ already updated during backward; their updates are kept, rolled back or handed b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -40,8 +42,11 @@ class RowStep:
     """The store's AdamW over this step's row gradients (cold rows and cached hot rows)."""
 
     def __init__(self, options: SparseOptions, sizes: SparseSizes, store,
-                 counters: StepCounters, caches: dict[int, LayerCache]) -> None:
+                 counters: StepCounters, caches: dict[int, LayerCache],
+                 worker: Callable[[], ThreadPoolExecutor], drain: Callable[[], None]) -> None:
         self.options = options
+        self._worker = worker  # the runtime's host worker (eager updates run there)
+        self._drain = drain  # waits for row gradients still being received
         self.sizes = sizes
         self.store = store
         self.counters = counters
@@ -69,7 +74,7 @@ class RowStep:
         """The eager row update (made on first use; see :mod:`meft_ds.sparse.eager`)."""
         if self._eager is None:
             self._eager = EagerRowUpdate(self.store, self.row_optimizer(),
-                                         self.options.sparse_lr_ratio)
+                                         self.options.sparse_lr_ratio, self._worker)
         return self._eager
 
     def grads_arrived(self) -> None:
@@ -83,10 +88,12 @@ class RowStep:
             self._eager.submit(layer)
 
     def wait_eager(self) -> None:
-        """Wait for this step's eager layer updates (timed as the GPU's wait)."""
+        """Wait for the row gradients still being received and this step's eager layer
+        updates (timed as the GPU's wait)."""
+        start = time.perf_counter()
+        self._drain()
         if self._eager is None:
             return
-        start = time.perf_counter()
         if self._eager.wait():
             self.counters.add("wait_s", time.perf_counter() - start)
 

@@ -1,35 +1,47 @@
 """Host<->device traffic of the sparse adapter's working sets.
 
 Rows go to the device per layer and micro-batch: hot rows from the layer's device cache,
-the others gathered from the CPU store (on a GPU through a pinned staging buffer and a
-side CUDA stream that the compute stream then waits for). Row gradients come back to the
-host, unscaled. Everything moved is counted in the step's figures.
+the others gathered from the CPU store into a staging buffer and copied on a side CUDA
+stream that the compute stream then waits for (device side: no host wait). Row
+gradients come back to the host without blocking backward: copied ``non_blocking`` into
+a staging buffer and received (waited for, unscaled to fp32, queued in the store) by the
+host worker thread, which also runs the eager row update after them; on a CPU device
+the copy is done at once and received inline. See :mod:`meft_ds.sparse.staging`.
+Everything moved is counted in the step's figures.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from meft_ds.sparse.cache import LayerCache, Moved
 from meft_ds.sparse.counters import StepCounters
 from meft_ds.sparse.options import SparseSizes
+from meft_ds.sparse.staging import HostBuffer, HostCopy, Staging
+from meft_ds.sparse.sync_count import DeviceEvent
 
 
 class RowTransfer:
     """Copies of store rows to a device and of row gradients back to the host."""
 
     def __init__(self, store, sizes: SparseSizes, counters: StepCounters,
-                 cache_for: Callable[[int, torch.device], LayerCache | None]) -> None:
+                 cache_for: Callable[[int, torch.device], LayerCache | None],
+                 worker: Callable[[], ThreadPoolExecutor]) -> None:
         self.store = store
         self.sizes = sizes
         self.counters = counters
         self._cache_for = cache_for  # the layer's hot-row cache (None: off)
-        self._staging: dict[int, torch.Tensor] = {}
-        self._staging_done: dict[int, torch.cuda.Event] = {}
-        self._h2d_stream: torch.cuda.Stream | None = None
+        self._worker = worker  # the host worker (shared with the eager update: FIFO)
+        self.staging = Staging()
+        self._staging_done: dict[int, DeviceEvent] = {}
+        self._receiving: list[Future] = []
+        # receive row gradients on the host worker: on CUDA (the copy is in flight);
+        # None = by the device, True/False forces it (tests of the threaded path on CPU)
+        self.receive_async: bool | None = None
 
     def fetch(
         self, layer: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype,
@@ -57,8 +69,7 @@ class RowTransfer:
                     0, hot_pos.to(device, non_blocking=True), cache.gather(slots, dtype)
                 )
             if device.type == "cuda":  # what await_copy waits for: the assembled set
-                assembled = torch.cuda.Event()
-                assembled.record(torch.cuda.current_stream(device))
+                assembled = DeviceEvent(device).record(torch.cuda.current_stream(device))
                 self._staging_done[layer] = assembled
         if count:
             counters = self.counters
@@ -82,54 +93,63 @@ class RowTransfer:
         if working.device.type != "cuda" or done is None:
             return
         stream = torch.cuda.current_stream(working.device)
-        stream.wait_event(done)
+        done.wait(stream)
         working.record_stream(stream)
 
-    def grad_to_host(self, grad: torch.Tensor, loss_scale: float) -> torch.Tensor:
-        """``grad`` (a working set's cold rows' gradient) on the host in fp32, divided by
-        the ``loss_scale`` it still carries."""
-        host = grad.to("cpu")
-        self.counters.moved("d2h", Moved.of(host))
-        host = host.float()
-        if loss_scale != 1.0:
-            host.div_(loss_scale)
-        return host
+    def grad_to_store(self, layer: int, rows: torch.Tensor, grad: torch.Tensor,
+                      loss_scale: float) -> None:
+        """Queue ``grad`` (the gradient of ``layer``'s cold ``rows``, on the device) into the
+        store in fp32, divided by the ``loss_scale`` it still carries. Backward does not
+        wait: the copy is queued ``non_blocking`` and received on the host worker (CUDA;
+        work submitted to the worker after this runs after it) or inline (CPU)."""
+        copy = self.staging.to_host([grad])
+        self.counters.moved("d2h", Moved.of(grad))
+
+        def receive() -> None:  # the store's pending list keeps the submission order
+            self.store.add_grad(layer, rows, _received(copy, loss_scale))
+
+        threaded = self.receive_async
+        if threaded is None:
+            threaded = grad.device.type == "cuda"
+        if threaded:
+            self._receiving.append(self._worker().submit(receive))
+        else:
+            receive()
+
+    def drain(self) -> None:
+        """Wait until every queued row gradient is in the store (before reading it)."""
+        receiving, self._receiving = self._receiving, []
+        for future in receiving:
+            future.result()
+
+    def to_host(self, tensors: list[torch.Tensor]) -> HostCopy:
+        """Queue copies of device ``tensors`` to the host (see
+        :meth:`Staging.to_host <meft_ds.sparse.staging.Staging.to_host>`)."""
+        return self.staging.to_host(tensors)
 
     def _transfer(
         self, layer: int, rows: torch.Tensor, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
-        """Copy ``rows`` of the store to ``device`` (pinned staging + async copy on CUDA)."""
-        if device.type == "cuda":
-            staged = self._stage(layer, rows, dtype)
-            stream = self._copy_stream(device)
-            with torch.cuda.stream(stream):
-                working = staged.to(device, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(stream)
-            self._staging_done[layer] = done  # the compute stream waits in await_copy
-            return working
-        return self.store.gather(layer, rows).to(dtype)
+        """Copy ``rows`` of the store to ``device`` (staged + async copy on CUDA; the
+        compute stream waits for it in :meth:`await_copy`)."""
+        if device.type != "cuda":
+            return self.store.gather(layer, rows).to(dtype)
+        shape = torch.Size((rows.numel(), 2 * self.sizes.hidden))
+        pool = self.staging.pool(device)
+        staged = HostBuffer(pool.take(shape.numel() * dtype.itemsize), pool)
+        staged.view(shape, dtype).copy_(self.store.gather(layer, rows))
+        working, done = self.staging.to_device(staged.view(shape, dtype), device, staged)
+        self._staging_done[layer] = done
+        return working
 
-    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """The side CUDA stream of host->device row copies (made on first use)."""
-        if self._h2d_stream is None:
-            self._h2d_stream = torch.cuda.Stream(device)
-        return self._h2d_stream
 
-    def _stage(self, layer: int, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Gather ``rows`` into the layer's pinned staging buffer (grown on demand), after
-        the previous copy out of that buffer has finished."""
-        done = self._staging_done.pop(layer, None)
-        if done is not None:
-            done.synchronize()
-        width = 2 * self.sizes.hidden
-        need = rows.numel() * width
-        buffer = self._staging.get(layer)
-        if buffer is None or buffer.numel() < need or buffer.dtype != dtype:
-            # grown geometrically: working sets vary per micro-batch, and pinning is slow
-            size = max(need, 2 * buffer.numel()) if buffer is not None else need
-            buffer = torch.empty(size, dtype=dtype, pin_memory=True)
-            self._staging[layer] = buffer
-        staged = buffer[:need].view(rows.numel(), width)
-        staged.copy_(self.store.gather(layer, rows))
-        return staged
+def _received(copy: HostCopy, loss_scale: float) -> torch.Tensor:
+    """A staged gradient as a new fp32 host tensor (out of the staging buffer, which goes
+    back to the pool), divided by ``loss_scale``. Waits only for a copy still in flight
+    (a CPU device's is done: received inline, backward does not wait there either)."""
+    (host,) = copy.views if copy.event.query() else copy.wait()
+    grad = host.to(torch.float32, copy=True)
+    copy.release()
+    if loss_scale != 1.0:
+        grad.div_(loss_scale)
+    return grad
