@@ -31,14 +31,16 @@ Ordering of selection and routing relative to the layer's compute:
 - default: a layer routes and selects from its FFN input, i.e. after its attention
   block, and its rows are fetched right then (synchronously on the CPU; on a GPU the
   copy runs on a side stream from a pinned staging buffer, and the compute stream
-  waits for it);
+  waits for it); the host waits for the hidden states' copy: the layer's one host
+  synchronisation point (:mod:`meft_ds.sparse.staging`);
 - ``--sparse_prefetch``: a layer routes and selects from its *attention* input put
   through its FFN norm (the residual stream changes little across one attention block),
-  before the attention runs. :meth:`SparseRuntime.prefetch` copies the hidden states to
-  the host on the calling thread (a few KB) and hands selection and row fetch to a
-  worker thread, so the CPU's key scoring, the gather of the rows into the staging
-  buffer and their copy to the device overlap the layer's attention; the FFN adapter
-  then waits for the result (``prefetch_wait_s``). The router's gates are still computed
+  before the attention runs. :meth:`SparseRuntime.prefetch` queues the copy of the
+  hidden states to the host on the calling thread (``non_blocking``, a few KB) and hands
+  the wait for it, selection and row fetch to a worker thread, so the CPU's key scoring,
+  the gather of the rows into the staging buffer and their copy to the device overlap
+  the layer's attention; the FFN adapter then waits for the result
+  (``prefetch_wait_s``). The router's gates are still computed
   from the exact FFN input, so the router gets the same kind of gradient. Only the
   selection differs from the default (it is approximate), and the working set is the
   same function of the selection. Not with the sharded store (its selection is

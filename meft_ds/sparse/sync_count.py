@@ -21,8 +21,12 @@ buffers of :mod:`meft_ds.sparse.staging`) are counted apart (``async_d2h``): no 
 roots given to :meth:`HostSyncCounter.mark_device` (the model's parameters and buffers,
 the batch), everything computed from a device tensor on the counted thread (a dispatch
 mode sees every op, backward's included), tensors made by a factory called with an
-explicit ``torch.device`` (``torch.zeros(..., device=x.device)``), and host tensors sent
-with ``.to(<torch.device>)``. Host tensors are everything else: the store's rows,
+explicit ``torch.device`` (``torch.zeros(..., device=x.device)``; a function mode, so in
+forward only: backward runs without them), and host tensors sent with
+``.to(<torch.device>)``. Transfers are seen by patching ``Tensor``'s transfer methods
+while a counter is active (``to``, ``cpu``, ``copy_``, ``tolist``, ``numpy``): a
+``.to("cpu")`` of a CPU tensor reaches no dispatcher, and function modes do not run in
+backward. Host tensors are everything else: the store's rows,
 staging buffers, results of ``.to("cpu")`` / ``.cpu()`` / a copy into a host tensor,
 factories without a device or with the string ``"cpu"``, and whatever worker threads
 compute (modes are per thread: their work is not counted, as it does not hold up the
