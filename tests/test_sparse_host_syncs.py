@@ -178,9 +178,10 @@ def test_a_sparse_training_step_stays_within_the_goal_counts(values):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("eager", [False, True])
-def test_row_gradients_received_on_the_host_worker_train_as_received_inline(eager):
-    """The CUDA path hands each row gradient to the host worker (then the eager update
-    after it); forced here on the CPU, the store ends bit-identical to inline receipt."""
+def test_row_gradients_received_on_a_thread_train_as_received_inline(eager):
+    """The CUDA path hands each row gradient to the receiver thread (the eager update
+    waits for its layer's); forced here on the CPU, the store ends bit-identical to
+    inline receipt."""
     stores = []
     for threaded in (False, True):
         method, engine = _engine({"sparse_eager_update": eager})

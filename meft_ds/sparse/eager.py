@@ -72,16 +72,16 @@ class EagerRowUpdate:
     """The worker, this step's submitted layers and their speculative copies."""
 
     def __init__(self, store, optimizer: RowAdamW, lr_ratio: float,
-                 worker: Callable[[], ThreadPoolExecutor]) -> None:
+                 received: Callable[[int], None]) -> None:
         self.store = store
         self.optimizer = optimizer
         self.lr_ratio = lr_ratio
         self.lr: float | None = None
         self.clip = 0.0
         self._seen_sq = 0.0  # worker only: squared norm of the gradients it took
-        # the runtime's host worker, one thread: a layer's update runs after the receipt
-        # of its row gradients (meft_ds.sparse.transfer), submitted before it
-        self._worker = worker
+        # waits for a layer's row gradients still on their way (meft_ds.sparse.transfer)
+        self._received = received
+        self._worker: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future] = {}
 
     @property
@@ -100,7 +100,9 @@ class EagerRowUpdate:
                 f"sparse layer {layer}: a second row gradient after its eager update; "
                 "the adapter must run backward once per micro-batch"
             )
-        self._futures[layer] = self._worker().submit(self._update, layer, self.lr, self.clip)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparse-row-adam")
+        self._futures[layer] = self._worker.submit(self._update, layer, self.lr, self.clip)
 
     def wait(self) -> dict[int, _Result]:
         """This step's results so far (waits for the worker)."""
@@ -113,6 +115,7 @@ class EagerRowUpdate:
 
     def _update(self, layer: int, lr: float, clip: float) -> _Result:
         """Worker: sum ``layer``'s pending gradients and update its cold rows."""
+        self._received(layer)
         start = time.perf_counter()
         state = self.store.layers[layer]
         rows, grad = self.store.coalesce_layer(layer)

@@ -83,11 +83,9 @@ class SparseRuntime:
         self.caches: dict[int, LayerCache] = {}
         self._cache_rows = cache_capacity(options.sparse_cache_rows, sizes.rank)
         self.counters = StepCounters()
-        self._worker: ThreadPoolExecutor | None = None
-        self.transfer = RowTransfer(self.store, sizes, self.counters, self.cache,
-                                    self.host_worker)
+        self.transfer = RowTransfer(self.store, sizes, self.counters, self.cache)
         self.stepper = RowStep(options, sizes, self.store, self.counters, self.caches,
-                               self.host_worker, self.transfer.drain)
+                               self.transfer.received)
         self._prefetcher: ThreadPoolExecutor | None = None
         self._tokens: tuple[int, torch.Tensor | None] | None = None  # (generation, on device)
         self._mask_copy: HostCopy | None = None
@@ -96,13 +94,6 @@ class SparseRuntime:
     def row_optimizer(self) -> RowAdamW:
         """The store's AdamW, made on first use (inference never builds its kernel)."""
         return self.stepper.row_optimizer()
-
-    def host_worker(self) -> ThreadPoolExecutor:
-        """The host thread that receives row gradients and runs eager row updates, in the
-        order they were submitted (made on first use)."""
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sparse-host")
-        return self._worker
 
     @property
     def eager(self) -> EagerRowUpdate:

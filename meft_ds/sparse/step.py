@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -43,10 +42,9 @@ class RowStep:
 
     def __init__(self, options: SparseOptions, sizes: SparseSizes, store,
                  counters: StepCounters, caches: dict[int, LayerCache],
-                 worker: Callable[[], ThreadPoolExecutor], drain: Callable[[], None]) -> None:
+                 received: Callable[[int | None], None]) -> None:
         self.options = options
-        self._worker = worker  # the runtime's host worker (eager updates run there)
-        self._drain = drain  # waits for row gradients still being received
+        self._received = received  # waits for row gradients still on their way
         self.sizes = sizes
         self.store = store
         self.counters = counters
@@ -74,7 +72,7 @@ class RowStep:
         """The eager row update (made on first use; see :mod:`meft_ds.sparse.eager`)."""
         if self._eager is None:
             self._eager = EagerRowUpdate(self.store, self.row_optimizer(),
-                                         self.options.sparse_lr_ratio, self._worker)
+                                         self.options.sparse_lr_ratio, self._received)
         return self._eager
 
     def grads_arrived(self) -> None:
@@ -91,7 +89,7 @@ class RowStep:
         """Wait for the row gradients still being received and this step's eager layer
         updates (timed as the GPU's wait)."""
         start = time.perf_counter()
-        self._drain()
+        self._received(None)
         if self._eager is None:
             return
         if self._eager.wait():

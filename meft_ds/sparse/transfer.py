@@ -4,9 +4,10 @@ Rows go to the device per layer and micro-batch: hot rows from the layer's devic
 the others gathered from the CPU store into a staging buffer and copied on a side CUDA
 stream that the compute stream then waits for (device side: no host wait). Row
 gradients come back to the host without blocking backward: copied ``non_blocking`` into
-a staging buffer and received (waited for, unscaled to fp32, queued in the store) by the
-host worker thread, which also runs the eager row update after them; on a CPU device
-the copy is done at once and received inline. See :mod:`meft_ds.sparse.staging`.
+a staging buffer and received (waited for, unscaled to fp32, queued in the store) by a
+receiver thread, which frees the buffer at once (the eager row update, on its own
+thread, first waits for its layer's receipts); on a CPU device the copy is done at once
+and received inline. See :mod:`meft_ds.sparse.staging`.
 Everything moved is counted in the step's figures.
 """
 
@@ -29,16 +30,15 @@ class RowTransfer:
     """Copies of store rows to a device and of row gradients back to the host."""
 
     def __init__(self, store, sizes: SparseSizes, counters: StepCounters,
-                 cache_for: Callable[[int, torch.device], LayerCache | None],
-                 worker: Callable[[], ThreadPoolExecutor]) -> None:
+                 cache_for: Callable[[int, torch.device], LayerCache | None]) -> None:
         self.store = store
         self.sizes = sizes
         self.counters = counters
         self._cache_for = cache_for  # the layer's hot-row cache (None: off)
-        self._worker = worker  # the host worker (shared with the eager update: FIFO)
         self.staging = Staging()
         self._staging_done: dict[int, DeviceEvent] = {}
-        self._receiving: list[Future] = []
+        self._receiver: ThreadPoolExecutor | None = None
+        self._receiving: dict[int, list[Future]] = {}  # per layer, in submission order
         # receive row gradients on the host worker: on CUDA (the copy is in flight);
         # None = by the device, True/False forces it (tests of the threaded path on CPU)
         self.receive_async: bool | None = None
@@ -100,8 +100,8 @@ class RowTransfer:
                       loss_scale: float) -> None:
         """Queue ``grad`` (the gradient of ``layer``'s cold ``rows``, on the device) into the
         store in fp32, divided by the ``loss_scale`` it still carries. Backward does not
-        wait: the copy is queued ``non_blocking`` and received on the host worker (CUDA;
-        work submitted to the worker after this runs after it) or inline (CPU)."""
+        wait: the copy is queued ``non_blocking`` and received on the receiver thread
+        (CUDA; :meth:`received` waits for it) or inline (CPU)."""
         copy = self.staging.to_host([grad])
         self.counters.moved("d2h", Moved.of(grad))
 
@@ -112,15 +112,25 @@ class RowTransfer:
         if threaded is None:
             threaded = grad.device.type == "cuda"
         if threaded:
-            self._receiving.append(self._worker().submit(receive))
+            if self._receiver is None:
+                self._receiver = ThreadPoolExecutor(1, thread_name_prefix="sparse-receive")
+            future = self._receiver.submit(receive)  # one thread: a layer's order is kept
+            self._receiving.setdefault(layer, []).append(future)
         else:
             receive()
 
-    def drain(self) -> None:
-        """Wait until every queued row gradient is in the store (before reading it)."""
-        receiving, self._receiving = self._receiving, []
-        for future in receiving:
-            future.result()
+    def received(self, layer: int | None = None) -> None:
+        """Wait until ``layer``'s (``None``: every layer's) queued row gradients are in the
+        store, before it is read (the eager update's thread asks for its layer while the
+        main thread may ask for all: waiting is idempotent, only ``None`` forgets them)."""
+        if layer is not None:
+            for future in list(self._receiving.get(layer, ())):
+                future.result()
+            return
+        for key in list(self._receiving):
+            for future in list(self._receiving.get(key, ())):
+                future.result()
+        self._receiving = {}
 
     def to_host(self, tensors: list[torch.Tensor]) -> HostCopy:
         """Queue copies of device ``tensors`` to the host (see
