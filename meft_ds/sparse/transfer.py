@@ -39,7 +39,7 @@ class RowTransfer:
         self._staging_done: dict[int, DeviceEvent] = {}
         self._receiver: ThreadPoolExecutor | None = None
         self._receiving: dict[int, list[Future]] = {}  # per layer, in submission order
-        # receive row gradients on the host worker: on CUDA (the copy is in flight);
+        # receive row gradients on the receiver thread: on CUDA (the copy is in flight);
         # None = by the device, True/False forces it (tests of the threaded path on CPU)
         self.receive_async: bool | None = None
 
