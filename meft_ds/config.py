@@ -67,6 +67,11 @@ class TrainConfig:
     grad_accum: int | None = opt(None, "override gradient_accumulation_steps")
     seed: int = opt(42, "seed for weights, data order and dropout")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
+    deterministic: bool = opt(
+        False, "deterministic kernels only (torch.use_deterministic_algorithms; on CUDA also "
+        "cuBLAS's fixed workspace): a resumed run repeats an uninterrupted one bit for bit "
+        "on a GPU too, at some speed (CPU kernels are deterministic already)"
+    )
     output_dir: str = opt("runs/latest", "metrics, checkpoints and the exported adapter")
     save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")

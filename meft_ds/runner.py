@@ -85,6 +85,13 @@ def start_process(timeout_s: int = 1800) -> torch.device:
     return dev
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels from here on (an op without one raises instead of running).
+    Before any CUDA work: cuBLAS reads its workspace setting when it starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def device() -> torch.device:
     """This rank's device (on CUDA: made current, ``cuda:LOCAL_RANK``)."""
     if torch.cuda.is_available():
@@ -222,6 +229,8 @@ class _Recipe:
         """Join the process group; every rank checks the same config and that it can
         start in the output directory (or resume from it)."""
         cfg, spec = self.cfg, self.spec
+        if cfg.deterministic:
+            use_deterministic_kernels()
         self.dev = start_process(cfg.dist_timeout)  # before any collective: see its docstring
         mdist.check_same_config(_config_identity(spec))
         self.rank, self.world_size = world()
