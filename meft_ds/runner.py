@@ -277,6 +277,10 @@ class _Recipe:
             warmup_ratio=cfg.warmup_ratio, lr=cfg.lr, micro_batch=cfg.micro_batch_size,
             grad_accum=cfg.grad_accum, cuda=self.cuda,
         )
+        if cfg.model in loader.SHAPES and self.cuda:
+            # a shape's random checkpoint, the first time, drawn on the GPU: seconds, where
+            # the host's serial init of a 7B model takes about a minute
+            loader.shape_dir(cfg.model, self.dev)
         seed_everything(cfg.seed)
         self.loaded = loader.load_model(
             cfg.model, dtype=self.dtype, tokenizer=self.tokenizer, attention=self.attention,

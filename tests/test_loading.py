@@ -116,7 +116,13 @@ def test_shapes_load_from_a_checkpoint_written_once(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(loader, "smollm2_dir", lambda: smollm2)
     monkeypatch.setenv("MEFT_DS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(loader.SHAPES, "tiny-shape", dict(TINY))
+    torch.manual_seed(7)
+    want = torch.rand(4)
+    torch.manual_seed(7)
     first = loader.load_model("tiny-shape", dtype=torch.float32)
+    # the write drew its weights on a forked RNG: the caller's stream (a run's seed) is
+    # where it was, whether the checkpoint was written or found
+    assert torch.equal(torch.rand(4), want)
     written = tmp_path / "cache" / "shapes" / "tiny-shape"
     assert first.source == f"random weights, {written}"
     config = written / "config.json"

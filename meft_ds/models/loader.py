@@ -147,8 +147,11 @@ def shape_dir(name: str, device: torch.device | str = "cpu") -> Path:
 
         config = model_config(name)
         config.dtype = torch.bfloat16
-        torch.manual_seed(0)
-        with torch.device(device):
+        cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+        # a forked RNG: the caller's random stream (a run's seed) is the same whether the
+        # checkpoint was written now or found in the cache
+        with torch.random.fork_rng(devices=cuda), torch.device(device):
+            torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(tmp)
         load_tokenizer(SMOLLM2).save_pretrained(tmp)
