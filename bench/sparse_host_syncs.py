@@ -12,6 +12,11 @@ and the CPU default (eager update off). Reported per step (steps 2 and 3 average
 per adapted layer; "sparse" counts only points in ``meft_ds/sparse/``, "all" every
 point (the model's and DeepSpeed's too).
 
+``--mask host`` (default) runs the step as the launcher's trainer does: the runtime gets
+the batch's host attention mask first (``Method.before_forward``), so padding is found
+without a copy back; ``--mask device`` as a library user's loop (HF ``Trainer``) does: the
+mask reaches the adapter only on the device (one wait per micro-batch).
+
 ``--label`` stores this checkout's figures under that name (``before`` / ``after`` the
 changes of issue 19.6; the GPU kit, ``bench/gpu/checks.sh``, runs it with ``--device
 cuda --label cuda`` to check the count is the CPU's), keeping the other labels', in
@@ -65,7 +70,7 @@ def batches(tokenizer, n: int, steps: int) -> list[tuple[torch.Tensor, ...]]:
 
 
 def measure(model, tokenizer, values: dict, device: torch.device, steps: int = 3,
-            micro_batch: int = 4) -> dict:
+            micro_batch: int = 4, host_mask: bool = True) -> dict:
     """Sync points of ``steps`` training steps of a fresh sparse adapter on ``model``."""
     import copy
 
@@ -91,9 +96,14 @@ def measure(model, tokenizer, values: dict, device: torch.device, steps: int = 3
     layers = len(method.adapters)
     per_step = []
     for batch in batches(tokenizer, micro_batch, steps):
+        # the host's batch (cloned: on a CPU .to() returns the same tensor, which the
+        # counter then marks as the device's)
+        host = {"input_ids": batch[0].clone(), "attention_mask": batch[1].clone()}
         input_ids, mask, labels = (t.to(device) for t in batch)  # as the trainer does
         counter = HostSyncCounter().mark_device(engine.module, input_ids, mask, labels)
         with counter:
+            if host_mask:
+                method.before_forward(host)
             logits = method.forward(engine, input_ids, mask)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -164,6 +174,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--optimizer", default="cpu_adam", choices=("cpu_adam", "torch"),
                         help="the row store's Adam (torch: no op build on a fresh machine)")
+    parser.add_argument("--mask", default="host", choices=("host", "device"),
+                        help="host: as the launcher's trainer; device: as a library loop")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     from meft_ds.build_lock import prefer_interpreter_ninja
@@ -187,9 +199,9 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     report["goal_per_layer"] = GOAL
     report["runs"][args.label] = {
-        "commit": commit, "model": args.model, "device": str(device),
+        "commit": commit, "model": args.model, "device": str(device), "mask": args.mask,
         "variants": {name: measure(model, tokenizer, {**values, "sparse_optimizer": args.optimizer},
-                                   device)
+                                   device, host_mask=args.mask == "host")
                      for name, values in VARIANTS.items()},
     }
     write_report(report, args.out, plot)

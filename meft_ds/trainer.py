@@ -145,7 +145,9 @@ class Trainer:
     # --- one step ----------------------------------------------------------------
     def _micro_step(self, accum_index: int, meter: memory.SavedTensorMeter) -> tuple[float, int]:
         index = BatchSchedule.index(self.step, accum_index, self.accum, self.rank, self.world_size)
-        batch = {k: v.to(self.device) for k, v in self.schedule.batch(index).items()}
+        host = self.schedule.batch(index)
+        batch = {k: v.to(self.device) for k, v in host.items()}
+        self.method.before_forward(host)
         with meter.record():
             logits = self.method.forward(self.engine, batch["input_ids"], batch["attention_mask"])
             loss = lm_loss(logits, batch["labels"])

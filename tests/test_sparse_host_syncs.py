@@ -129,9 +129,11 @@ def _engine(values: dict):
     return method, engine
 
 
-def _train(method, engine, steps: int, counters: list | None = None) -> None:
+def _train(method, engine, steps: int, counters: list | None = None,
+           host_mask: bool = False) -> None:
     """``steps`` optimizer steps of two padded micro-batches each; ``counters``: count
-    each step's sync points into a new counter appended there."""
+    each step's sync points into a new counter appended there. ``host_mask``: the batch's
+    host copy is given first, as the launcher's trainer does (``Method.before_forward``)."""
     gen = torch.Generator().manual_seed(3)
     for _ in range(steps):
         counter = HostSyncCounter().mark_device(engine.module)
@@ -140,6 +142,9 @@ def _train(method, engine, steps: int, counters: list | None = None) -> None:
                 ids = torch.randint(0, 128, (2, 12), generator=gen)
                 mask = torch.ones_like(ids)
                 mask[1, 9:] = 0
+                if host_mask:  # the host's copy: the batch before it went to the device
+                    method.before_forward({"input_ids": ids.clone(), "attention_mask":
+                                           mask.clone()})
                 counter.mark_device(ids, mask)
                 logits = method.forward(engine, ids, mask)
                 loss = F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(),
@@ -156,24 +161,26 @@ def _train(method, engine, steps: int, counters: list | None = None) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("host_mask", [False, True], ids=["device_mask", "host_mask"])
 @pytest.mark.parametrize("values", [
     {}, {"sparse_prefetch": True}, {"sparse_eager_update": True},
     {"sparse_cache_rows": 16},
 ], ids=["default", "prefetch", "eager", "cache"])
-def test_a_sparse_training_step_stays_within_the_goal_counts(values):
+def test_a_sparse_training_step_stays_within_the_goal_counts(values, host_mask):
     method, engine = _engine(values)
     counters: list[HostSyncCounter] = []
-    _train(method, engine, steps=3, counters=counters)  # the cache fills after step 1
+    _train(method, engine, steps=3, counters=counters, host_mask=host_mask)  # cache: step 2
     layers, micro_batches = len(method.adapters), 2
     selection = 0 if values.get("sparse_prefetch") else layers  # one wait per layer
+    mask = 0 if host_mask else 1  # the mask's copy back, once per micro-batch
     for counter in counters[1:]:
-        assert counter.total("forward", where=SPARSE) == micro_batches * (selection + 1), \
+        assert counter.total("forward", where=SPARSE) == micro_batches * (selection + mask), \
             counter.sites
         assert counter.total("backward", where=SPARSE) == 0, counter.sites
         # the row gradients went to the host, asynchronously
         assert counter.total("backward", ("async_d2h",), where=SPARSE) > 0
     assert counters[-1].total("forward", ("wait",), where=SPARSE) == micro_batches * (
-        selection + 1)
+        selection + mask)
 
 
 @pytest.mark.unit

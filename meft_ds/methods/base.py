@@ -87,6 +87,10 @@ class Method:
     def attach_engine(self, engine: Any) -> None:
         """Called once after ``deepspeed.initialize``."""
 
+    def before_forward(self, host_batch: dict[str, torch.Tensor]) -> None:
+        """Called before each training micro-batch's forward with the batch as it was
+        before it went to the device (host tensors)."""
+
     def before_backward(self) -> None:
         """Called before each micro-batch's ``engine.backward``."""
 

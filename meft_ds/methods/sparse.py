@@ -234,6 +234,10 @@ class SparseMethod(Method):
         runtime.row_optimizer()  # built now, so a failure is reported before training
         self._eager_on = self._eager_update_on(engine)
 
+    def before_forward(self, host_batch: dict[str, torch.Tensor]) -> None:
+        """The host's attention mask: padding found without a copy back from the device."""
+        self._runtime().note_host_mask(host_batch.get("attention_mask"))
+
     def before_backward(self) -> None:
         """Arm the eager row update for the last micro-batch of a step, where it is exact
         (speculative with clipping; see :mod:`meft_ds.sparse.eager`)."""

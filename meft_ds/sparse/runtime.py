@@ -89,6 +89,8 @@ class SparseRuntime:
         self._prefetcher: ThreadPoolExecutor | None = None
         self._tokens: tuple[int, torch.Tensor | None] | None = None  # (generation, on device)
         self._mask_copy: HostCopy | None = None
+        self._host_mask: torch.Tensor | None = None  # the micro-batch's mask, from the host
+        self._noted_mask: torch.Tensor | None = None  # given by :meth:`note_host_mask`
         self.usage: Usage | None = None  # row/expert counts (meft_ds.sparse.diagnostics)
 
     def row_optimizer(self) -> RowAdamW:
@@ -109,8 +111,18 @@ class SparseRuntime:
         self.token_mask = attention_mask
         if self._mask_copy is not None:
             self._mask_copy.release()
-        self._mask_copy = None if attention_mask is None else self.transfer.to_host(
-            [attention_mask.detach()])
+        self._mask_copy = None
+        noted, self._noted_mask = self._noted_mask, None
+        self._host_mask = noted if attention_mask is not None and noted is not None and (
+            noted.shape == attention_mask.shape) else None
+        if attention_mask is not None and self._host_mask is None:
+            self._mask_copy = self.transfer.to_host([attention_mask.detach()])
+
+    def note_host_mask(self, mask: torch.Tensor | None) -> None:
+        """The host copy of the attention mask the next forward gets (the batch before it
+        was sent to the device): that micro-batch's padding is then found without waiting
+        for a copy back. Used once, by the next :meth:`begin_micro_batch`."""
+        self._noted_mask = None if mask is None else mask.detach()
 
     def active_tokens(self, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
         """Indices of this micro-batch's non-padding tokens on ``device`` (``None``: all of
@@ -123,12 +135,15 @@ class SparseRuntime:
         if mask is None or tuple(mask.shape) != tuple(shape):
             return None
         if self._tokens is None or self._tokens[0] != self.generation:
-            copy = self._mask_copy
-            if copy is None or copy.released:  # (a mask set without begin_micro_batch)
-                copy = self.transfer.to_host([mask.detach()])
-            (host,) = copy.wait()
-            tokens = host.reshape(-1).nonzero().squeeze(1)  # a host op
-            copy.release()
+            if self._host_mask is not None:
+                tokens = self._host_mask.reshape(-1).nonzero().squeeze(1)  # no wait
+            else:
+                copy = self._mask_copy
+                if copy is None or copy.released:  # (a mask set without begin_micro_batch)
+                    copy = self.transfer.to_host([mask.detach()])
+                (host,) = copy.wait()
+                tokens = host.reshape(-1).nonzero().squeeze(1)  # a host op
+                copy.release()
             if tokens.numel() == mask.numel():
                 tokens = None
             else:  # sent once (pageable: copied out before the call returns)
