@@ -84,6 +84,34 @@ def tiny_llama(layers: int = 3, vocab_size: int = 128):
     return LlamaForCausalLM(config)
 
 
+def tiny_sparse_engine(values: dict, clip: float = 1.0):
+    """A sparse adapter (128 rows of 8 experts, top-8, torch row Adam; ``values`` more
+    options) on :func:`tiny_llama` under a DeepSpeed ZeRO-0 engine (AdamW lr 1e-2,
+    micro-batch 2, two micro-batches a step, clipping ``clip``); values start non-zero so
+    the first step has gradients everywhere. Returns ``(method, engine)``."""
+    import deepspeed
+
+    from meft_ds import methods
+    from meft_ds import options as opt
+
+    cls = methods.get("sparse")
+    values = dict(sparse_rank=128, sparse_experts=8, sparse_top_k=8, sparse_optimizer="torch",
+                  **values)
+    method = cls(opt.build(cls.Options, values, context="sparse"), None)
+    module = method.apply(tiny_llama())
+    for rows in method.runtime.store.layers.values():
+        rows.weight[:, 64:].normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=module, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-2),
+        config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                "gradient_clipping": clip, "zero_optimization": {"stage": 0},
+                "steps_per_print": 10**9},
+    )
+    method.attach_engine(engine)
+    return method, engine
+
+
 def save_tiny_base(where: Path) -> Path:
     """:func:`tiny_llama` saved as a model directory with SmolLM2's tokenizer, its
     vocabulary exactly the tokenizer's."""

@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import tiny_sparse_engine
 
-from meft_ds import methods
-from meft_ds import options as opt
 from meft_ds.sparse.adapter import SparseAdapter
 from meft_ds.sparse.cache import cache_capacity
 from meft_ds.sparse.options import SparseOptions, resolve_sizes
@@ -151,24 +149,8 @@ def _engine_run(eager: bool | None, clip: float, cache_rows: float, steps: int =
                 coef: float | None = None):
     """``coef``: the clip coefficient handed to the store (default: the trainer's, from
     the engine's norm and the rows')."""
-    import deepspeed
-
-    cls = methods.get("sparse")
-    values = dict(sparse_rank=128, sparse_experts=8, sparse_top_k=8, sparse_optimizer="torch",
-                  sparse_eager_update=eager, sparse_cache_rows=cache_rows)
-    method = cls(opt.build(cls.Options, values, context="sparse"), None)
-    module = method.apply(tiny_llama())
-    for rows in method.runtime.store.layers.values():
-        rows.weight[:, 64:].normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=module, model_parameters=params,
-        optimizer=torch.optim.AdamW(params, lr=1e-2),
-        config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-                "gradient_clipping": clip, "zero_optimization": {"stage": 0},
-                "steps_per_print": 10**9},
-    )
-    method.attach_engine(engine)
+    method, engine = tiny_sparse_engine(
+        {"sparse_eager_update": eager, "sparse_cache_rows": cache_rows}, clip=clip)
     gen = torch.Generator().manual_seed(3)
     metrics = []
     for _ in range(steps):

@@ -11,10 +11,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import tiny_sparse_engine
 
-from meft_ds import methods
-from meft_ds import options as opt
 from meft_ds.sparse.staging import StagingPool
 from meft_ds.sparse.sync_count import DeviceEvent, HostSyncCounter
 
@@ -109,24 +107,7 @@ def test_backward_is_a_phase_of_its_own_and_waits_count_on_the_counted_thread_on
 
 # --- a sparse training step under a real DeepSpeed engine -----------------------------
 def _engine(values: dict):
-    import deepspeed
-
-    cls = methods.get("sparse")
-    values = dict(sparse_rank=128, sparse_experts=8, sparse_top_k=8, sparse_optimizer="torch",
-                  **values)
-    method = cls(opt.build(cls.Options, values, context="sparse"), None)
-    module = method.apply(tiny_llama())
-    for rows in method.runtime.store.layers.values():
-        rows.weight[:, 64:].normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=module, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-2),
-        config={"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-                "gradient_clipping": 1.0, "zero_optimization": {"stage": 0},
-                "steps_per_print": 10**9},
-    )
-    method.attach_engine(engine)
-    return method, engine
+    return tiny_sparse_engine(values)
 
 
 def _train(method, engine, steps: int, counters: list | None = None,
