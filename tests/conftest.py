@@ -112,6 +112,18 @@ def tiny_sparse_engine(values: dict, clip: float = 1.0):
     return method, engine
 
 
+def tiny_backward(method, engine, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """One micro-batch's forward and backward on :func:`tiny_sparse_engine`'s model
+    (next-token loss over every position; the caller steps the engine)."""
+    import torch.nn.functional as F
+
+    logits = method.forward(engine, ids, mask)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           ids[:, 1:].reshape(-1))
+    method.before_backward()
+    engine.backward(loss)
+
+
 def save_tiny_base(where: Path) -> Path:
     """:func:`tiny_llama` saved as a model directory with SmolLM2's tokenizer, its
     vocabulary exactly the tokenizer's."""

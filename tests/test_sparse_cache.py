@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import tiny_sparse_engine
+from conftest import tiny_backward, tiny_sparse_engine
 
 from meft_ds.sparse.adapter import SparseAdapter
 from meft_ds.sparse.cache import cache_capacity
@@ -158,11 +157,7 @@ def _engine_run(eager: bool | None, clip: float, cache_rows: float, steps: int =
             ids = torch.randint(0, 128, (2, 12), generator=gen)
             mask = torch.ones_like(ids)
             mask[1, 9:] = 0
-            logits = method.forward(engine, ids, mask)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(),
-                                   ids[:, 1:].reshape(-1))
-            method.before_backward()
-            engine.backward(loss)
+            tiny_backward(method, engine, ids, mask)
             lr = engine.get_lr()[0]
             engine.step()
         norm = method.external_grad_sq_norm()

@@ -10,8 +10,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import tiny_sparse_engine
+from conftest import tiny_backward, tiny_sparse_engine
 
 from meft_ds.sparse.staging import StagingPool
 from meft_ds.sparse.sync_count import DeviceEvent, HostSyncCounter
@@ -127,11 +126,7 @@ def _train(method, engine, steps: int, counters: list | None = None,
                     method.before_forward({"input_ids": ids.clone(), "attention_mask":
                                            mask.clone()})
                 counter.mark_device(ids, mask)
-                logits = method.forward(engine, ids, mask)
-                loss = F.cross_entropy(logits[:, :-1].reshape(-1, 128).float(),
-                                       ids[:, 1:].reshape(-1))
-                method.before_backward()
-                engine.backward(loss)
+                tiny_backward(method, engine, ids, mask)
                 lr = engine.get_lr()[0]
                 with counter.phase("step"):
                     engine.step()
