@@ -124,6 +124,14 @@ def tiny_backward(method, engine, ids: torch.Tensor, mask: torch.Tensor) -> None
     engine.backward(loss)
 
 
+def run_losses(out: Path) -> list[float]:
+    """The per-step training losses a run logged in ``out/metrics.jsonl``, in order."""
+    import json
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
 def save_tiny_base(where: Path) -> Path:
     """:func:`tiny_llama` saved as a model directory with SmolLM2's tokenizer, its
     vocabulary exactly the tokenizer's."""

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import run_losses, subprocess_env
 
 from meft_ds.runner import free_port
 
@@ -33,11 +33,6 @@ def _run(argv: list[str], code: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-def _losses(out: Path) -> list[float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.mark.multiprocess
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
@@ -53,7 +48,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path) -> None:
         capture_output=True, text=True, env=subprocess_env(), timeout=900, cwd=ROOT,
     )
     assert double.returncode == 0, double.stderr[-3000:]
-    a, b = _losses(one), _losses(two)
+    a, b = run_losses(one), run_losses(two)
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
@@ -77,7 +72,7 @@ def test_two_rank_resume_restores_each_ranks_dropout(tmp_path: Path) -> None:
     _run([*_torchrun(), *lora, "--save_steps", "2", "--stop_after", "3",
           "--output_dir", str(split)])
     _run([*_torchrun(), *lora, "--save_steps", "2", "--resume", "--output_dir", str(split)])
-    assert _losses(split) == _losses(full) and len(_losses(full)) == 4
+    assert run_losses(split) == run_losses(full) and len(run_losses(full)) == 4
     assert len(list((split / "checkpoints" / "step_0000002").glob("rng_rank*.pt"))) == 2
     # One rank would halve the global batch and shift every later example: refused.
     refused = _run([sys.executable, *lora, "--resume", "--output_dir", str(split)], code=2)

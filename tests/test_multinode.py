@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import run_losses, subprocess_env
 
 from meft_ds import dist as mdist
 from meft_ds.errors import UserError
@@ -73,11 +73,6 @@ def _nodes(commands: list[list[str]], logs: Path) -> list[subprocess.CompletedPr
     return done
 
 
-def _losses(out: Path) -> list[float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 def _metric(out: Path, key: str) -> float:
     """``key`` of the last step that logged it."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -88,7 +83,7 @@ def _same_run(out: Path, ref: Path, steps: slice = slice(None)) -> None:
     """Loss trajectory and exported adapter of ``out`` equal ``ref``'s (fp32 tolerance)."""
     from meft_ds.export import read_adapter
 
-    a, b = _losses(ref)[steps], _losses(out)[steps]
+    a, b = run_losses(ref)[steps], run_losses(out)[steps]
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (a, b)
@@ -109,7 +104,7 @@ def sparse_ref(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sparse_ref")
     _ok(_run([*PYTHON, *COMMON, *SPARSE, "--grad_accum", "4", "--save_steps", "2",
               "--output_dir", str(out)]))
-    assert _losses(out)[0] != _losses(out)[-1]
+    assert run_losses(out)[0] != run_losses(out)[-1]
     return out
 
 
@@ -242,5 +237,5 @@ def test_multinode_config_trains(tmp_path: Path) -> None:
         "--progress", "false",
     ]))
     assert _metric(out, "sparse_rows_updated") > 0
-    assert all(math.isfinite(x) for x in _losses(out)) and len(_losses(out)) == 2
+    assert all(math.isfinite(x) for x in run_losses(out)) and len(run_losses(out)) == 2
     assert (out / "adapter" / "adapter.safetensors").exists()

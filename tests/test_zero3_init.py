@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import run_losses, subprocess_env
 from test_loading import tiny_checkpoint
 
 from meft_ds.export import read_adapter
@@ -69,11 +69,6 @@ def _train(tmp_path: Path, model: Path, stage: int) -> Path:
     return out
 
 
-def _losses(out: Path) -> list[float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.mark.multiprocess
 def test_zero3_loads_partitioned_and_trains_as_zero0(tmp_path: Path) -> None:
     model = tiny_checkpoint(tmp_path / "model")
@@ -92,7 +87,7 @@ def test_zero3_loads_partitioned_and_trains_as_zero0(tmp_path: Path) -> None:
     # the same losses and adapter as ZeRO-0. Measured: the losses bit-exact, the adapter
     # within 1.5e-7 (fp32 gradients reduced in another order: reduce-scatter, not
     # all-reduce); the bounds leave room for another machine's summation order
-    a, b = _losses(zero0), _losses(zero3)
+    a, b = run_losses(zero0), run_losses(zero3)
     assert len(a) == len(b) == 3 and a[0] != a[-1]
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 1e-6 * abs(x), (a, b)

@@ -135,14 +135,14 @@ class SparseRuntime:
         if mask is None or tuple(mask.shape) != tuple(shape):
             return None
         if self._tokens is None or self._tokens[0] != self.generation:
-            if self._host_mask is not None:
-                tokens = self._host_mask.reshape(-1).nonzero().squeeze(1)  # no wait
-            else:
+            host, copy = self._host_mask, None  # the caller's host mask: no wait
+            if host is None:
                 copy = self._mask_copy
                 if copy is None or copy.released:  # (a mask set without begin_micro_batch)
                     copy = self.transfer.to_host([mask.detach()])
                 (host,) = copy.wait()
-                tokens = host.reshape(-1).nonzero().squeeze(1)  # a host op
+            tokens = host.reshape(-1).nonzero().squeeze(1)  # a host op
+            if copy is not None:
                 copy.release()
             if tokens.numel() == mask.numel():
                 tokens = None
