@@ -158,3 +158,25 @@ def test_sparse_export_from_before_the_router_multiplier_loads_as_trained(tiny_b
     adapted = load_adapted(tmp_path / "out")
     assert adapted.method.options.sparse_router_lr_ratio == 1.0
     torch.testing.assert_close(adapted.logits(ids, torch.ones_like(ids)), _logits(module, ids))
+
+
+@pytest.mark.unit
+def test_sparse_context_routing_export_loads_as_trained(tiny_base, tmp_path):
+    """The launcher's export carries context routing's centres (fp32 under a bf16 load);
+    one whose options predate --sparse_route loads routed by token, as trained then."""
+    tiny = {"sparse_rank": 32, "sparse_experts": 4, "sparse_top_k": 4,
+            "sparse_optimizer": "torch"}
+    ids = torch.randint(0, 128, (2, 7))
+    for route in ("context", "token"):
+        method, module = _trained("sparse", tiny_base, **tiny, sparse_route=route)
+        out = tmp_path / route
+        _export(method, module, tiny_base, out)
+        if route == "token":
+            config = out / export.CONFIG
+            meta = json.loads(config.read_text())
+            del meta["options"]["sparse_route"]
+            config.write_text(json.dumps(meta))
+        adapted = load_adapted(out)
+        assert adapted.method.options.sparse_route == route
+        torch.testing.assert_close(adapted.logits(ids, torch.ones_like(ids)),
+                                   _logits(module, ids))

@@ -418,17 +418,21 @@ SPARSE_TINY = {"sparse_rank": 64, "sparse_experts": 8, "sparse_top_k": 4,
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize(("variant", "attn_lora"), [("meft1", 0), ("meft3", 0), ("meft1", 4)])
-def test_sparse_reversible_gradients_equal_autograd(variant: str, attn_lora: int) -> None:
+@pytest.mark.parametrize(("variant", "attn_lora", "route"), [
+    ("meft1", 0, "token"), ("meft3", 0, "token"), ("meft1", 4, "token"), ("meft1", 0, "context")])
+def test_sparse_reversible_gradients_equal_autograd(variant: str, attn_lora: int,
+                                                    route: str) -> None:
     """Through the method's own model: router, dense adapter, attention LoRA
     (``sparse_attn_lora_r``) and row gradients of the reversible backward equal plain
-    autograd through the same network."""
+    autograd through the same network (also routed by context: the router's gradient then
+    reaches every earlier position's input)."""
     cls = methods.get("sparse")
     results = []
     for backward, keep in (("autograd", 0), ("reversible", 0), ("reversible", 1)):
         opts = options.build(cls.Options, {**SPARSE_TINY, "reversible": True, "layer_start": 1,
                                            "rev_variant": variant, "rev_backward": backward,
-                                           "rev_keep_top": keep, "sparse_attn_lora_r": attn_lora})
+                                           "rev_keep_top": keep, "sparse_attn_lora_r": attn_lora,
+                                           "sparse_route": route})
         method = cls(opts, None)
         module = method.apply(_tiny(4)).train()
         assert sorted(method.adapters) == [1, 2, 3] and list(module.span) == [1, 2, 3]

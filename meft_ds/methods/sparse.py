@@ -38,6 +38,7 @@ from meft_ds.sparse.runtime import SparseRuntime
 
 EXPORT_PREFIX = "sparse_store.layer"
 CACHE_FILE = "sparse_cache.pt"
+CONTEXT_PREFIX = "sparse_context.layer"  # + "<L>.centre": --sparse_route context's centres
 # per layer: the rows (``sparse_store.layer<L>.weight``), then their Adam state
 STORE_TENSORS = ("weight", "exp_avg", "exp_avg_sq", "steps")
 
@@ -77,7 +78,18 @@ class _BeginMicroBatch:
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
-        self.runtime.begin_micro_batch(mask if isinstance(mask, torch.Tensor) else None)
+        self.runtime.begin_micro_batch(mask if isinstance(mask, torch.Tensor) else None,
+                                       continuing=_cached_length(kwargs) > 0)
+
+
+def _cached_length(kwargs: dict) -> int:
+    """Tokens already in the call's KV cache (0: a new sequence)."""
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (k, v)
 
 
 def _add_attention_lora(model: nn.Module, rank: int, layers: tuple[int, ...], seed: int
@@ -118,7 +130,8 @@ class SparseMethod(Method):
         "sparse_eager_update", "sparse_prefetch", "sparse_huge_pages", "sparse_diagnostics",
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options
     # exported before these options: the router multiplier, the attention LoRA
-    legacy_options = {"sparse_router_lr_ratio": 1.0, "sparse_attn_lora_r": 0}
+    legacy_options = {"sparse_router_lr_ratio": 1.0, "sparse_attn_lora_r": 0,
+                      "sparse_route": "token"}
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
         super().__init__(options, model_config)
@@ -380,9 +393,20 @@ class SparseMethod(Method):
     def trainable_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(module)
         state.update({k: v.clone() for k, v in self.external_state().items()})
+        state.update({f"{CONTEXT_PREFIX}{layer}.centre": adapter.context_centre.detach().cpu()
+                      for layer, adapter in self.adapters.items() if adapter.context})
         return state
 
     def load_trainable_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        centres = {k: v for k, v in state.items() if k.startswith(CONTEXT_PREFIX)}
+        routed = {layer for layer, adapter in self.adapters.items() if adapter.context}
+        given = {int(k[len(CONTEXT_PREFIX):].partition(".")[0]) for k in centres}
+        if given != routed:
+            raise UserError(f"adapter file: context-routing centres for layers {sorted(given)}"
+                            f", this run routes layers {sorted(routed)} by context")
+        for layer in routed:
+            self.adapters[layer].set_context_centre(centres[f"{CONTEXT_PREFIX}{layer}.centre"])
+        state = {k: v for k, v in state.items() if k not in centres}
         rows = {k: v for k, v in state.items() if k.startswith(EXPORT_PREFIX)}
         if not any(k.endswith(".weight") for k in rows):
             raise UserError(f"adapter file lacks the sparse store rows of layers "

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meft_ds.reversible.replay import Replayable
+from meft_ds.sparse.context import data_parallel_mean, prefix_mean
 from meft_ds.sparse.router import Selection
 from meft_ds.sparse.runtime import SparseRuntime
 
@@ -156,6 +157,13 @@ class SparseAdapter(nn.Module):
         object.__setattr__(self, "_replay", None)
         object.__setattr__(self, "route_norm", None)  # set for --sparse_prefetch
         object.__setattr__(self, "_pending", None)
+        # --sparse_route context (meft_ds.sparse.context): the centre is set by the first
+        # training micro-batch (or loaded); the carry continues KV-cached decoding
+        self.context = runtime.options.sparse_route == "context"
+        object.__setattr__(self, "_carry", None)
+        object.__setattr__(self, "_centred", False)
+        if self.context:
+            self.register_buffer("context_centre", torch.zeros(sizes.hidden))
         self.reset_router()
 
     @torch.no_grad()
@@ -210,7 +218,7 @@ class SparseAdapter(nn.Module):
         if x.shape[0] == 0:
             return torch.zeros_like(hidden)
 
-        logits = self.route(x)
+        logits = self.route(self._context_query(hidden, tokens) if self.context else x)
         fresh = decision is None  # not a recomputation (counted once by diagnostics)
         if decision is None:
             decision = self._prefetched(hidden)
@@ -235,6 +243,46 @@ class SparseAdapter(nn.Module):
             return out.reshape(hidden.shape)
         full = torch.zeros_like(flat)
         return full.index_copy(0, tokens, out).reshape(hidden.shape)
+
+    def _context_query(self, hidden: torch.Tensor, tokens: torch.Tensor | None
+                       ) -> torch.Tensor:
+        """The router's input under context routing: each active token's centred causal
+        mean ``[T_active, d]`` (see :mod:`meft_ds.sparse.context`)."""
+        runtime = self.runtime
+        carry = self._carry if runtime.continuing and not self.training else None
+        if carry is not None and carry.total.shape[0] != hidden.shape[0]:
+            raise RuntimeError("sparse_route context: a cached decoding step changed the "
+                               "batch size (beam search reorders the cache: use_cache=False)")
+        means, after = prefix_mean(hidden, runtime.token_mask, carry)
+        object.__setattr__(self, "_carry", None if self.training else after)
+        flat = means.reshape(-1, means.shape[-1])
+        if tokens is not None:
+            flat = flat.index_select(0, tokens)
+        if self.training and not self._centred:
+            with torch.no_grad():  # once, on every rank alike (a collective on the group)
+                self.set_context_centre(data_parallel_mean(flat, runtime.group))
+        return (flat - self.context_centre.float()).to(hidden.dtype)
+
+    def set_context_centre(self, centre: torch.Tensor) -> None:
+        """Fix the context-routing centre ``[d]`` (calibrated, or loaded from an export)."""
+        with torch.no_grad():
+            self.context_centre.copy_(centre)
+        object.__setattr__(self, "_centred", True)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
+        # the centre stays fp32 under .to(bf16)/.half(): it cancels most of the mean it is
+        # subtracted from, so its rounding would be of the size of what is left
+        centre = self._buffers.get("context_centre")
+        out = super()._apply(fn, recurse)
+        if centre is not None:
+            self._buffers["context_centre"] = centre.to(self._buffers["context_centre"].device)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint's centre (engine resume) counts as calibrated
+        if self.context and prefix + "context_centre" in state_dict:
+            object.__setattr__(self, "_centred", True)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _active_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Indices of the non-padding tokens (training only), ``None`` = all tokens (found

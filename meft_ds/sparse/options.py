@@ -13,6 +13,7 @@ ACTIVATIONS = ("relu", "gelu", "silu")
 OPTIMIZERS = ("cpu_adam", "torch")
 WORKING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 STORE_MODES = ("replicated", "sharded")
+ROUTES = ("token", "context")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class SparseOptions:
         "The position that predicts an answer's first token looks alike across facts, so "
         "there they share rows (bench/sparse_overlap.py); attention that reads the "
         "question tells them apart"
+    )
+    sparse_route: str = opt(
+        "token", "what the router picks a token's experts from: 'token' = its own FFN input "
+        "(the paper's), 'context' = the mean of its sequence's FFN inputs up to it, centred "
+        "(meft_ds.sparse.context): facts then use different rows where their inputs look "
+        "alike, at the position that predicts the answer", choices=ROUTES,
     )
     sparse_weight_decay: float = opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
     sparse_beta1: float = opt(0.9, "Adam beta1 of the CPU row store")
@@ -129,6 +136,9 @@ class SparseOptions:
             raise UserError(
                 f"sparse: sparse_attn_lora_r must be >= 0, got {self.sparse_attn_lora_r}"
             )
+        if self.sparse_route == "context" and self.sparse_prefetch:
+            raise UserError("sparse: sparse_prefetch routes from each token's attention input "
+                            "alone; it does not combine with sparse_route context")
         if self.sparse_weight_decay < 0:
             raise UserError(
                 f"sparse: sparse_weight_decay must be >= 0, got {self.sparse_weight_decay}"

@@ -78,6 +78,7 @@ class SparseRuntime:
         self.store = make_store(options, sizes)  # replicated or sharded (meft_ds.sparse.sharded)
         self.generation = 0
         self.token_mask: torch.Tensor | None = None
+        self.continuing = False  # this call extends the sequences of the last (KV cache)
         self.engine = None
         self.group = None
         self.caches: dict[int, LayerCache] = {}
@@ -103,12 +104,15 @@ class SparseRuntime:
         return self.stepper.eager
 
     # --- per micro-batch --------------------------------------------------------------
-    def begin_micro_batch(self, attention_mask: torch.Tensor | None) -> None:
-        """A new micro-batch: new row selections; padding tokens select no rows. The mask
-        starts its way to the host now, ahead of the model's work (see
+    def begin_micro_batch(self, attention_mask: torch.Tensor | None,
+                          continuing: bool = False) -> None:
+        """A new micro-batch (``continuing``: the next tokens of the last call's sequences,
+        decoded with a KV cache): new row selections; padding tokens select no rows. The
+        mask starts its way to the host now, ahead of the model's work (see
         :meth:`active_tokens`)."""
         self.generation += 1
         self.token_mask = attention_mask
+        self.continuing = continuing
         if self._mask_copy is not None:
             self._mask_copy.release()
         self._mask_copy = None
