@@ -79,7 +79,7 @@ def _train_once(prefetch: bool, decisions: dict | None = None):
         for index, adapter in method.adapters.items():
             decisions[index].generation = runtime.generation
             object.__setattr__(adapter, "_cache", decisions[index])
-        runtime.begin_micro_batch = lambda mask: None  # keep the injected decisions
+        runtime.begin_micro_batch = lambda mask, continuing=False: None  # keep injected decisions
     loss = _loss(method.forward(module, ids, mask), ids, mask)
     loss.backward()
     grads = {k: g.clone() for k, (_, g) in method.runtime.grads().items()}
