@@ -142,10 +142,32 @@ def test_export_keeps_the_fp32_centre(tmp_path):
 
 
 @pytest.mark.unit
+def test_prefetch_routes_by_the_context_of_the_attention_inputs():
+    """--sparse_prefetch picks the experts before the FFN input exists: from the centred
+    causal mean of the attention inputs put through the FFN norm."""
+    model = meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(
+        **SPARSE, sparse_prefetch=True))
+    model.train()
+    residuals = {}
+    for a in adapters(model):
+        a.route_norm.register_forward_pre_hook(
+            lambda m, args, layer=a.layer: residuals.setdefault(layer, args[0].detach()))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    model(ids, torch.ones_like(ids))
+    counters = model.method.runtime.counters
+    counters.close([a.layer for a in adapters(model)])  # as a step's end does
+    assert counters.metrics()["sparse_prefetched_layers"] == len(adapters(model))
+    for a in adapters(model):
+        means, _ = prefix_mean(a.route_norm(residuals[a.layer]), None)
+        flat = means.reshape(-1, 64)
+        torch.testing.assert_close(a.context_centre, flat.mean(0), rtol=0, atol=1e-6)
+        want = a.route(flat - a.context_centre).topk(a.decision.experts.shape[1], -1).indices
+        assert torch.equal(a.decision.experts.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.unit
 def test_refusals():
     cls = methods.get("sparse")
-    with pytest.raises(UserError, match="does not combine with sparse_route context"):
-        opt.build(cls.Options, {**SPARSE, "sparse_prefetch": True}, context="sparse")
     with pytest.raises(UserError, match="sparse_route"):
         opt.build(cls.Options, {**SPARSE, "sparse_route": "prompt"}, context="sparse")
     model = context_model()

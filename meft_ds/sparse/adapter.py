@@ -244,17 +244,19 @@ class SparseAdapter(nn.Module):
         full = torch.zeros_like(flat)
         return full.index_copy(0, tokens, out).reshape(hidden.shape)
 
-    def _context_query(self, hidden: torch.Tensor, tokens: torch.Tensor | None
-                       ) -> torch.Tensor:
+    def _context_query(self, hidden: torch.Tensor, tokens: torch.Tensor | None,
+                       keep_carry: bool = True) -> torch.Tensor:
         """The router's input under context routing: each active token's centred causal
-        mean ``[T_active, d]`` (see :mod:`meft_ds.sparse.context`)."""
+        mean ``[T_active, d]`` (see :mod:`meft_ds.sparse.context`); ``keep_carry``: this
+        call's running sums are the ones the next cached decoding step continues."""
         runtime = self.runtime
         carry = self._carry if runtime.continuing and not self.training else None
         if carry is not None and carry.total.shape[0] != hidden.shape[0]:
             raise RuntimeError("sparse_route context: a cached decoding step changed the "
                                "batch size (beam search reorders the cache: use_cache=False)")
         means, after = prefix_mean(hidden, runtime.token_mask, carry)
-        object.__setattr__(self, "_carry", None if self.training else after)
+        if keep_carry:
+            object.__setattr__(self, "_carry", None if self.training else after)
         flat = means.reshape(-1, means.shape[-1])
         if tokens is not None:
             flat = flat.index_select(0, tokens)
@@ -338,13 +340,17 @@ class SparseAdapter(nn.Module):
             return
         runtime = self.runtime
         tokens = self._active_tokens(residual)
-        x = self.route_norm(residual).reshape(-1, runtime.sizes.hidden)
+        normed = self.route_norm(residual)
+        x = normed.reshape(-1, runtime.sizes.hidden)
         if tokens is not None:
             x = x.index_select(0, tokens)
         object.__setattr__(self, "_pending", None)
         if x.shape[0] == 0:
             return
-        experts = self.route(x).topk(runtime.sizes.experts_per_token, dim=-1).indices
+        # context routing: the mean of the attention inputs instead (the carry stays the
+        # forward's; a first training batch sets the centre from these inputs)
+        r = self._context_query(normed, tokens, keep_carry=False) if self.context else x
+        experts = self.route(r).topk(runtime.sizes.experts_per_token, dim=-1).indices
         future = runtime.prefetch(
             self.layer, x, experts, runtime.working_dtype(x.dtype), count=self.training
         )

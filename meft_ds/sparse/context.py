@@ -60,7 +60,8 @@ def prefix_mean(hidden: torch.Tensor, mask: torch.Tensor | None, carry: Carry | 
 def data_parallel_mean(rows: torch.Tensor, group=None) -> torch.Tensor:
     """Mean of ``rows`` ``[n, d]`` over every data-parallel rank's rows (fp32 ``[d]``): the
     same centre on every rank, weighted by each rank's token count."""
-    total = torch.cat([rows.detach().float().sum(0), rows.new_tensor([rows.shape[0]]).float()])
+    count = torch.full((1,), float(rows.shape[0]), device=rows.device)  # a fill, no copy
+    total = torch.cat([rows.detach().float().sum(0), count])
     if mdist.world_size(group) > 1:
         device = mdist.comm_device(group)
         moved = total.to(device)

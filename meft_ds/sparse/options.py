@@ -136,9 +136,6 @@ class SparseOptions:
             raise UserError(
                 f"sparse: sparse_attn_lora_r must be >= 0, got {self.sparse_attn_lora_r}"
             )
-        if self.sparse_route == "context" and self.sparse_prefetch:
-            raise UserError("sparse: sparse_prefetch routes from each token's attention input "
-                            "alone; it does not combine with sparse_route context")
         if self.sparse_weight_decay < 0:
             raise UserError(
                 f"sparse: sparse_weight_decay must be >= 0, got {self.sparse_weight_decay}"
