@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 # name -> launcher flags. LoRA on all linear layers (alpha = 2r, the project's ratio; r 16
 # is the project's default); the dense adapter as wide as the 0.1 sparse store (391 rows
-# per layer on SmolLM2-135M); "sparse_1.0_paper": the paper's learning-rate settings
-# (trained keys, router and rows at the engine's rate) instead of today's defaults.
+# per layer on SmolLM2-135M); "sparse_1.0_paper": the paper's settings (trained keys,
+# router and rows at the engine's rate, token routing) instead of today's defaults.
 PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
-                "--sparse_lr_ratio", "1"]
+                "--sparse_lr_ratio", "1", "--sparse_route", "token"]
 # In the order a study runs them: the comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0"],
@@ -62,12 +62,15 @@ CONFIGS: dict[str, list[str]] = {
     "sparse_reversible": ["--method", "sparse", "--reversible", "true"],
     "lora_r16": ["--method", "lora"],
     "sparse_1.0_paper": ["--method", "sparse", "--sparse_param_fraction", "1.0", *PAPER_SPARSE],
+    # the defaults before context routing (the study's first sparse points)
+    "sparse_1.0_token": ["--method", "sparse", "--sparse_param_fraction", "1.0",
+                         "--sparse_route", "token"],
 }
 SWEEP_LRS: dict[str, list[float]] = {
     "sparse_0.1": [1e-3, 3e-3], "sparse_1.0": [1e-3, 3e-3], "sparse_1.0_paper": [3e-3, 1e-3],
     "lora_r8": [1e-3, 3e-3], "lora_r16": [1e-3, 3e-3], "lora_r64": [3e-4, 1e-3],
     "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4], "reversible": [1e-3, 3e-3],
-    "sparse_reversible": [1e-3, 3e-3],
+    "sparse_reversible": [1e-3, 3e-3], "sparse_1.0_token": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json

@@ -14,7 +14,8 @@ from meft_ds.sparse import optim
 from meft_ds.trainer import lm_loss
 
 PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0,
-         "sparse_attn_lora_r": 0}
+         "sparse_attn_lora_r": 0, "sparse_route": "token"}
+PREVIOUS = {"sparse_route": "token"}  # the defaults before context routing
 
 
 def _losses(steps: int = 5, **flags) -> list[float]:
@@ -49,11 +50,25 @@ def test_paper_settings_reproduce_the_code_before_the_new_options_bit_for_bit(mo
 
 
 @pytest.mark.unit
+def test_previous_defaults_reproduce_the_token_routed_arithmetic_bit_for_bit(monkeypatch):
+    """``--sparse_route token`` is the code before context routing: the same losses as
+    today's defaults with the router fed each token's own input again."""
+    previous = _losses(**PREVIOUS)
+    token_input = lambda self, hidden, tokens, keep_carry=True: (  # noqa: E731
+        hidden.reshape(-1, hidden.shape[-1]) if tokens is None
+        else hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens))
+    monkeypatch.setattr(adapter_mod.SparseAdapter, "_context_query", token_input)
+    assert _losses() == previous and previous[-1] < previous[0]
+
+
+@pytest.mark.unit
 def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
     options = SparseMethod.Options()
     assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
-            options.sparse_lr_ratio, options.sparse_attn_lora_r) == (0.0, 10.0, 3.0, 8)
+            options.sparse_lr_ratio, options.sparse_attn_lora_r,
+            options.sparse_route) == (0.0, 10.0, 3.0, 8, "context")
     assert _losses() != _losses(**PAPER)
+    assert _losses() != _losses(**PREVIOUS)
 
 
 @pytest.mark.unit
