@@ -248,6 +248,12 @@ class Trainer:
             total=cfg.max_steps, initial=self.step, desc=f"train[{self.method.name}]",
             disable=not cfg.progress or self.rank != 0, dynamic_ncols=True,
         )
+        if self.step == 0:  # a new run: the method's data-set state (sparse centres)
+            self.engine.train()
+            self.method.calibrate(self.engine, [
+                self.schedule.batch(BatchSchedule.index(0, a, self.accum, self.rank,
+                                                        self.world_size))
+                for a in range(self.accum)])
         while self.step < cfg.max_steps:
             record = self.train_step()
             history.append(record)

@@ -18,7 +18,7 @@ from meft_ds import options as opt
 from meft_ds.errors import UserError
 from meft_ds.runner import free_port
 from meft_ds.sparse.adapter import SparseAdapter
-from meft_ds.sparse.context import data_parallel_mean, prefix_mean
+from meft_ds.sparse.context import data_parallel_mean, prefix_mean, row_sum
 
 SPARSE = dict(sparse_rank=32, sparse_experts=4, sparse_top_k=4, sparse_optimizer="torch",
               sparse_route="context")
@@ -76,6 +76,47 @@ def test_centre_is_set_by_the_first_training_batch_and_then_fixed():
     model(torch.randint(0, 128, (2, 6)), torch.ones(2, 6, dtype=torch.long))
     assert all(torch.equal(b, a.context_centre) for b, a in zip(before, adapters(model)))
     assert all(not torch.equal(b, torch.zeros_like(b)) for b in before)
+
+
+@pytest.mark.unit
+def test_calibration_pass_centre_does_not_depend_on_how_the_batch_is_split():
+    """The launcher's pass (SparseMethod.calibrate) over a step's micro-batches gives the
+    centre of all their tokens: 4 sequences in one micro-batch or in two; no rows move."""
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    centres = []
+    for split in (1, 2):
+        model = context_model()
+        model.train()
+        step = ids.shape[0] // split
+        model.method.calibrate(model.model, [
+            {"input_ids": ids[i : i + step], "attention_mask": mask[i : i + step]}
+            for i in range(0, 4, step)])
+        counters = model.method.runtime.counters
+        counters.close([a.layer for a in adapters(model)])
+        figures = counters.metrics()  # no rows selected or moved
+        assert figures.get("sparse_rows_moved", 0) == 0
+        assert sum(figures["sparse_rows_per_layer"]) == 0
+        centres.append([a.context_centre.clone() for a in adapters(model)])
+        assert all(a.centred for a in adapters(model))
+    for one, two in zip(*centres):
+        torch.testing.assert_close(one, two, rtol=0, atol=1e-7)
+    # and it is the mean of the causal means of the base model's inputs (values add 0)
+    model = context_model()
+    model.train()
+    model.method.calibrate(model.model, [{"input_ids": ids, "attention_mask": mask}])
+    seen = {}
+    hooks = [a.register_forward_pre_hook(lambda m, args: seen.setdefault(m.layer, args[0]))
+             for a in adapters(model)]
+    with torch.no_grad():
+        model(ids, mask)  # calibrated: no new centre; values non-zero now
+    for hook in hooks:
+        hook.remove()
+    first = adapters(model)[0]  # the first layer's input is the base model's either way
+    means, _ = prefix_mean(seen[first.layer], mask)
+    torch.testing.assert_close(first.context_centre, means[mask.bool()].mean(0),
+                               rtol=0, atol=1e-6)
 
 
 @pytest.mark.unit
@@ -185,7 +226,8 @@ def _mean_worker(rank: int, port: int) -> None:
     try:
         every = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
         mine = every[:2] if rank == 0 else every[2:]  # 2 and 3 tokens: weighted by count
-        torch.testing.assert_close(data_parallel_mean(mine), every.mean(0), rtol=0, atol=1e-6)
+        torch.testing.assert_close(data_parallel_mean(row_sum(mine)), every.mean(0),
+                                   rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()
 

@@ -94,6 +94,11 @@ class Method:
     def before_backward(self) -> None:
         """Called before each micro-batch's ``engine.backward``."""
 
+    def calibrate(self, module: Any, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Called once before a new run's first step, on every rank, with this rank's
+        micro-batches of that step (host tensors), so state set from data depends on the
+        step's global batch only, not on how ranks and accumulation split it."""
+
     def external_parameters(self) -> int:
         """Trainable parameters held outside the engine (the sparse adapter's CPU rows)."""
         return 0

@@ -32,6 +32,7 @@ from meft_ds.reversible.model import ReversibleLM
 from meft_ds.reversible.options import RESUME_FREE as REVERSIBLE_RESUME_FREE
 from meft_ds.reversible.options import check_deepspeed as check_reversible_deepspeed
 from meft_ds.sparse.adapter import SparseAdapter
+from meft_ds.sparse.context import data_parallel_mean
 from meft_ds.sparse.diagnostics import Usage, summarise
 from meft_ds.sparse.options import SparseOptions, SparseSizes, resolve_sizes
 from meft_ds.sparse.runtime import SparseRuntime
@@ -250,6 +251,29 @@ class SparseMethod(Method):
     def before_forward(self, host_batch: dict[str, torch.Tensor]) -> None:
         """The host's attention mask: padding found without a copy back from the device."""
         self._runtime().note_host_mask(host_batch.get("attention_mask"))
+
+    def calibrate(self, module: Any, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Context routing's centres (``--sparse_route context``) from the first step's
+        micro-batches on every rank: each adapter's mean input mean over all of that step's
+        tokens, with no rows selected (a fresh adapter adds 0). Adapters whose centre is
+        set (loaded) keep it."""
+        runtime = self._runtime()
+        waiting = [a for a in self.adapters.values() if a.context and not a.centred]
+        if not waiting:
+            return
+        device = next(p for p in module.parameters()).device
+        runtime.calibration = {}
+        try:
+            with torch.no_grad():
+                for host in batches:
+                    self.before_forward(host)
+                    self.forward(module, host["input_ids"].to(device),
+                                 host["attention_mask"].to(device))
+            sums = runtime.calibration
+        finally:
+            runtime.calibration = None
+        for adapter in waiting:
+            adapter.set_context_centre(data_parallel_mean(sums[adapter.layer], runtime.group))
 
     def before_backward(self) -> None:
         """Arm the eager row update for the last micro-batch of a step, where it is exact

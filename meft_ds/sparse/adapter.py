@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meft_ds.reversible.replay import Replayable
-from meft_ds.sparse.context import data_parallel_mean, prefix_mean
+from meft_ds.sparse.context import data_parallel_mean, prefix_mean, row_sum
 from meft_ds.sparse.router import Selection
 from meft_ds.sparse.runtime import SparseRuntime
 
@@ -217,6 +217,13 @@ class SparseAdapter(nn.Module):
         x = flat if tokens is None else flat.index_select(0, tokens)
         if x.shape[0] == 0:
             return torch.zeros_like(hidden)
+        if self.context and self.runtime.calibration is not None:
+            # the calibration pass (SparseMethod.calibrate): count the means, add nothing
+            # (a fresh adapter's values are 0: the layers above see the same inputs)
+            sums = self.runtime.calibration
+            total = row_sum(self._context_means(hidden, tokens))
+            sums[self.layer] = total if self.layer not in sums else sums[self.layer] + total
+            return torch.zeros_like(hidden)
 
         logits = self.route(self._context_query(hidden, tokens) if self.context else x)
         fresh = decision is None  # not a recomputation (counted once by diagnostics)
@@ -249,6 +256,16 @@ class SparseAdapter(nn.Module):
         """The router's input under context routing: each active token's centred causal
         mean ``[T_active, d]`` (see :mod:`meft_ds.sparse.context`); ``keep_carry``: this
         call's running sums are the ones the next cached decoding step continues."""
+        flat = self._context_means(hidden, tokens, keep_carry)
+        if self.training and not self._centred:  # no calibration pass ran: this batch's
+            with torch.no_grad():  # (a collective on the group: every rank gets here)
+                self.set_context_centre(data_parallel_mean(row_sum(flat),
+                                                           self.runtime.group))
+        return (flat - self.context_centre.float()).to(hidden.dtype)
+
+    def _context_means(self, hidden: torch.Tensor, tokens: torch.Tensor | None,
+                       keep_carry: bool = True) -> torch.Tensor:
+        """Each active token's causal mean ``[T_active, d]`` (fp32), not centred."""
         runtime = self.runtime
         carry = self._carry if runtime.continuing and not self.training else None
         if carry is not None and carry.total.shape[0] != hidden.shape[0]:
@@ -258,12 +275,12 @@ class SparseAdapter(nn.Module):
         if keep_carry:
             object.__setattr__(self, "_carry", None if self.training else after)
         flat = means.reshape(-1, means.shape[-1])
-        if tokens is not None:
-            flat = flat.index_select(0, tokens)
-        if self.training and not self._centred:
-            with torch.no_grad():  # once, on every rank alike (a collective on the group)
-                self.set_context_centre(data_parallel_mean(flat, runtime.group))
-        return (flat - self.context_centre.float()).to(hidden.dtype)
+        return flat if tokens is None else flat.index_select(0, tokens)
+
+    @property
+    def centred(self) -> bool:
+        """Whether the context-routing centre is set (calibrated or loaded)."""
+        return self._centred
 
     def set_context_centre(self, centre: torch.Tensor) -> None:
         """Fix the context-routing centre ``[d]`` (calibrated, or loaded from an export)."""
@@ -336,7 +353,8 @@ class SparseAdapter(nn.Module):
     def prefetch(self, residual: torch.Tensor) -> None:
         """Start this call's decision from the layer's attention input ``residual``
         (same shape as the FFN input), unless the call will reuse one anyway."""
-        if self.route_norm is None or self._reused(residual) is not None:
+        if (self.route_norm is None or self._reused(residual) is not None
+                or self.runtime.calibration is not None):  # calibration selects no rows
             return
         runtime = self.runtime
         tokens = self._active_tokens(residual)

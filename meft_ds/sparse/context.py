@@ -6,12 +6,15 @@ are nearly equal across facts (mean cosine 0.93 on SmolLM2-135M), so every fact 
 same experts and rows there and their updates overwrite each other
 (``bench/sparse_overlap.py``). Context routing picks the experts from the causal mean of
 the sequence's adapter inputs up to the token, minus a fixed centre ``c`` (the mean of
-those means over the first training micro-batch, averaged over data-parallel ranks):
+those means over the first training step's tokens, see below):
 
     q_t = (1 / n_t) sum_{s <= t, s not padding} x_s  -  c          [T, d]
 
 The question's tokens make ``q_t`` differ between facts; subtracting ``c`` removes what
-every sequence shares (template, position), which otherwise dominates it. The keys inside
+every sequence shares (template, position), which otherwise dominates it. The launcher
+sets ``c`` before the first step from all of that step's micro-batches on all ranks
+(:meth:`SparseMethod.calibrate`: the same centre however ranks and accumulation split the
+batch); a loop that does not call it gets ``c`` from its first training micro-batch. The keys inside
 the chosen experts are still matched against ``x_t``, so the rows also depend on the token.
 
 Incremental decoding with a KV cache sees one new token per call: the running sums of the
@@ -57,14 +60,18 @@ def prefix_mean(hidden: torch.Tensor, mask: torch.Tensor | None, carry: Carry | 
     return means, Carry(total[:, -1].detach(), count[:, -1].detach())
 
 
-def data_parallel_mean(rows: torch.Tensor, group=None) -> torch.Tensor:
-    """Mean of ``rows`` ``[n, d]`` over every data-parallel rank's rows (fp32 ``[d]``): the
-    same centre on every rank, weighted by each rank's token count."""
-    count = torch.full((1,), float(rows.shape[0]), device=rows.device)  # a fill, no copy
-    total = torch.cat([rows.detach().float().sum(0), count])
+def row_sum(rows: torch.Tensor) -> torch.Tensor:
+    """``[sum of rows, row count]`` ``[d + 1]`` in fp64 (sums of several micro-batches and
+    ranks then round alike whatever their order)."""
+    count = torch.full((1,), float(rows.shape[0]), dtype=torch.float64, device=rows.device)
+    return torch.cat([rows.detach().double().sum(0), count])  # (a fill: no host copy)
+
+
+def data_parallel_mean(total: torch.Tensor, group=None) -> torch.Tensor:
+    """The mean (fp32 ``[d]``) of the rows summed in ``total`` (:func:`row_sum`, summed over
+    micro-batches) on every data-parallel rank together: the same centre on every rank."""
     if mdist.world_size(group) > 1:
-        device = mdist.comm_device(group)
-        moved = total.to(device)
+        moved = total.to(mdist.comm_device(group))
         torch.distributed.all_reduce(moved, group=group)
-        total = moved.to(rows.device)
-    return total[:-1] / total[-1].clamp(min=1.0)
+        total = moved.to(total.device)
+    return (total[:-1] / total[-1].clamp(min=1.0)).float()

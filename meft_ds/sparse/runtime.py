@@ -79,6 +79,8 @@ class SparseRuntime:
         self.generation = 0
         self.token_mask: torch.Tensor | None = None
         self.continuing = False  # this call extends the sequences of the last (KV cache)
+        self.calibration: dict[int, torch.Tensor] | None = None  # layer -> row_sum, while
+        # SparseMethod.calibrate runs
         self.engine = None
         self.group = None
         self.caches: dict[int, LayerCache] = {}
