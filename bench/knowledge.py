@@ -48,21 +48,22 @@ sys.path.insert(0, str(ROOT))
 # is the project's default); the dense adapter as wide as the 0.1 sparse store (391 rows
 # per layer on SmolLM2-135M); "sparse_1.0_paper": the paper's settings (trained keys,
 # router and rows at the engine's rate, token routing) instead of today's defaults.
+CONTEXT = ["--sparse_route", "context"]  # the sparse adapter's best measured routing
 PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
                 "--sparse_lr_ratio", "1", "--sparse_route", "token"]
 # In the order a study runs them: the comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
-    "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0"],
+    "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT],
     "lora_r8": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16"],
     "lora_r64": ["--method", "lora", "--lora_r", "64", "--lora_alpha", "128"],
     "full": ["--method", "full"],
-    "sparse_0.1": ["--method", "sparse", "--sparse_param_fraction", "0.1"],
+    "sparse_0.1": ["--method", "sparse", "--sparse_param_fraction", "0.1", *CONTEXT],
     "parallel_adapter": ["--method", "parallel_adapter", "--adapter_size", "391"],
     "reversible": ["--method", "reversible"],
-    "sparse_reversible": ["--method", "sparse", "--reversible", "true"],
+    "sparse_reversible": ["--method", "sparse", "--reversible", "true", *CONTEXT],
     "lora_r16": ["--method", "lora"],
     "sparse_1.0_paper": ["--method", "sparse", "--sparse_param_fraction", "1.0", *PAPER_SPARSE],
-    # the defaults before context routing (the study's first sparse points)
+    # routed by token (the defaults; the study's first sparse points)
     "sparse_1.0_token": ["--method", "sparse", "--sparse_param_fraction", "1.0",
                          "--sparse_route", "token"],
 }

@@ -15,7 +15,7 @@ from meft_ds.trainer import lm_loss
 
 PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0,
          "sparse_attn_lora_r": 0, "sparse_route": "token"}
-PREVIOUS = {"sparse_route": "token"}  # the defaults before context routing
+CONTEXT = {"sparse_route": "context"}
 
 
 def _losses(steps: int = 5, **flags) -> list[float]:
@@ -50,15 +50,17 @@ def test_paper_settings_reproduce_the_code_before_the_new_options_bit_for_bit(mo
 
 
 @pytest.mark.unit
-def test_previous_defaults_reproduce_the_token_routed_arithmetic_bit_for_bit(monkeypatch):
-    """``--sparse_route token`` is the code before context routing: the same losses as
-    today's defaults with the router fed each token's own input again."""
-    previous = _losses(**PREVIOUS)
+def test_context_routing_changes_only_the_router_input(monkeypatch):
+    """``--sparse_route context`` differs from the defaults (token routing, the code before
+    the option) only in what the router sees: fed each token's own input again, it gives
+    the defaults' losses bit for bit."""
+    default = _losses()
+    assert _losses(**CONTEXT) != default
     token_input = lambda self, hidden, tokens, keep_carry=True: (  # noqa: E731
         hidden.reshape(-1, hidden.shape[-1]) if tokens is None
         else hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens))
     monkeypatch.setattr(adapter_mod.SparseAdapter, "_context_query", token_input)
-    assert _losses() == previous and previous[-1] < previous[0]
+    assert _losses(**CONTEXT) == default and default[-1] < default[0]
 
 
 @pytest.mark.unit
@@ -66,9 +68,8 @@ def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
     options = SparseMethod.Options()
     assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
             options.sparse_lr_ratio, options.sparse_attn_lora_r,
-            options.sparse_route) == (0.0, 10.0, 3.0, 8, "context")
+            options.sparse_route) == (0.0, 10.0, 3.0, 8, "token")
     assert _losses() != _losses(**PAPER)
-    assert _losses() != _losses(**PREVIOUS)
 
 
 @pytest.mark.unit
