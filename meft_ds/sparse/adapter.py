@@ -157,8 +157,9 @@ class SparseAdapter(nn.Module):
         object.__setattr__(self, "_replay", None)
         object.__setattr__(self, "route_norm", None)  # set for --sparse_prefetch
         object.__setattr__(self, "_pending", None)
-        # --sparse_route context (meft_ds.sparse.context): the centre is set by the first
-        # training micro-batch (or loaded); the carry continues KV-cached decoding
+        # --sparse_route context (meft_ds.sparse.context): the centre is set by the
+        # launcher's calibration pass (SparseMethod.calibrate), else by the first training
+        # micro-batch, or loaded; the carry continues KV-cached decoding
         self.context = runtime.options.sparse_route == "context"
         object.__setattr__(self, "_carry", None)
         object.__setattr__(self, "_centred", False)
