@@ -124,6 +124,14 @@ def tiny_backward(method, engine, ids: torch.Tensor, mask: torch.Tensor) -> None
     engine.backward(loss)
 
 
+def rank_errors(text: str, limit: int = 40) -> str:
+    """The lines of a launcher's output that say why a rank failed (tracebacks, errors):
+    the tail alone is torchrun's summary, which names no cause."""
+    keep = [x for x in text.splitlines()
+            if x.startswith(("Traceback", "  File", "    ")) or "Error" in x or "error" in x]
+    return "\n".join(keep[-limit:])
+
+
 def run_losses(out: Path) -> list[float]:
     """The per-step training losses a run logged in ``out/metrics.jsonl``, in order."""
     import json

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_losses, subprocess_env
+from conftest import rank_errors, run_losses, subprocess_env
 from test_loading import tiny_checkpoint
 
 from meft_ds.export import read_adapter
@@ -65,7 +65,7 @@ def _train(tmp_path: Path, model: Path, stage: int) -> Path:
            "--save_final", "false", "--dist_timeout", "60"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(),
                             timeout=300, cwd=ROOT)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    assert result.returncode == 0, rank_errors(result.stdout + result.stderr)
     return out
 
 
