@@ -124,11 +124,11 @@ def tiny_backward(method, engine, ids: torch.Tensor, mask: torch.Tensor) -> None
     engine.backward(loss)
 
 
-def rank_errors(text: str, limit: int = 40) -> str:
-    """The lines of a launcher's output that say why a rank failed (tracebacks, errors):
-    the tail alone is torchrun's summary, which names no cause."""
-    keep = [x for x in text.splitlines()
-            if x.startswith(("Traceback", "  File", "    ")) or "Error" in x or "error" in x]
+def rank_errors(text: str, limit: int = 60) -> str:
+    """The lines of a launcher's output that say why a rank failed (the ranks' own lines and
+    tracebacks, not warnings): the tail alone is torchrun's summary, which names no cause."""
+    keep = [x for x in text.splitlines() if "WARNING" not in x and (
+        x.startswith(("[rank", "Traceback", "  File", "\t")) or "Error" in x)]
     return "\n".join(keep[-limit:])
 
 
