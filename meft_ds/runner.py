@@ -146,10 +146,15 @@ def run(spec: RunSpec) -> dict[str, Any]:
     recipe.check_machine()
     recipe.setup_process()
     recipe.setup_data()
-    recipe.setup_model()
-    recipe.setup_engine()
-    history = recipe.train()
-    return recipe.export_and_evaluate(history)
+    try:
+        recipe.setup_model()
+        recipe.setup_engine()
+        history = recipe.train()
+        return recipe.export_and_evaluate(history)
+    finally:
+        # a ZeRO-3 load made transformers partition every model this process builds
+        # while its config lives (a weak reference a cycle can keep alive): not after the run
+        loader.release_zero3()
 
 
 class _Recipe:

@@ -92,6 +92,10 @@ def test_other_zero_stages_train_and_export(tmp_path: Path, stage: int) -> None:
     spec = cli.parse(["--deepspeed", str(path), "--output_dir", str(tmp_path / "run"), *TINY,
                       "--max_steps", "3", "--lr", "3e-3"])
     run(spec)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # after a ZeRO-3 run, a model this process builds is whole again (not partitioned)
+    assert not is_deepspeed_zero3_enabled()
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     from safetensors.torch import load_file

@@ -325,6 +325,14 @@ def hide_loading_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+def release_zero3() -> None:
+    """End a partitioned load's hold on transformers: models built from here on (by this
+    process, with any API) are whole again."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def load_model(
     spec: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     tokenizer: Any = None, attention: str = "auto", zero3: dict[str, Any] | None = None,
@@ -348,10 +356,7 @@ def load_model(
     directory = shape_dir(where, device) if isinstance(where, str) else where
     keep = None
     if zero3 is None:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        # whole, as asked, even where an earlier run of this process left its config alive
-        unset_hf_deepspeed_config()
+        release_zero3()  # whole, as asked, even where an earlier load left its config alive
     else:
         from transformers.integrations import HfDeepSpeedConfig
 
