@@ -18,7 +18,8 @@ per run:
   ``saved_activation_bytes``; it includes the sparse working sets).
 
 Every run keeps its directory under ``--work`` (``<config>/n<N>_lr<lr>``); a run with a
-``point.json`` is not run again, so an interrupted study resumes where it stopped. Each
+``point.json`` is not run again, and a run stopped part-way continues from its last
+checkpoint (every 96 steps, exact), so an interrupted study resumes where it stopped. Each
 scored point is also recorded in ``--points`` (committed to the repository, with the
 study's settings and the commit it was trained at), so the study resumes across machines
 and sessions even where the run directories are gone.
@@ -35,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -75,6 +77,7 @@ SWEEP_LRS: dict[str, list[float]] = {
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json
+CHECKPOINT_STEPS = 96  # a run stopped part-way loses at most this many steps
 ADAM_BYTES = 16  # fp32 weight + gradient + two moments per engine-trained parameter
 
 
@@ -107,6 +110,9 @@ def train(name: str, n: int, lr: float, study: Study, work: Path) -> Path:
     if (out / "results.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
+    # a run stopped part-way (a session's end) continues from its last checkpoint, exactly
+    resumed = checkpoint_step(out)
+    restart = ["--resume", "true"] if resumed else ["--overwrite_output_dir", "true"]
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--deepspeed",
            str(ROOT / study.config), *CONFIGS[name], "--model", study.model,
            "--train_examples", str(n), "--max_steps", str(steps_for(n, study)),
@@ -114,17 +120,29 @@ def train(name: str, n: int, lr: float, study: Study, work: Path) -> Path:
            "--eval_trained", str(min(n, study.eval_trained)),
            "--eval_heldout", str(study.eval_heldout), "--eval_before", "false",
            "--save_final", "false", "--progress", "false",
-           "--output_dir", str(out), "--overwrite_output_dir", "true", *study.extra]
+           "--save_steps", str(CHECKPOINT_STEPS), "--keep_checkpoints", "1",
+           "--output_dir", str(out), *restart, *study.extra]
     log = out.parent / f"{out.name}.log"  # beside the run dir: --overwrite_output_dir clears it
     start = time.perf_counter()
-    with log.open("w") as handle:
+    with log.open("a" if resumed else "w") as handle:
         done = subprocess.run(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         raise SystemExit(f"error: {name} n={n} lr={lr:g} failed (see {log}): "
                          + " | ".join(tail))
     (out / "wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    if resumed:
+        (out / "resumed_from.txt").write_text(f"{resumed}\n")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # scoring reads the export
     return out
+
+
+def checkpoint_step(out: Path) -> int | None:
+    """The step of the latest checkpoint in run directory ``out``, or None."""
+    from meft_ds import checkpoint
+
+    tag = checkpoint.latest_tag(out / "checkpoints")
+    return checkpoint.tag_step(tag) if tag else None
 
 
 def answer_nll(adapted, examples, batch: int = 16) -> float:
@@ -204,11 +222,16 @@ def score(run: Path, study: Study, work: Path) -> dict:
         "saved_activation_bytes": activations,
         "memory_proxy_bytes": ADAM_BYTES * trainable + activations,
         "steps": results["steps"],
-        "wall_s": float((run / "wall_s.txt").read_text()) if (run / "wall_s.txt").is_file()
-        else None,
+        "wall_s": _number(run / "wall_s.txt"),
+        # where a stopped run continued (its wall_s counts the steps from there only)
+        "resumed_from_step": _number(run / "resumed_from.txt"),
     }
     cached.write_text(json.dumps(point, indent=1))
     return point
+
+
+def _number(path: Path) -> float | None:
+    return float(path.read_text()) if path.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -107,3 +108,35 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
                                 only_finished=True, ledger=ledger)
     assert swept["points"] == {} and swept["missing"] == ["lora_r8 n=256 lr=0.001",
                                                          "lora_r8 n=256 lr=0.003"]
+
+
+@pytest.mark.integration
+def test_a_run_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    """A run killed after a checkpoint (a session's end) is continued, not restarted, and
+    trains as the uninterrupted run: the same loss at every step."""
+    from conftest import run_losses
+
+    study = knowledge.Study(epochs=4, eval_trained=4, eval_heldout=0, model=str(tiny_model_dir))
+    monkeypatch.setattr(knowledge, "CHECKPOINT_STEPS", 1)
+    whole = knowledge.train("lora_r8", 8, 1e-3, study, tmp_path / "whole")
+    stopped = knowledge.run_dir(tmp_path / "part", "lora_r8", 8, 1e-3)
+    real = subprocess.run
+
+    def killed_after_a_checkpoint(cmd, **kwargs):
+        proc = subprocess.Popen(cmd, **kwargs)
+        while knowledge.checkpoint_step(stopped) is None and proc.poll() is None:
+            time.sleep(0.02)
+        proc.kill()
+        return subprocess.CompletedProcess(cmd, proc.wait())
+
+    monkeypatch.setattr(subprocess, "run", killed_after_a_checkpoint)
+    with pytest.raises(SystemExit, match="failed"):
+        knowledge.train("lora_r8", 8, 1e-3, study, tmp_path / "part")
+    at = knowledge.checkpoint_step(stopped)
+    assert at is not None and 1 <= at < 8
+    monkeypatch.setattr(subprocess, "run", real)
+    assert knowledge.train("lora_r8", 8, 1e-3, study, tmp_path / "part") == stopped
+    assert int((stopped / "resumed_from.txt").read_text()) == at
+    assert run_losses(stopped) == run_losses(whole) and len(run_losses(whole)) == 8
+    assert not (stopped / "checkpoints").exists()  # no longer needed once it finished
