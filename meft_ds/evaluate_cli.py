@@ -14,7 +14,7 @@ from meft_ds.config import TrainConfig
 from meft_ds.data import DataSpec, check_format, open_split
 from meft_ds.errors import OneLineArgumentParser, UserError, cli_message
 from meft_ds.eval import evaluate_qa
-from meft_ds.precision import DTYPES
+from meft_ds.precision import DTYPES, cast_parameters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
 
         loaded = load_model(args.model)
         dtype = "fp32" if args.dtype == "auto" else args.dtype
-        model = loaded.model.to(device=device, dtype=DTYPES[dtype]).eval()
+        model = cast_parameters(loaded.model, DTYPES[dtype], device).eval()
         tokenizer, vocab = loaded.tokenizer, int(model.config.vocab_size)
         hf_model = generation_source = model
 

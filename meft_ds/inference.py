@@ -13,7 +13,7 @@ from meft_ds import export, methods, options
 from meft_ds.errors import UserError
 from meft_ds.methods.base import Method
 from meft_ds.models import loader
-from meft_ds.precision import DTYPES
+from meft_ds.precision import DTYPES, cast_parameters
 
 
 @dataclass
@@ -50,7 +50,7 @@ def load_adapted(directory: str | Path, model: str | None = None,
                                attention=meta.get("attn_implementation", "auto"))
     method, module = apply_method(loaded.model, method_cls, opts,
                                   tensors if weights and not own else None)
-    module.to(device=device, dtype=DTYPES[name]).eval()
+    cast_parameters(module, DTYPES[name], device).eval()  # buffers as training had them
     return AdaptedModel(method, module, loaded.tokenizer, {**meta, "dtype": name})
 
 

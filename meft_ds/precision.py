@@ -24,6 +24,20 @@ def dtype_name(dtype: torch.dtype, default: str = "fp32") -> str:
     return next((name for name, value in DTYPES.items() if value == dtype), default)
 
 
+def cast_parameters(module: torch.nn.Module, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> torch.nn.Module:
+    """``module`` on ``device`` with its floating parameters in ``dtype`` and its buffers
+    as they are: what DeepSpeed's engine and ``from_pretrained(dtype=...)`` do. A whole
+    ``module.to(dtype)`` also rounds buffers such as the rotary frequencies ``inv_freq``,
+    which shifts every attention score from what training computed (measured: bf16 logits
+    up to 0.75 apart, a different greedy answer)."""
+    module.to(device)
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return module
+
+
 def cpu_native_bf16() -> bool:
     """Whether torch's CPU kernels compute bf16 natively on this machine.
 

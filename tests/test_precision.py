@@ -68,3 +68,23 @@ def test_precision_is_a_checked_option(tmp_path) -> None:
         cli.parse(["--deepspeed", "ds_configs/cpu.json", "--config", str(config)])
     assert cli.parse(["--deepspeed", "ds_configs/24gb.json", "--precision", "fp32"]
                      ).train.precision == "fp32"
+
+
+@pytest.mark.unit
+def test_cast_parameters_computes_as_from_pretrained_in_that_dtype(tmp_path) -> None:
+    """An fp32 model cast for inference computes exactly as ``from_pretrained(dtype=bf16)``
+    (and as DeepSpeed's bf16 engine): parameters in bf16, the rotary frequencies fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                         rope_theta=10000.0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    reference = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    cast = precision.cast_parameters(LlamaForCausalLM.from_pretrained(tmp_path), torch.bfloat16)
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(cast.eval()(ids).logits, reference(ids).logits)
