@@ -12,7 +12,9 @@ from meft_ds.sparse.cache import cache_capacity
 from meft_ds.sparse.options import SparseOptions, resolve_sizes
 from meft_ds.sparse.runtime import SparseRuntime
 
-SIZES = dict(sparse_rank=64, sparse_experts=8, sparse_experts_per_token=2, sparse_top_k=6)
+# token routing: these adapters are called on bare [N, d] inputs, no sequences to average
+SIZES = dict(sparse_rank=64, sparse_experts=8, sparse_experts_per_token=2, sparse_top_k=6,
+             sparse_route="token")
 
 
 def _runtime(backend: str, cache_rows: float, layers: int = 2) -> SparseRuntime:

@@ -14,7 +14,10 @@ from meft_ds.errors import UserError
 from meft_ds.models import arch
 from meft_ds.sparse.router import select_rows
 
-SMALL = dict(sparse_rank=256, sparse_experts=16, sparse_top_k=8, sparse_optimizer="torch")
+# token routing: the expected selections are computed from each token's own input here
+# (prefetch under context routing: tests/test_sparse_context.py)
+SMALL = dict(sparse_rank=256, sparse_experts=16, sparse_top_k=8, sparse_optimizer="torch",
+             sparse_route="token")
 
 
 def _method(model, **values):

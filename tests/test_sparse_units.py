@@ -306,6 +306,7 @@ def _runtime(rank=64, experts=8, per_token=2, top_k=6, hidden=16, activation="re
         sparse_rank=rank, sparse_experts=experts, sparse_experts_per_token=per_token,
         sparse_top_k=top_k, sparse_router_lr_ratio=router_ratio,
         sparse_activation=activation, sparse_optimizer="torch",
+        sparse_route="token",  # the mechanics on bare [N, d] inputs: no sequences to average
     )
     sizes = resolve_sizes(options, hidden, range(1), 1)
     return SparseRuntime(options, sizes)
