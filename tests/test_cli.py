@@ -131,6 +131,8 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys)
         (["--deepspeed", CPU, "--method", "sparse", "--sparse_rank", "64",
           "--sparse_experts", "8", "--sparse_top_k", "8", "--sparse_cache_rows", "1000"],
          "exceeds the 64 rows per layer"),
+        (["--deepspeed", CPU, "--method", "sparse", "--sparse_route", "sequence"],
+         "invalid choice: 'sequence'"),
         (["--deepspeed", CPU, "--method", "reversible", "--rev_keep_top", "2",
           "--rev_backward", "autograd"], "rev_keep_top applies to rev_backward reversible"),
         (["--deepspeed", CPU, "--resume", "--output_dir", str(tmp_path / "nothing")],
