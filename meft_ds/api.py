@@ -164,10 +164,6 @@ class MeftModel(nn.Module):
         model = self.method.generation_model(self.model) or self.model
         if not hasattr(model, "generate"):
             raise UserError(f"method {self.method.name}: this model cannot generate")
-        if (kwargs.get("num_beams") or 1) > 1 and getattr(
-                self.method.options, "sparse_route", "token") == "context":
-            # beam search reorders the KV cache but not the context routing's running sums
-            kwargs = {**kwargs, "use_cache": False}
         return model.generate(*args, **kwargs)
 
     @property

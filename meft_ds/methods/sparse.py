@@ -70,10 +70,13 @@ class _Prefetch:
 
 
 class _BeginMicroBatch:
-    """Forward pre-hook of the whole model: new selections, padding tokens masked out."""
+    """Forward pre-hook of the whole model: new selections, padding tokens masked out;
+    under context routing, a KV cache's reordering (beam search) also reorders the
+    adapters' running sums."""
 
-    def __init__(self, runtime: SparseRuntime) -> None:
+    def __init__(self, runtime: SparseRuntime, adapters: dict[int, SparseAdapter]) -> None:
         self.runtime = runtime
+        self.adapters = adapters  # the method's (filled in after this hook is made)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
@@ -81,6 +84,27 @@ class _BeginMicroBatch:
             mask = args[1]
         self.runtime.begin_micro_batch(mask if isinstance(mask, torch.Tensor) else None,
                                        continuing=_cached_length(kwargs) > 0)
+        cache = kwargs.get("past_key_values")
+        if (not module.training and hasattr(cache, "reorder_cache")
+                and any(a.context for a in self.adapters.values())):
+            _carries_follow(cache, list(self.adapters.values()))
+
+
+def _carries_follow(cache: Any, adapters: list[SparseAdapter]) -> None:
+    """Make ``cache.reorder_cache(beam_idx)`` (how transformers' beam search keeps the
+    cache with its beams) reorder the adapters' context-routing sums the same way; the
+    wrapper lives on this cache object only, so it ends with the generation."""
+    if getattr(cache, "_meft_carries_follow", False):
+        return
+    reorder = cache.reorder_cache
+
+    def reorder_both(beam_idx: torch.Tensor) -> None:
+        reorder(beam_idx)
+        for adapter in adapters:
+            adapter.reorder_carry(beam_idx)
+
+    cache.reorder_cache = reorder_both
+    cache._meft_carries_follow = True
 
 
 def _cached_length(kwargs: dict) -> int:
@@ -219,7 +243,8 @@ class SparseMethod(Method):
                 adapter.route_from(family.part(layers[index], "ffn_norm"))
                 family.part(layers[index], "attn_norm").register_forward_pre_hook(
                     _Prefetch(adapter))
-        module.register_forward_pre_hook(_BeginMicroBatch(self.runtime), with_kwargs=True)
+        module.register_forward_pre_hook(_BeginMicroBatch(self.runtime, self.adapters),
+                                        with_kwargs=True)
         return module
 
     def forward(

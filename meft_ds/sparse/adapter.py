@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meft_ds.reversible.replay import Replayable
-from meft_ds.sparse.context import data_parallel_mean, prefix_mean, row_sum
+from meft_ds.sparse.context import Carry, data_parallel_mean, prefix_mean, row_sum
 from meft_ds.sparse.router import Selection
 from meft_ds.sparse.runtime import SparseRuntime
 
@@ -271,12 +271,21 @@ class SparseAdapter(nn.Module):
         carry = self._carry if runtime.continuing and not self.training else None
         if carry is not None and carry.total.shape[0] != hidden.shape[0]:
             raise RuntimeError("sparse_route context: a cached decoding step changed the "
-                               "batch size (beam search reorders the cache: use_cache=False)")
+                               "batch size (a cache reordered without reorder_cache?)")
         means, after = prefix_mean(hidden, runtime.token_mask, carry)
         if keep_carry:
             object.__setattr__(self, "_carry", None if self.training else after)
         flat = means.reshape(-1, means.shape[-1])
         return flat if tokens is None else flat.index_select(0, tokens)
+
+    def reorder_carry(self, order: torch.Tensor) -> None:
+        """Keep the running sums with a reordered KV cache: sequence ``i`` continues as
+        ``order[i]`` did (beam search)."""
+        carry = self._carry
+        if carry is not None:
+            object.__setattr__(self, "_carry", Carry(
+                carry.total.index_select(0, order.to(carry.total.device)),
+                carry.count.index_select(0, order.to(carry.count.device))))
 
     @property
     def centred(self) -> bool:
