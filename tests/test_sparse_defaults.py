@@ -15,7 +15,7 @@ from meft_ds.trainer import lm_loss
 
 PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0,
          "sparse_attn_lora_r": 0, "sparse_route": "token"}
-CONTEXT = {"sparse_route": "context"}
+TOKEN = {"sparse_route": "token"}  # the routing before context routing became the default
 
 
 def _losses(steps: int = 5, **flags) -> list[float]:
@@ -51,16 +51,16 @@ def test_paper_settings_reproduce_the_code_before_the_new_options_bit_for_bit(mo
 
 @pytest.mark.unit
 def test_context_routing_changes_only_the_router_input(monkeypatch):
-    """``--sparse_route context`` differs from the defaults (token routing, the code before
+    """The default ``--sparse_route context`` differs from token routing (the code before
     the option) only in what the router sees: fed each token's own input again, it gives
-    the defaults' losses bit for bit."""
-    default = _losses()
-    assert _losses(**CONTEXT) != default
+    token routing's losses bit for bit."""
+    token = _losses(**TOKEN)
+    assert _losses() != token
     token_input = lambda self, hidden, tokens, keep_carry=True: (  # noqa: E731
         hidden.reshape(-1, hidden.shape[-1]) if tokens is None
         else hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens))
     monkeypatch.setattr(adapter_mod.SparseAdapter, "_context_query", token_input)
-    assert _losses(**CONTEXT) == default and default[-1] < default[0]
+    assert _losses() == token and token[-1] < token[0]
 
 
 @pytest.mark.unit
@@ -68,7 +68,7 @@ def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
     options = SparseMethod.Options()
     assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
             options.sparse_lr_ratio, options.sparse_attn_lora_r,
-            options.sparse_route) == (0.0, 10.0, 3.0, 8, "token")
+            options.sparse_route) == (0.0, 10.0, 3.0, 8, "context")
     assert _losses() != _losses(**PAPER)
 
 

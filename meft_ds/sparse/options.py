@@ -56,11 +56,11 @@ class SparseOptions:
         "question tells them apart"
     )
     sparse_route: str = opt(
-        "token", "what the router picks a token's experts from: 'token' = its own FFN input "
+        "context", "what the router picks a token's experts from: 'token' = its own FFN input "
         "(the paper's); 'context' = the mean of its sequence's FFN inputs up to it, centred "
         "(meft_ds.sparse.context): facts then use different rows where their inputs look "
-        "alike, at the position that predicts the answer (learned more facts at N=1024; "
-        "not yet the default, see docs/methods.md)", choices=ROUTES,
+        "alike, at the position that predicts the answer (learned more facts at N=1024: "
+        "docs/methods.md)", choices=ROUTES,
     )
     sparse_weight_decay: float = opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
     sparse_beta1: float = opt(0.9, "Adam beta1 of the CPU row store")
