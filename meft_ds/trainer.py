@@ -248,8 +248,8 @@ class Trainer:
             total=cfg.max_steps, initial=self.step, desc=f"train[{self.method.name}]",
             disable=not cfg.progress or self.rank != 0, dynamic_ncols=True,
         )
-        if self.step == 0 and type(self.method).calibrate is not Method.calibrate:
-            # a new run: the method's data-set state (sparse centres); others skip it
+        if self.step == 0 and self.method.needs_calibration():
+            # a new run: the method's state set from data (context routing's centres)
             self.engine.train()
             self.method.calibrate(self.engine, [
                 self.schedule.batch(BatchSchedule.index(0, a, self.accum, self.rank,

@@ -56,6 +56,13 @@ def test_context_routing_changes_only_the_router_input(monkeypatch):
     token routing's losses bit for bit."""
     token = _losses(**TOKEN)
     assert _losses() != token
+    # token routing has nothing to calibrate: the trainer starts it exactly as before
+    for flags, calibrates in ((TOKEN, False), ({}, True)):
+        model = tiny_llama(2)
+        method = SparseMethod(SparseMethod.Options(sparse_rank=32, sparse_experts=4,
+                                                   sparse_top_k=4, **flags), model.config)
+        method.apply(model)
+        assert method.needs_calibration() == calibrates
     token_input = lambda self, hidden, tokens, keep_carry=True: (  # noqa: E731
         hidden.reshape(-1, hidden.shape[-1]) if tokens is None
         else hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens))

@@ -94,6 +94,11 @@ class Method:
     def before_backward(self) -> None:
         """Called before each micro-batch's ``engine.backward``."""
 
+    def needs_calibration(self) -> bool:
+        """Whether :meth:`calibrate` has state to set (the trainer fetches the first step's
+        batches for it only then); the same answer on every rank."""
+        return False
+
     def calibrate(self, module: Any, batches: list[dict[str, torch.Tensor]]) -> None:
         """Called once before a new run's first step, on every rank, with this rank's
         micro-batches of that step (host tensors), so state set from data depends on the

@@ -277,13 +277,20 @@ class SparseMethod(Method):
         """The host's attention mask: padding found without a copy back from the device."""
         self._runtime().note_host_mask(host_batch.get("attention_mask"))
 
+    def _uncentred(self) -> list[SparseAdapter]:
+        """Context-routed adapters whose centre is not set yet (fresh, not loaded)."""
+        return [a for a in self.adapters.values() if a.context and not a.centred]
+
+    def needs_calibration(self) -> bool:
+        return bool(self._uncentred())
+
     def calibrate(self, module: Any, batches: list[dict[str, torch.Tensor]]) -> None:
         """Context routing's centres (``--sparse_route context``) from the first step's
         micro-batches on every rank: each adapter's mean input mean over all of that step's
         tokens, with no rows selected (a fresh adapter adds 0). Adapters whose centre is
         set (loaded) keep it."""
         runtime = self._runtime()
-        waiting = [a for a in self.adapters.values() if a.context and not a.centred]
+        waiting = self._uncentred()
         if not waiting:
             return
         device = next(p for p in module.parameters()).device
