@@ -86,7 +86,7 @@ class _BeginMicroBatch:
                                        continuing=_cached_length(kwargs) > 0)
         cache = kwargs.get("past_key_values")
         if (not module.training and hasattr(cache, "reorder_cache")
-                and any(a.context for a in self.adapters.values())):
+                and self.runtime.options.sparse_route == "context"):  # one option, all layers
             _carries_follow(cache, list(self.adapters.values()))
 
 
