@@ -65,15 +65,24 @@ CONFIGS: dict[str, list[str]] = {
     "sparse_reversible": ["--method", "sparse", "--reversible", "true", *CONTEXT],
     "lora_r16": ["--method", "lora"],
     "sparse_1.0_paper": ["--method", "sparse", "--sparse_param_fraction", "1.0", *PAPER_SPARSE],
-    # routed by token (the defaults; the study's first sparse points)
+    # routed by token (the paper's routing and the defaults before context routing)
     "sparse_1.0_token": ["--method", "sparse", "--sparse_param_fraction", "1.0",
                          "--sparse_route", "token"],
+    # issue 24's top-K ablation: rows each token activates per layer (default 64)
+    "sparse_1.0_top16": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
+                         "--sparse_top_k", "16"],
+    "sparse_1.0_top256": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
+                          "--sparse_top_k", "256"],
 }
+# the study's comparison (issue 22); the other configurations are ablations, run by name
+STUDY_CONFIGS = ["sparse_1.0", "lora_r8", "lora_r64", "full", "sparse_0.1",
+                 "parallel_adapter", "reversible", "sparse_reversible"]
 SWEEP_LRS: dict[str, list[float]] = {
     "sparse_0.1": [1e-3, 3e-3], "sparse_1.0": [1e-3, 3e-3], "sparse_1.0_paper": [3e-3, 1e-3],
     "lora_r8": [1e-3, 3e-3], "lora_r16": [1e-3, 3e-3], "lora_r64": [3e-4, 1e-3],
     "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4], "reversible": [1e-3, 3e-3],
     "sparse_reversible": [1e-3, 3e-3], "sparse_1.0_token": [1e-3, 3e-3],
+    "sparse_1.0_top16": [1e-3, 3e-3], "sparse_1.0_top256": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json
@@ -359,7 +368,8 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=STUDY_CONFIGS, choices=list(CONFIGS),
+                        help="default: the study's comparison (the others are ablations)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 256, 1024])
     parser.add_argument("--epochs", type=int, default=Study.epochs)
     parser.add_argument("--sweep", action="store_true", help="choose each lr at N=256 first")

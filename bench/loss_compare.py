@@ -1,0 +1,134 @@
+"""Is one run's loss really lower than another's? Paired window means of training losses.
+
+Runs of the launcher with the same data, seed and micro-batch see the same micro-batch at
+every step, so most of the step-to-step noise of their losses (which facts the batch
+holds) is shared. Over a window of steps this reports each run's mean loss and its
+difference from a reference run with the difference's standard error over the steps
+(paired: ``sd(loss_run - loss_ref) / sqrt(steps)``), next to the unpaired standard error
+of one run's window mean, which is what a comparison across different data would face.
+Runs whose per-step token counts differ did not see the same batches and are refused.
+
+    .venv/bin/python bench/loss_compare.py --runs token=runs/a context=runs/b \\
+        --windows 129-256 769-896 --name loss_compare_route
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SMOOTH = 32  # steps in the plot's moving average
+
+
+def losses(run: Path) -> tuple[list[float], list[int]]:
+    """``(loss, tokens)`` of every optimizer step in ``run/metrics.jsonl``, in step order."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found (a run directory of launch/train.py?)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in rows if "loss" in r}  # a resumed run logs steps again
+    steps = sorted(by_step)
+    return [by_step[s]["loss"] for s in steps], [by_step[s].get("tokens", -1) for s in steps]
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+
+
+def compare(curves: dict[str, tuple[list[float], list[int]]], reference: str,
+            windows: list[tuple[int, int]]) -> dict:
+    """Per window ``(first, last)`` (1-based steps, inclusive): each run's mean loss and
+    unpaired SE; for every other run, its mean difference from ``reference`` and the
+    paired SE. Raises SystemExit where a run is too short or saw other batches."""
+    ref_loss, ref_tokens = curves[reference]
+    out: dict = {"reference": reference, "windows": []}
+    for first, last in windows:
+        if not 1 <= first <= last:
+            raise SystemExit(f"error: window {first}-{last}: need 1 <= first <= last")
+        entry: dict = {"first": first, "last": last, "runs": {}}
+        for name, (loss, tokens) in curves.items():
+            if len(loss) < last:
+                raise SystemExit(f"error: run {name!r} has {len(loss)} steps, window ends "
+                                 f"at {last}")
+            if tokens[first - 1 : last] != ref_tokens[first - 1 : last]:
+                raise SystemExit(f"error: run {name!r} saw other micro-batches than "
+                                 f"{reference!r} (token counts differ): not a paired "
+                                 "comparison")
+            mean, sd = _mean_sd(loss[first - 1 : last])
+            row = {"mean": mean, "se": sd / math.sqrt(last - first + 1)}
+            if name != reference:
+                diff, dsd = _mean_sd([a - b for a, b in zip(loss[first - 1 : last],
+                                                            ref_loss[first - 1 : last])])
+                row |= {"minus_reference": diff,
+                        "paired_se": dsd / math.sqrt(last - first + 1)}
+            entry["runs"][name] = row
+        out["windows"].append(entry)
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Each run's loss (moving average of ``SMOOTH`` steps), windows shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, loss in report["curves"].items():
+        smooth = [sum(loss[i : i + SMOOTH]) / SMOOTH for i in range(len(loss) - SMOOTH + 1)]
+        ax.plot(range(SMOOTH // 2, SMOOTH // 2 + len(smooth)), smooth, label=name)
+    for w in report["comparison"]["windows"]:
+        ax.axvspan(w["first"], w["last"], color="grey", alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss ({SMOOTH}-step mean)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _window(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition("-")
+    if not sep or not first.isdigit() or not last.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give FIRST-LAST, e.g. 129-256")
+    return int(first), int(last)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR",
+                        help="run directories of launch/train.py; the first is the reference")
+    parser.add_argument("--windows", nargs="+", type=_window, required=True,
+                        metavar="FIRST-LAST")
+    parser.add_argument("--name", default="loss_compare")
+    parser.add_argument("--out_dir", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    runs = {}
+    for item in args.runs:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            parser.error(f"--runs {item!r}: give NAME=DIR")
+        runs[name] = Path(directory)
+    curves = {name: losses(run) for name, run in runs.items()}
+    report = {"runs": {n: str(r) for n, r in runs.items()},
+              "comparison": compare(curves, next(iter(runs)), args.windows),
+              "curves": {n: c[0] for n, c in curves.items()}}
+    for w in report["comparison"]["windows"]:
+        for name, row in w["runs"].items():
+            extra = (f"  {row['minus_reference']:+.3f} +- {row['paired_se']:.3f} (paired)"
+                     if "paired_se" in row else "  (reference)")
+            print(f"steps {w['first']}-{w['last']}  {name:<16} {row['mean']:.3f} "
+                  f"+- {row['se']:.3f}{extra}")
+    from bench.report import write_report
+
+    write_report(report, Path(args.out_dir) / args.name, plot)
+
+
+if __name__ == "__main__":
+    main()

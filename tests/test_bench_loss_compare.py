@@ -1,0 +1,50 @@
+"""bench/loss_compare.py: paired window means of two runs' training losses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import loss_compare
+
+
+def _run(tmp_path, name: str, losses: list[float], tokens: list[int]):
+    run = tmp_path / name
+    run.mkdir()
+    rows = [{"step": i + 1, "loss": x, "tokens": t} for i, (x, t) in enumerate(zip(losses, tokens))]
+    # a resumed run logs the steps after its checkpoint again: the later entry counts
+    rows.insert(0, {"step": 1, "loss": 99.0, "tokens": tokens[0]})
+    rows.insert(0, {"eval": "before"})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return run
+
+
+@pytest.mark.unit
+def test_the_paired_error_removes_the_batches_shared_noise(tmp_path):
+    noise = [0.0, 2.0, -1.0, 3.0, -2.0, 1.0]  # which facts a batch holds: shared by both runs
+    tokens = [10, 12, 11, 9, 10, 13]
+    ref = _run(tmp_path, "ref", [1.0 + n for n in noise], tokens)
+    other = _run(tmp_path, "other", [0.8 + n + (0.01 if i % 2 else -0.01)
+                                     for i, n in enumerate(noise)], tokens)
+    curves = {"ref": loss_compare.losses(ref), "other": loss_compare.losses(other)}
+    assert curves["ref"][0][0] == 1.0  # the re-logged step 1 replaced the stale one
+    window = loss_compare.compare(curves, "ref", [(2, 5)])["windows"][0]
+    row = window["runs"]["other"]
+    assert row["minus_reference"] == pytest.approx(-0.2)
+    assert row["paired_se"] == pytest.approx(0.01 / math.sqrt(4))
+    # the unpaired error of one run's mean is dominated by the shared noise
+    assert row["se"] == pytest.approx(window["runs"]["ref"]["se"], rel=0.05) and row["se"] > 0.5
+    assert "paired_se" not in window["runs"]["ref"]
+
+
+@pytest.mark.unit
+def test_runs_that_saw_other_batches_or_too_few_steps_are_refused(tmp_path):
+    ref = loss_compare.losses(_run(tmp_path, "ref", [1.0, 2.0, 3.0], [5, 6, 7]))
+    other = loss_compare.losses(_run(tmp_path, "other", [1.0, 2.0, 3.0], [5, 8, 7]))
+    with pytest.raises(SystemExit, match="other micro-batches"):
+        loss_compare.compare({"ref": ref, "other": other}, "ref", [(1, 3)])
+    loss_compare.compare({"ref": ref, "other": other}, "ref", [(3, 3)])  # same batch there
+    with pytest.raises(SystemExit, match="has 3 steps"):
+        loss_compare.compare({"ref": ref}, "ref", [(2, 4)])
