@@ -338,6 +338,34 @@ def run_study(names: list[str], sizes: list[int], study: Study, work: Path, swee
     return report
 
 
+def markdown(report: dict) -> str:
+    """The README's tables from a report: each configuration's points (trained EM / damage
+    per N; held-out EM, memory proxy and lr at its largest N), then the sweep."""
+    sizes = sorted({int(n) for points in report["points"].values() for n in points})
+    head = ["config", "lr", *(f"N = {n}" for n in sizes), "held-out (largest N)",
+            "memory proxy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, points in report["points"].items():
+        top = points[max(points, key=int)]
+        cells = [f"{100 * points[str(n)]['trained_em']:.1f}%, {points[str(n)]['damage']:+.2f}"
+                 if str(n) in points else "" for n in sizes]
+        lines.append("| " + " | ".join([name, f"{top['lr']:g}", *cells,
+                                         f"{100 * (top['heldout_em'] or 0):.1f}%",
+                                         f"{top['memory_proxy_bytes'] / 2**20:.0f} MiB"]) + " |")
+    if report["sweep"]:
+        lrs = sorted({float(x) for s in report["sweep"].values() for x in s["tried"]})
+        lines += ["", "| sweep at N = " + str(SWEEP_N) + " | " + " | ".join(
+            f"lr {x:g}" for x in lrs) + " |", "|" + "---|" * (len(lrs) + 1)]
+        for name, sweep in report["sweep"].items():
+            cells = []
+            for x in lrs:
+                p = sweep["tried"].get(f"{x:g}")
+                cell = f"{100 * p['trained_em']:.1f}%, {p['damage']:+.2f}" if p else ""
+                cells.append(f"**{cell}**" if p and x == sweep["chosen"] else cell)
+            lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(report: dict, path: Path) -> None:
     """EM on trained facts against N (a line per configuration), and against the memory
     proxy at the largest N."""
@@ -382,6 +410,8 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="more launcher flags for every run")
     parser.add_argument("--only_finished", action="store_true",
                         help="score the runs already trained in --work, start no training")
+    parser.add_argument("--markdown", action="store_true",
+                        help="also write the README's tables beside --out (.md)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -400,6 +430,8 @@ def main() -> None:
     report["machine"] = platform.machine()
     Path(args.out).write_text(json.dumps(report, indent=1))
     plot(report, Path(args.out).with_suffix(".png"))
+    if args.markdown:
+        Path(args.out).with_suffix(".md").write_text(markdown(report))
     print(f"wrote {args.out}")
 
 

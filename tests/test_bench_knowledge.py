@@ -47,6 +47,25 @@ def test_steps_cover_the_passes_over_the_facts():
     assert knowledge.steps_for(6, knowledge.Study(epochs=1)) == 2  # rounded up
 
 
+@pytest.mark.unit
+def test_markdown_tables_show_every_point_and_mark_the_chosen_rate():
+    def point(em, damage, lr, proxy=2**20):
+        return {"trained_em": em, "damage": damage, "lr": lr, "heldout_em": 0.03,
+                "memory_proxy_bytes": proxy}
+    report = {"points": {"lora_r8": {"64": point(1.0, 1.1, 3e-3), "1024": point(0.953, 2.03, 3e-3,
+                                                                           268 * 2**20)},
+                         "full": {"256": point(0.992, 0.79, 1e-4)}},
+              "sweep": {"lora_r8": {"chosen": 3e-3, "tried": {"0.001": point(0.926, 0.91, 1e-3),
+                                                             "0.003": point(0.996, 1.27, 3e-3)}}}}
+    text = knowledge.markdown(report).splitlines()
+    assert text[0] == ("| config | lr | N = 64 | N = 256 | N = 1024 | held-out (largest N) "
+                       "| memory proxy |")
+    assert text[2] == "| lora_r8 | 0.003 | 100.0%, +1.10 |  | 95.3%, +2.03 | 3.0% | 268 MiB |"
+    assert text[3] == "| full | 0.0001 |  | 99.2%, +0.79 |  | 3.0% | 1 MiB |"
+    assert text[5] == "| sweep at N = 256 | lr 0.001 | lr 0.003 |"
+    assert text[7] == "| lora_r8 | 92.6%, +0.91 | **99.6%, +1.27** |"
+
+
 @pytest.mark.integration
 def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     study = knowledge.Study(epochs=1, eval_trained=8, eval_heldout=4, damage_examples=4,
