@@ -73,6 +73,9 @@ CONFIGS: dict[str, list[str]] = {
                          "--sparse_top_k", "16"],
     "sparse_1.0_top256": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
                           "--sparse_top_k", "256"],
+    # ... and its Adam rule: bias correction by the store's step (rarely used rows faster)
+    "sparse_1.0_bias_step": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
+                             "--sparse_bias_correction", "step"],
 }
 # the study's comparison (issue 22); the other configurations are ablations, run by name
 STUDY_CONFIGS = ["sparse_1.0", "lora_r8", "lora_r64", "full", "sparse_0.1",
@@ -83,6 +86,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4], "reversible": [1e-3, 3e-3],
     "sparse_reversible": [1e-3, 3e-3], "sparse_1.0_token": [1e-3, 3e-3],
     "sparse_1.0_top16": [1e-3, 3e-3], "sparse_1.0_top256": [1e-3, 3e-3],
+    "sparse_1.0_bias_step": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json

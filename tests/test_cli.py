@@ -133,6 +133,8 @@ def test_launcher_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys)
          "exceeds the 64 rows per layer"),
         (["--deepspeed", CPU, "--method", "sparse", "--sparse_route", "sequence"],
          "invalid choice: 'sequence'"),
+        (["--deepspeed", CPU, "--method", "sparse", "--sparse_bias_correction", "global"],
+         "invalid choice: 'global'"),
         (["--deepspeed", CPU, "--method", "reversible", "--rev_keep_top", "2",
           "--rev_backward", "autograd"], "rev_keep_top applies to rev_backward reversible"),
         (["--deepspeed", CPU, "--resume", "--output_dir", str(tmp_path / "nothing")],

@@ -20,6 +20,10 @@ TOKEN = {"sparse_route": "token"}  # the routing before context routing became t
 
 def _losses(steps: int = 5, **flags) -> list[float]:
     """Losses of a few steps of the sparse method on a tiny model (routers by AdamW)."""
+    return _train(steps, **flags)[0]
+
+
+def _train(steps: int = 5, **flags) -> tuple[list[float], SparseMethod]:
     model = tiny_llama(2)
     options = SparseMethod.Options(sparse_rank=32, sparse_experts=4, sparse_top_k=4,
                                    sparse_optimizer="torch", **flags)
@@ -36,7 +40,7 @@ def _losses(steps: int = 5, **flags) -> list[float]:
         routers.zero_grad()
         method.after_engine_step(1e-2, 1.0)
         losses.append(float(loss))
-    return losses
+    return losses, method
 
 
 @pytest.mark.unit
@@ -96,3 +100,29 @@ def test_frozen_keys_never_move_and_values_do():
         now = store.full_weight(layer)
         assert torch.equal(now[:, :hidden], was[:, :hidden])
         assert not torch.equal(now[:, hidden:], was[:, hidden:])
+
+
+@pytest.mark.unit
+def test_step_bias_correction_counts_store_steps_through_checkpoints():
+    """``--sparse_bias_correction step`` changes the updates (rows skip steps here); the
+    store counts its steps either way and a checkpoint carries the count (one written
+    before the count existed resumes at its largest row step: the same under ``step``)."""
+    lazy, _ = _train(sparse_bias_correction="row")
+    assert lazy == _losses()  # the default
+    by_step, method = _train(sparse_bias_correction="step")
+    assert by_step != lazy and by_step[-1] < by_step[0]
+    store = method.runtime.store
+    assert store.step_count == 5
+    method.runtime.step(1e-2, skip=True)  # a step DeepSpeed skipped (fp16 overflow)
+    assert store.step_count == 5
+    assert max(int(rows.steps.max()) for rows in store.layers.values()) == 5
+    state = store.state_dict()
+    assert state["step_count"] == 5
+    fresh = _train(0, sparse_bias_correction="step")[1].runtime.store
+    assert fresh.step_count == 0
+    fresh.load_state_dict(state)
+    assert fresh.step_count == 5
+    del state["step_count"]
+    fresh.step_count = 0
+    fresh.load_state_dict(state)
+    assert fresh.step_count == 5

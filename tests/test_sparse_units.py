@@ -193,6 +193,55 @@ def test_row_adamw_key_lr_ratio_is_a_key_param_group_at_that_rate(row_adamw_back
 
 
 @pytest.mark.unit
+def test_row_adamw_step_bias_correction_is_sparse_adam(row_adamw_backend):
+    """``--sparse_bias_correction step``: the rows move as ``torch.optim.SparseAdam`` moves
+    the whole store (moments of the selected rows only, bias correction by the step
+    number), which differs from the lazy per-row rule once rows skip steps."""
+    gen = torch.Generator().manual_seed(5)
+    rows, width, lr = 12, 40, 1e-2
+    start = torch.randn(rows, width, generator=gen)
+    grads = [torch.randn(len(s), width, generator=gen) for s in MIXED_SELECTIONS]
+    param = torch.nn.Parameter(start.clone())
+    reference = torch.optim.SparseAdam([param], lr=lr, eps=1e-8)
+    results = {}
+    for rule in ("step", "row"):
+        weight, steps = start.clone(), torch.zeros(rows, dtype=torch.int64)
+        m, v = torch.zeros_like(weight), torch.zeros_like(weight)
+        taken = [0]
+        optimizer = RowAdamW(row_adamw_backend,
+                             bias_step=(lambda t=taken: t[0] + 1) if rule == "step" else None)
+        for chosen, grad in zip(MIXED_SELECTIONS, grads):
+            optimizer.step(weight, m, v, steps, torch.tensor(chosen), grad, lr)
+            taken[0] += 1
+            if rule == "step":
+                param.grad = torch.sparse_coo_tensor(torch.tensor([chosen]), grad, (rows, width))
+                reference.step()
+        results[rule] = weight
+        if rule == "step":  # a row's entry: the step of its last update
+            assert steps[11].item() == 7 and steps[1].item() == 8 and steps[10].item() == 7
+    torch.testing.assert_close(results["step"], param.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(results["row"], results["step"], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.unit
+def test_row_adamw_step_bias_correction_on_resident_rows():
+    """The hot-row cache's update follows the same rule as the store's."""
+    gen = torch.Generator().manual_seed(4)
+    weight, grad = torch.randn(6, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    slots = torch.tensor([4, 0, 2])
+    optimizer = RowAdamW("torch", bias_step=lambda: 9)
+    outs = []
+    for resident in (True, False):
+        w, m, v = weight.clone(), torch.zeros_like(weight), torch.zeros_like(weight)
+        steps = torch.tensor([3, 0, 1, 7, 2, 5])
+        update = optimizer.step_resident if resident else optimizer.step
+        update(w, m, v, steps, slots, grad, 1e-2)
+        assert steps.tolist() == [9, 0, 9, 7, 9, 5]
+        outs.append(w)
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.unit
 def test_row_adamw_key_lr_ratio_on_resident_rows():
     """The hot-row cache's update scales the key step the same way."""
     gen = torch.Generator().manual_seed(3)

@@ -7,6 +7,10 @@ Each row (one key and one value of the adapter) is its own little AdamW problem:
   counts only the steps that updated it, so its bias correction is that of a fresh
   AdamW started when the row was first used. This is exactly ``torch.optim.AdamW`` run
   on each row separately and stepped only when the row has a gradient.
+- **Bias correction by the step** (``bias_step``, ``--sparse_bias_correction step``):
+  the moments move as above, but a row's bias correction uses the store's step number,
+  as ``torch.optim.SparseAdam`` does: a row updated in few of the steps has small moments
+  corrected by a large step count, so it takes larger steps than a fresh AdamW would.
 - **In place, in one call (``cpu_adam``).** The op of :mod:`meft_ds.sparse.row_op`
   runs DeepSpeed's CPU Adam kernel on each selected row's own memory in the store (a row
   of a row-major ``[r, width]`` store is contiguous), rows split over up to torch's
@@ -23,6 +27,8 @@ per-row bias correction as a broadcast).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -45,6 +51,7 @@ class RowAdamW:
         weight_decay: float = 0.0,
         key_lr_ratio: float = 1.0,
         key_width: int = 0,
+        bias_step: Callable[[], int] | None = None,
     ) -> None:
         self.backend = backend
         self.betas = betas
@@ -54,6 +61,8 @@ class RowAdamW:
         # the AdamW step (0: frozen keys); the moments are those of the plain step
         self.key_lr_ratio = key_lr_ratio
         self.key_width = key_width
+        # None: each row's own update count; else the number of the step being taken
+        self.bias_step = bias_step
         self._op = None
         if backend == "cpu_adam":
             self._op = _load_op()
@@ -86,6 +95,8 @@ class RowAdamW:
         if g.shape != expected:
             raise ValueError(f"grad is {tuple(g.shape)}, expected {expected}")
         rows = _as(rows, torch.int64)
+        if self.bias_step is not None:  # both backends count the update on top of this
+            steps.index_fill_(0, rows, self.bias_step() - 1)
         old_keys = self._keys_before(weight, rows)
         if self._op is None:
             self._torch_step(weight, exp_avg, exp_avg_sq, steps, rows, g, lr)
@@ -149,6 +160,8 @@ class RowAdamW:
         """
         if slots.numel() == 0:
             return
+        if self.bias_step is not None:
+            steps[slots] = self.bias_step() - 1
         steps[slots] += 1
         index = slots.to(weight.device, non_blocking=True)
         p = weight.index_select(0, index)

@@ -14,6 +14,7 @@ OPTIMIZERS = ("cpu_adam", "torch")
 WORKING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 STORE_MODES = ("replicated", "sharded")
 ROUTES = ("token", "context")
+BIAS_CORRECTIONS = ("row", "step")
 
 
 @dataclass
@@ -63,6 +64,13 @@ class SparseOptions:
         "docs/methods.md)", choices=ROUTES,
     )
     sparse_weight_decay: float = opt(0.0, "decoupled weight decay of the CPU row store (AdamW)")
+    sparse_bias_correction: str = opt(
+        "row", "Adam bias correction of a store row: 'row' = by the row's own update count "
+        "(a row first used late starts as a fresh AdamW: lazy Adam, the paper's); 'step' = by "
+        "the store's step count, as torch.optim.SparseAdam (a row used in few steps then takes "
+        "larger steps; its `steps` entry holds the step of its last update)",
+        choices=BIAS_CORRECTIONS,
+    )
     sparse_beta1: float = opt(0.9, "Adam beta1 of the CPU row store")
     sparse_beta2: float = opt(0.999, "Adam beta2 of the CPU row store")
     sparse_eps: float = opt(1e-8, "Adam epsilon of the CPU row store")

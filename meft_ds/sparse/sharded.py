@@ -84,7 +84,13 @@ from meft_ds.sparse.huge_pages import huge_zeros
 from meft_ds.sparse.options import SparseOptions, SparseSizes
 from meft_ds.sparse.router import Selection, candidate_scores, select_rows
 from meft_ds.sparse.shared import Layout, NodeGroup, NodeMemory, node_group
-from meft_ds.sparse.store import LayerRows, RowStore, init_layer_weight, new_layer_rows
+from meft_ds.sparse.store import (
+    LayerRows,
+    RowStore,
+    init_layer_weight,
+    new_layer_rows,
+    saved_step_count,
+)
 
 SHARD_PATTERN = re.compile(r"sparse_rows_(\d+)_(\d+)\.pt")
 STATE_NAMES = ("weight", "exp_avg", "exp_avg_sq", "steps")
@@ -241,6 +247,7 @@ class ReplicatedStore(RowStore):
     def load(self, directory: Path) -> None:
         self._write(lambda: self.load_state_dict(
             read_rows(directory, 0, self.sizes.rank), str(directory)))
+        self.step_count = read_step_count(directory)  # on every local rank, not the leader's
         self.clear_grads()
 
 
@@ -455,7 +462,15 @@ def read_rows(directory: Path, start: int, end: int) -> dict:
         first_missing = start + int(missing[0]) if missing.numel() else start
         raise UserError(f"checkpoint {directory}: sparse store rows from {first_missing} "
                         f"(of {start}..{end}) are in none of its files")
-    return {"sizes": sizes, "layers": layers}
+    return {"sizes": sizes, "layers": layers, "step_count": read_step_count(directory)}
+
+
+def read_step_count(directory: Path) -> int:
+    """The store steps taken when the checkpoint in ``directory`` was written (every file
+    holds it; memory-mapped, so no rows are read unless an older checkpoint lacks it)."""
+    paths = sorted(directory.glob("sparse_rows_*.pt")) + sorted(directory.glob(RowStore.FILE))
+    return max((saved_step_count(torch.load(p, map_location="cpu", weights_only=True,
+                                            mmap=True)) for p in paths), default=0)
 
 
 def _layout(sizes: SparseSizes) -> Layout:

@@ -64,6 +64,10 @@ class RowStep:
                 weight_decay=options.sparse_weight_decay,
                 key_lr_ratio=options.sparse_key_lr_ratio,
                 key_width=self.sizes.hidden,
+                # read when a row is updated: eager layer updates run during backward,
+                # before this step is counted
+                bias_step=(lambda: self.store.step_count + 1)
+                if options.sparse_bias_correction == "step" else None,
             )
         return self._optimizer
 
@@ -167,6 +171,7 @@ class RowStep:
                 counters.moved("d2h", cache.step(
                     self.row_optimizer(), store_lr, factor, self.store.layers[layer]
                 ))
+            self.store.step_count += 1
         for layer, cache in self.caches.items():
             cache.clear_grads()
             promoted, evicted, up, down = cache.rebalance(self.store.layers[layer])

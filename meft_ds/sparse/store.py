@@ -66,6 +66,7 @@ class RowStore:
     """All adapted layers' rows (see the module docstring)."""
 
     FILE = "sparse_store.pt"
+    step_count: int = 0  # store steps taken (not skipped); --sparse_bias_correction step
 
     def __init__(self, sizes: SparseSizes, seed: int = 0, huge_pages: bool = True) -> None:
         self.sizes = sizes
@@ -137,6 +138,7 @@ class RowStore:
     def state_dict(self) -> dict:
         return {
             "sizes": self.sizes.as_dict(),
+            "step_count": self.step_count,
             "layers": {
                 layer: {
                     "weight": rows.weight, "exp_avg": rows.exp_avg,
@@ -164,6 +166,7 @@ class RowStore:
             for name in ("weight", "exp_avg", "exp_avg_sq", "steps"):
                 getattr(rows, name).copy_(layers[layer][name])
             rows.pending = []
+        self.step_count = saved_step_count(state)
 
     def save(self, directory: Path) -> None:
         """Write the store into ``directory``; data-parallel replicas are identical, so
@@ -180,6 +183,16 @@ class RowStore:
         if not path.is_file():
             raise UserError(f"checkpoint {directory} has no {self.FILE}")
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
+
+
+def saved_step_count(state: dict) -> int:
+    """The store steps a saved state had taken; checkpoints from before the count was
+    saved: the largest row step count (the same under ``--sparse_bias_correction step``,
+    and under ``row`` unused)."""
+    if "step_count" in state:
+        return int(state["step_count"])
+    return max((int(s["steps"].max()) for s in state["layers"].values() if s["steps"].numel()),
+               default=0)
 
 
 def _allreduce_rows(
