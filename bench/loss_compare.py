@@ -73,7 +73,7 @@ def compare(curves: dict[str, tuple[list[float], list[int]]], reference: str,
 
 
 def plot(report: dict, path: Path) -> None:
-    """Each run's loss (moving average of ``SMOOTH`` steps), windows shaded."""
+    """Each run's loss (moving average of ``SMOOTH`` steps), the windows' bounds marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,8 +83,9 @@ def plot(report: dict, path: Path) -> None:
     for name, loss in report["curves"].items():
         smooth = [sum(loss[i : i + SMOOTH]) / SMOOTH for i in range(len(loss) - SMOOTH + 1)]
         ax.plot(range(SMOOTH // 2, SMOOTH // 2 + len(smooth)), smooth, label=name)
-    for w in report["comparison"]["windows"]:
-        ax.axvspan(w["first"], w["last"], color="grey", alpha=0.15)
+    for w in report["comparison"]["windows"]:  # bounds only: windows may tile the run
+        for edge in (w["first"], w["last"]):
+            ax.axvline(edge, color="grey", lw=0.6, alpha=0.5)
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss ({SMOOTH}-step mean)")
     ax.set_yscale("log")
