@@ -394,6 +394,9 @@ def plot(report: dict, path: Path) -> None:
     right.set_xscale("log")
     right.set_xlabel("GPU working-memory proxy (MiB)")
     right.set_ylabel("EM on trained facts at the largest N (%)")
+    if report.get("missing"):
+        fig.suptitle(f"incomplete study: {len(report['missing'])} point(s) missing "
+                     f"({', '.join(report['missing'])})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
