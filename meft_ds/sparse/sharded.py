@@ -442,8 +442,10 @@ def read_rows(directory: Path, start: int, end: int) -> dict:
     sizes: dict | None = None
     layers: dict[int, dict[str, torch.Tensor]] = {}
     covered = torch.zeros(end - start, dtype=torch.bool)
+    step_count = 0
     for first, last, path in files:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step_count = max(step_count, saved_step_count(state))
         last = state["sizes"]["rank"] if last < 0 else last
         lo, hi = max(first, start), min(last, end)
         if lo >= hi:
@@ -462,7 +464,7 @@ def read_rows(directory: Path, start: int, end: int) -> dict:
         first_missing = start + int(missing[0]) if missing.numel() else start
         raise UserError(f"checkpoint {directory}: sparse store rows from {first_missing} "
                         f"(of {start}..{end}) are in none of its files")
-    return {"sizes": sizes, "layers": layers, "step_count": read_step_count(directory)}
+    return {"sizes": sizes, "layers": layers, "step_count": step_count}
 
 
 def read_step_count(directory: Path) -> int:
