@@ -427,14 +427,7 @@ class ShardedStore(RowStore):
 def read_rows(directory: Path, start: int, end: int) -> dict:
     """Rows ``[start, end)`` of every layer from a checkpoint written by either store
     (any number of ranks), as a :meth:`RowStore.state_dict`."""
-    files: list[tuple[int, int, Path]] = []
-    for path in sorted(directory.glob("sparse_rows_*.pt")):
-        match = SHARD_PATTERN.fullmatch(path.name)
-        if match:
-            files.append((int(match[1]), int(match[2]), path))
-    full = directory / RowStore.FILE
-    if full.is_file():
-        files.append((0, -1, full))
+    files = _store_files(directory)
     if not files:
         raise UserError(
             f"checkpoint {directory} has no sparse store ({RowStore.FILE} or sparse_rows_*.pt)"
@@ -467,12 +460,26 @@ def read_rows(directory: Path, start: int, end: int) -> dict:
     return {"sizes": sizes, "layers": layers, "step_count": step_count}
 
 
+def _store_files(directory: Path) -> list[tuple[int, int, Path]]:
+    """``(first row, end row, path)`` of each store file in a checkpoint (end -1: a whole
+    store of :class:`RowStore`, all rows)."""
+    files: list[tuple[int, int, Path]] = []
+    for path in sorted(directory.glob("sparse_rows_*.pt")):
+        match = SHARD_PATTERN.fullmatch(path.name)
+        if match:
+            files.append((int(match[1]), int(match[2]), path))
+    full = directory / RowStore.FILE
+    if full.is_file():
+        files.append((0, -1, full))
+    return files
+
+
 def read_step_count(directory: Path) -> int:
     """The store steps taken when the checkpoint in ``directory`` was written (every file
     holds it; memory-mapped, so no rows are read unless an older checkpoint lacks it)."""
-    paths = sorted(directory.glob("sparse_rows_*.pt")) + sorted(directory.glob(RowStore.FILE))
-    return max((saved_step_count(torch.load(p, map_location="cpu", weights_only=True,
-                                            mmap=True)) for p in paths), default=0)
+    return max((saved_step_count(torch.load(path, map_location="cpu", weights_only=True,
+                                            mmap=True)) for _, _, path in _store_files(directory)),
+               default=0)
 
 
 def _layout(sizes: SparseSizes) -> Layout:
