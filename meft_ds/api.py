@@ -159,8 +159,8 @@ class MeftModel(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' ``generate``: the model's own with its KV cache where the method's
-        forward is the model's, else the reversible model's (no KV cache)."""
+        """transformers' ``generate`` with a KV cache: the model's own where the method's
+        forward is the model's, else the method's generation model (the reversible one)."""
         model = self.method.generation_model(self.model) or self.model
         if not hasattr(model, "generate"):
             raise UserError(f"method {self.method.name}: this model cannot generate")

@@ -99,9 +99,10 @@ def test_forward_returns_the_launchers_logits_and_loss(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["reversible", "sparse_reversible", "sparse", "sparse_noattn",
                                   "read"])
 def test_generate_decodes_as_the_launchers_evaluation(kind: str, base_dir: Path) -> None:
-    """Greedy ``generate`` gives the answers of the launcher's evaluation: for reversible
-    models (transformers' loop without a KV cache) its loop recomputing every prefix through
-    the method's forward, for the others the transformers model it generates with."""
+    """Greedy ``generate`` gives the answers of the launcher's evaluation (the transformers
+    model or, for reversible models, the ReversibleLM it generates with, KV cache on); for
+    reversible models also those of a loop recomputing every prefix through the method's
+    forward (no cache), left padding included."""
     model = _model(kind, loader.load_model(str(base_dir)).model)
     _train(model)
     model.eval()
@@ -111,11 +112,13 @@ def test_generate_decodes_as_the_launchers_evaluation(kind: str, base_dir: Path)
     def logits(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(ids, mask).logits
 
-    launcher = model.method.generation_model(model.model)  # None: recompute each prefix
-    assert (launcher is None) == ("reversible" in kind)
+    launcher = model.method.generation_model(model.model)
+    assert launcher is not None
     want = meval.generate(logits, tokenizer, prompts, 5, 2, progress=False, hf_model=launcher)
     got = meval.generate(logits, tokenizer, prompts, 5, 2, progress=False, hf_model=model)
     assert got == want
+    if "reversible" in kind:
+        assert meval.generate(logits, tokenizer, prompts, 5, 2, progress=False) == want
 
 
 def test_state_dict_holds_the_rows_and_tied_weights_once(tmp_path: Path) -> None:

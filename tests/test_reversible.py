@@ -556,3 +556,47 @@ def test_forward_runs_each_block_as_the_backward_recomputes_it(monkeypatch) -> N
     assert len(seen) == 8  # 2 layers x (F, G) x (forward, recompute)
     assert set(seen) == {(True, True, True)}
     assert model.stats.get("inexact_backwards", 0) == 0
+
+
+# --- decoding with a KV cache -----------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("variant,position", [("meft1", "top"), ("meft2", "top"),
+                                              ("meft3", "top"), ("meft1", "bottom")])
+def test_cached_decoding_gives_the_logits_of_recomputing_the_prefix(variant: str,
+                                                                     position: str) -> None:
+    """A prefill and one-token steps through a DynamicCache give the logits of the whole
+    sequence recomputed (left padding included; with ``position="bottom"`` the plain layers
+    above the stack use the cache too), and ``generate`` decodes the same tokens with the
+    cache as without it."""
+    from transformers import DynamicCache
+
+    model = ReversibleLM(_tiny(6), ReversibleOptions(
+        rev_variant=variant, rev_layers=4, rev_position=position, rev_adapter_size=8))
+    _perturb_adapters(model)
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    with torch.no_grad():
+        full = model(ids, mask)
+        cache = DynamicCache(config=model.lm.config)
+        steps = [model(ids[:, :5], mask[:, :5], past_key_values=cache)]
+        for t in range(5, 9):
+            steps.append(model(ids[:, t:t + 1], mask[:, :t + 1], past_key_values=cache))
+    assert cache.get_seq_length() == 9
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                  pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(**kwargs, use_cache=True),
+                       model.generate(**kwargs, use_cache=False))
+
+
+@pytest.mark.unit
+def test_a_kv_cache_with_grad_is_refused() -> None:
+    from transformers import DynamicCache
+
+    model = ReversibleLM(_tiny(2), ReversibleOptions(rev_adapter_size=8))
+    with pytest.raises(UserError, match="torch.no_grad"):
+        model(torch.ones(1, 3, dtype=torch.long),
+              past_key_values=DynamicCache(config=model.lm.config))

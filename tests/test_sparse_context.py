@@ -24,9 +24,10 @@ SPARSE = dict(sparse_rank=32, sparse_experts=4, sparse_top_k=4, sparse_optimizer
               sparse_route="context")
 
 
-def context_model() -> meft_ds.MeftModel:
+def context_model(reversible: bool = False) -> meft_ds.MeftModel:
     """A tiny LLaMA with context routing and non-zero values (the adapter changes logits)."""
-    model = meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(**SPARSE))
+    model = meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(
+        **SPARSE, reversible=reversible))
     for rows in model.method.runtime.store.layers.values():
         rows.weight[:, 64:].normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     return model
@@ -143,8 +144,9 @@ def test_context_routes_rows_by_the_sequence_not_the_token():
 
 
 @pytest.mark.unit
-def test_cached_generation_equals_full_recomputation_with_left_padding(monkeypatch):
-    model = context_model()
+@pytest.mark.parametrize("reversible", [False, True])
+def test_cached_generation_equals_full_recomputation_with_left_padding(monkeypatch, reversible):
+    model = context_model(reversible)
     model.train()
     model(torch.randint(0, 128, (2, 6)), torch.ones(2, 6, dtype=torch.long))  # calibrate
     model.eval()

@@ -54,3 +54,7 @@ class Reversible(Method):
     ) -> torch.Tensor:
         """Logits of the reversible model (the engine calls ``ReversibleLM.forward``)."""
         return module(input_ids=input_ids, attention_mask=attention_mask)
+
+    def generation_model(self, module: nn.Module) -> nn.Module | None:
+        """The :class:`ReversibleLM` itself: its ``generate`` decodes with a KV cache."""
+        return module if isinstance(module, ReversibleLM) else None

@@ -255,8 +255,7 @@ class SparseMethod(Method):
         return super().forward(module, input_ids, attention_mask)
 
     def generation_model(self, module: nn.Module) -> nn.Module | None:
-        if self.reversible:
-            return None
+        # (a ReversibleLM's generate decodes with a KV cache, as transformers models do)
         return module if hasattr(module, "generate") else None
 
     def _runtime(self) -> SparseRuntime:

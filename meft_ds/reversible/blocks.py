@@ -17,6 +17,7 @@ forward's decisions (see :mod:`meft_ds.reversible.coupling`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ class LayerContext:
     rotary: dict[str, tuple[torch.Tensor, torch.Tensor]]
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     mask_kind: dict[int, str] = field(default_factory=dict)
+    cache: Any = None  # a transformers KV cache (decoding without grad only), else None
 
     def kind(self, layer_index: int) -> str:
         """The attention kind of decoder layer ``layer_index``."""
@@ -127,6 +129,7 @@ class AttentionBlock(_FrozenLayerBlock):
             out, _ = self.part("attention")(
                 hidden_states=h, attention_mask=ctx.mask(self.index),
                 position_embeddings=ctx.position_embeddings(self.index),
+                past_key_values=ctx.cache,
             )
             if self.adapter is not None:
                 out = out + self.adapter(h)

@@ -149,7 +149,7 @@ class ReversibleLM(nn.Module):
 
     def layer_context(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
+        position_ids: torch.Tensor, cache: Any = None,
     ) -> LayerContext:
         from transformers.masking_utils import (
             create_causal_mask,
@@ -159,7 +159,7 @@ class ReversibleLM(nn.Module):
         config = self.lm.config
         kwargs = {
             "config": config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-            "past_key_values": None, "position_ids": position_ids,
+            "past_key_values": cache, "position_ids": position_ids,
         }
         layer_types = getattr(config, "layer_types", None) or []
         masks: dict[str, torch.Tensor | None] = {}
@@ -181,7 +181,7 @@ class ReversibleLM(nn.Module):
             self.options.rev_stream_dtype, self.options.rev_compute_dtype, hidden.dtype,
             hidden.device,
         )
-        return LayerContext(precision, rope, masks, kinds)
+        return LayerContext(precision, rope, masks, kinds, cache)
 
     def _plain(
         self, layer_ids: range, hidden: torch.Tensor, ctx: LayerContext,
@@ -192,17 +192,33 @@ class ReversibleLM(nn.Module):
             hidden = blocks[i](
                 hidden, attention_mask=ctx.mask(i),
                 position_embeddings=ctx.position_embeddings(i), position_ids=position_ids,
+                past_key_values=ctx.cache, use_cache=ctx.cache is not None,
             )
         return hidden
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None, **_: object,
     ) -> torch.Tensor:
-        """Logits ``[batch, seq, vocab]``."""
+        """Logits ``[batch, seq, vocab]`` of ``input_ids`` ``[batch, seq]``.
+
+        ``past_key_values``: a transformers KV cache holding the keys and values of the
+        sequences' earlier tokens (``attention_mask`` ``[batch, cached + seq]`` then covers
+        them too); it is updated in place. Decoding only: without grad every block runs
+        once per call, so the cache sees each layer once (a reversible backward would
+        recompute the blocks and update it twice).
+        """
         n = len(arch.layers(self.lm))
+        if past_key_values is not None and torch.is_grad_enabled():
+            raise UserError("reversible: a KV cache (past_key_values) is for decoding under "
+                            "torch.no_grad(), not for training")
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
         hidden = self.lm.get_input_embeddings()(input_ids)  # Gemma's scaled embedding too
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        ctx = self.layer_context(hidden, attention_mask, position_ids)
+        # positions count every column, padding included, as without a cache: a cached
+        # step gives the logits of recomputing the whole prefix
+        position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device)
+                        + past).unsqueeze(0)
+        ctx = self.layer_context(hidden, attention_mask, position_ids, past_key_values)
         if self.span.start > 0:
             with torch.no_grad():
                 hidden = self._plain(range(self.span.start), hidden, ctx, position_ids)
@@ -235,13 +251,13 @@ class ReversibleLM(nn.Module):
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' ``generate`` (any decoding options) with this model's logits: the
-        base model's generation loop runs with its forward routed here, without a KV cache
-        (the reversible stack keeps none), so each new token recomputes the whole prefix."""
+        base model's generation loop runs with its forward routed here, with its KV cache
+        (``use_cache``, on by default; off: each new token recomputes the whole prefix)."""
         lm = self.lm
         before = lm.__dict__.get("forward")  # a wrapper someone set (accelerate's autocast)
         lm.forward = self._hf_forward  # an instance attribute: shadows the class's forward
         try:
-            return lm.generate(*args, **{**kwargs, "use_cache": False})
+            return lm.generate(*args, **kwargs)
         finally:
             if before is None:
                 del lm.forward
@@ -249,7 +265,11 @@ class ReversibleLM(nn.Module):
                 lm.forward = before
 
     def _hf_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    past_key_values: Any = None, use_cache: bool | None = None,
                     **_: Any) -> Any:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(logits=self(input_ids, attention_mask))
+        cache = past_key_values if use_cache is not False else None
+        # position_ids from generate are ignored: positions follow the columns (forward)
+        logits = self(input_ids, attention_mask, past_key_values=cache)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
