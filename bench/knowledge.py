@@ -71,6 +71,10 @@ CONFIGS: dict[str, list[str]] = {
     # issue 24's top-K ablation: rows each token activates per layer (default 64)
     "sparse_1.0_top16": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
                          "--sparse_top_k", "16"],
+    "sparse_1.0_top4": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
+                        "--sparse_top_k", "4"],
+    "sparse_1.0_top8": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
+                        "--sparse_top_k", "8"],
     "sparse_1.0_top256": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
                           "--sparse_top_k", "256"],
     # ... and its Adam rule: bias correction by the store's step (rarely used rows faster)
@@ -85,6 +89,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     "lora_r8": [1e-3, 3e-3], "lora_r16": [1e-3, 3e-3], "lora_r64": [3e-4, 1e-3],
     "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4], "reversible": [1e-3, 3e-3],
     "sparse_reversible": [1e-3, 3e-3], "sparse_1.0_token": [1e-3, 3e-3],
+    "sparse_1.0_top4": [1e-3, 3e-3], "sparse_1.0_top8": [1e-3, 3e-3],
     "sparse_1.0_top16": [1e-3, 3e-3], "sparse_1.0_top256": [1e-3, 3e-3],
     "sparse_1.0_bias_step": [1e-3, 3e-3],
 }
