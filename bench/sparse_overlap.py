@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default=None, help="a sparse adapter export (default: "
                         "a fresh adapter with --sparse_param_fraction)")
     parser.add_argument("--sparse_param_fraction", type=float, default=1.0)
+    parser.add_argument("--sparse_top_k", type=int, default=64,
+                        help="a fresh adapter's rows per token")
     parser.add_argument("--sparse_route", default="token", choices=("token", "context"),
                         help="a fresh adapter's routing (context: its centre from the first "
                         "4 facts, as the first training micro-batch would set it)")
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         model = meft_ds.MeftModel.from_pretrained(loaded.model, args.adapter)
     else:
         model = meft_ds.get_sparse_model(loaded.model, meft_ds.SparseConfig(
-            sparse_param_fraction=args.sparse_param_fraction, sparse_route=args.sparse_route))
+            sparse_param_fraction=args.sparse_param_fraction, sparse_route=args.sparse_route,
+            sparse_top_k=args.sparse_top_k))
     dev = default_data_dir() / "nq_open" / "NQ-open.dev.jsonl"
     records = [json.loads(line) for line in dev.read_text().splitlines()[: args.facts]]
     facts = [(r["question"], r["answer"][0]) for r in records]
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": args.model, "adapter": args.adapter or "fresh", "facts": len(facts),
         "route": model.method.options.sparse_route,
+        "top_k": model.method.options.sparse_top_k,
         "layers": {kind: overlap(model, xs[kind]) for kind in KINDS},
     }
     out = Path(args.out)
@@ -180,7 +184,7 @@ def _plot(result: dict, path: Path) -> None:
         axes[1].plot([int(x) for x in xs], [layers[x]["cosine"] for x in xs], label=kind)
     axes[0].set(xlabel="layer", ylabel="mean Jaccard of two facts' rows",
                 title=f"row overlap ({result['adapter']}, {result.get('route', 'token')} routing, "
-                f"{result['facts']} facts)")
+                f"top-K {result.get('top_k', 64)}, {result['facts']} facts)")
     axes[1].set(xlabel="layer", ylabel="mean cosine of two facts' router inputs",
                 title="input similarity")
     for ax in axes:
