@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 # per layer on SmolLM2-135M); "sparse_1.0_paper": the paper's settings (trained keys,
 # router and rows at the engine's rate, token routing) instead of today's defaults.
 CONTEXT = ["--sparse_route", "context"]  # the sparse adapter's best measured routing
-# the study measured the sparse configurations at 64 rows per token (the default): pinned,
-# so their names keep their meaning if the default moves
+# the study measured the sparse configurations at 64 rows per token (the paper's, and the
+# default until top-K 4 learned more): pinned, so their names keep their meaning
 K64 = ["--sparse_top_k", "64"]
 PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
                 "--sparse_lr_ratio", "1", "--sparse_route", "token"]

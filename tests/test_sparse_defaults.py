@@ -79,7 +79,7 @@ def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
     options = SparseMethod.Options()
     assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
             options.sparse_lr_ratio, options.sparse_attn_lora_r,
-            options.sparse_route) == (0.0, 10.0, 3.0, 8, "context")
+            options.sparse_route, options.sparse_top_k) == (0.0, 10.0, 3.0, 8, "context", 4)
     assert _losses() != _losses(**PAPER)
 
 
