@@ -73,9 +73,13 @@ CONFIGS: dict[str, list[str]] = {
     # routed by token (the paper's routing and the defaults before context routing)
     "sparse_1.0_token": ["--method", "sparse", "--sparse_param_fraction", "1.0",
                          "--sparse_route", "token", *K64],
-    # issue 24's top-K ablation: rows each token activates per layer (default 64)
+    # issue 24's top-K ablation: rows each token activates per layer (default 4)
     **{f"sparse_1.0_top{k}": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
                               "--sparse_top_k", str(k)] for k in TOP_KS},
+    # ... with the candidates of top-K 64 (3 experts of 63 rows) but 4 rows per token: do
+    # more facts need more rows per token, or only more rows to choose from?
+    "sparse_1.0_top4_e3": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
+                           "--sparse_top_k", "4", "--sparse_experts_per_token", "3"],
     # ... and its Adam rule: bias correction by the store's step (rarely used rows faster)
     "sparse_1.0_bias_step": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
                              "--sparse_bias_correction", "step", *K64],
@@ -88,7 +92,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     "lora_r8": [1e-3, 3e-3], "lora_r16": [1e-3, 3e-3], "lora_r64": [3e-4, 1e-3],
     "parallel_adapter": [1e-3, 3e-3], "full": [3e-5, 1e-4], "reversible": [1e-3, 3e-3],
     "sparse_reversible": [1e-3, 3e-3], "sparse_1.0_token": [1e-3, 3e-3],
-    **{f"sparse_1.0_top{k}": [1e-3, 3e-3] for k in TOP_KS},
+    **{f"sparse_1.0_top{k}": [1e-3, 3e-3] for k in TOP_KS}, "sparse_1.0_top4_e3": [1e-3, 3e-3],
     "sparse_1.0_bias_step": [1e-3, 3e-3],
 }
 SWEEP_N = 256
