@@ -7,6 +7,9 @@ difference from a reference run with the difference's standard error over the st
 (paired: ``sd(loss_run - loss_ref) / sqrt(steps)``), next to the unpaired standard error
 of one run's window mean, which is what a comparison across different data would face.
 Runs whose per-step token counts differ did not see the same batches and are refused.
+Where every run directory holds ``predictions.json`` (the launcher's scored answers), the
+report adds exact match on the trained questions, paired the same way: the questions only
+one of two runs answers, and McNemar's exact two-sided p over them.
 
     .venv/bin/python bench/loss_compare.py --runs token=runs/a context=runs/b \\
         --windows 129-256 769-896 --name loss_compare_route
@@ -72,6 +75,44 @@ def compare(curves: dict[str, tuple[list[float], list[int]]], reference: str,
     return out
 
 
+def answers(run: Path, split: str = "trained") -> dict[str, bool] | None:
+    """``question -> answered exactly`` from ``run/predictions.json``; None without one."""
+    path = run / "predictions.json"
+    if not path.is_file():
+        return None
+    return {p["question"]: bool(p["ok"]) for p in json.loads(path.read_text())[split]
+            ["predictions"]}
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p: under no difference each discordant question is a fair
+    coin, so ``min(only_a, only_b)`` is Binomial(only_a + only_b, 1/2) at its lower tail."""
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare_answers(scored: dict[str, dict[str, bool]], reference: str) -> dict:
+    """Each run's exact match (and its binomial SE) and, against ``reference``, the
+    questions only one of them answers. Raises SystemExit where runs scored other
+    questions (not a paired comparison)."""
+    ref = scored[reference]
+    out: dict = {"reference": reference, "n": len(ref), "runs": {}}
+    for name, ok in scored.items():
+        if ok.keys() != ref.keys():
+            raise SystemExit(f"error: run {name!r} scored other questions than "
+                             f"{reference!r}: not a paired comparison")
+        em = sum(ok.values()) / len(ok)
+        row = {"exact_match": em, "se": math.sqrt(em * (1 - em) / len(ok))}
+        if name != reference:
+            only_run = sum(ok[q] and not ref[q] for q in ok)
+            only_ref = sum(ref[q] and not ok[q] for q in ok)
+            row |= {"only_run": only_run, "only_reference": only_ref,
+                    "mcnemar_p": mcnemar_p(only_run, only_ref)}
+        out["runs"][name] = row
+    return out
+
+
 def plot(report: dict, path: Path) -> None:
     """Each run's loss (moving average of ``SMOOTH`` steps), the windows' bounds marked."""
     import matplotlib
@@ -120,6 +161,15 @@ def main() -> None:
     report = {"runs": {n: str(r) for n, r in runs.items()},
               "comparison": compare(curves, next(iter(runs)), args.windows),
               "curves": {n: c[0] for n, c in curves.items()}}
+    scored = {name: answers(run) for name, run in runs.items()}
+    if all(ok is not None for ok in scored.values()):
+        report["exact_match"] = compare_answers(scored, next(iter(runs)))
+        for name, row in report["exact_match"]["runs"].items():
+            extra = (f"  {row['only_run']} only here, {row['only_reference']} only in the "
+                     f"reference, McNemar p {row['mcnemar_p']:.3f}" if "mcnemar_p" in row
+                     else "  (reference)")
+            print(f"trained EM  {name:<16} {100 * row['exact_match']:.1f}% "
+                  f"+- {100 * row['se']:.1f}{extra}")
     for w in report["comparison"]["windows"]:
         for name, row in w["runs"].items():
             extra = (f"  {row['minus_reference']:+.3f} +- {row['paired_se']:.3f} (paired)"

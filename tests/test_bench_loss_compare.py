@@ -48,3 +48,29 @@ def test_runs_that_saw_other_batches_or_too_few_steps_are_refused(tmp_path):
     loss_compare.compare({"ref": ref, "other": other}, "ref", [(3, 3)])  # same batch there
     with pytest.raises(SystemExit, match="has 3 steps"):
         loss_compare.compare({"ref": ref}, "ref", [(2, 4)])
+
+
+def _scored(tmp_path, name: str, ok: list[bool]):
+    run = tmp_path / name
+    run.mkdir(exist_ok=True)
+    predictions = [{"question": f"q{i}", "prediction": "", "answers": [], "ok": x}
+                   for i, x in enumerate(ok)]
+    (run / "predictions.json").write_text(json.dumps(
+        {"trained": {"metric": "exact_match", "predictions": predictions}}))
+    return loss_compare.answers(run)
+
+
+@pytest.mark.unit
+def test_exact_match_is_paired_question_by_question(tmp_path):
+    ref = _scored(tmp_path, "ref", [True] * 8 + [False] * 2)
+    # q8 and q9 only the other run answers, q7 only the reference does
+    other = _scored(tmp_path, "other", [True] * 7 + [False, True, True])
+    report = loss_compare.compare_answers({"ref": ref, "other": other}, "ref")
+    row = report["runs"]["other"]
+    assert report["runs"]["ref"]["exact_match"] == 0.8 and row["exact_match"] == 0.9
+    assert (row["only_run"], row["only_reference"]) == (2, 1)
+    # exact: P(X <= 1) for X ~ Bin(3, 1/2) is 4/8, two-sided 1.0; (10, 0) is 2 / 1024
+    assert row["mcnemar_p"] == 1.0 and loss_compare.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
+    assert loss_compare.answers(tmp_path) is None  # no predictions.json
+    with pytest.raises(SystemExit, match="other questions"):
+        loss_compare.compare_answers({"ref": ref, "x": {"q0": True}}, "ref")
