@@ -75,13 +75,14 @@ def compare(curves: dict[str, tuple[list[float], list[int]]], reference: str,
     return out
 
 
-def answers(run: Path, split: str = "trained") -> dict[str, bool] | None:
-    """``question -> answered exactly`` from ``run/predictions.json``; None without one."""
+def answers(run: Path, split: str = "trained") -> list[tuple[str, bool]] | None:
+    """``(question, answered exactly)`` in scoring order from ``run/predictions.json``; None
+    without one. A list, not a dict: a question asked twice still counts twice."""
     path = run / "predictions.json"
     if not path.is_file():
         return None
-    return {p["question"]: bool(p["ok"]) for p in json.loads(path.read_text())[split]
-            ["predictions"]}
+    return [(p["question"], bool(p["ok"]))
+            for p in json.loads(path.read_text())[split]["predictions"]]
 
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
@@ -92,21 +93,22 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def compare_answers(scored: dict[str, dict[str, bool]], reference: str) -> dict:
+def compare_answers(scored: dict[str, list[tuple[str, bool]]], reference: str) -> dict:
     """Each run's exact match (and its binomial SE) and, against ``reference``, the
     questions only one of them answers. Raises SystemExit where runs scored other
-    questions (not a paired comparison)."""
-    ref = scored[reference]
+    questions or another order (not a paired comparison)."""
+    ref_questions, ref = zip(*scored[reference])
     out: dict = {"reference": reference, "n": len(ref), "runs": {}}
-    for name, ok in scored.items():
-        if ok.keys() != ref.keys():
+    for name, pairs in scored.items():
+        questions, ok = zip(*pairs) if pairs else ((), ())
+        if questions != ref_questions:
             raise SystemExit(f"error: run {name!r} scored other questions than "
                              f"{reference!r}: not a paired comparison")
-        em = sum(ok.values()) / len(ok)
+        em = sum(ok) / len(ok)
         row = {"exact_match": em, "se": math.sqrt(em * (1 - em) / len(ok))}
         if name != reference:
-            only_run = sum(ok[q] and not ref[q] for q in ok)
-            only_ref = sum(ref[q] and not ok[q] for q in ok)
+            only_run = sum(a and not b for a, b in zip(ok, ref))
+            only_ref = sum(b and not a for a, b in zip(ok, ref))
             row |= {"only_run": only_run, "only_reference": only_ref,
                     "mcnemar_p": mcnemar_p(only_run, only_ref)}
         out["runs"][name] = row

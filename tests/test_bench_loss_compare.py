@@ -73,4 +73,9 @@ def test_exact_match_is_paired_question_by_question(tmp_path):
     assert row["mcnemar_p"] == 1.0 and loss_compare.mcnemar_p(10, 0) == pytest.approx(2 / 1024)
     assert loss_compare.answers(tmp_path) is None  # no predictions.json
     with pytest.raises(SystemExit, match="other questions"):
-        loss_compare.compare_answers({"ref": ref, "x": {"q0": True}}, "ref")
+        loss_compare.compare_answers({"ref": ref, "x": [("q0", True)]}, "ref")
+    with pytest.raises(SystemExit, match="other questions"):  # same questions, other order
+        loss_compare.compare_answers({"ref": ref, "x": ref[::-1]}, "ref")
+    # a question asked twice counts twice
+    twice = loss_compare.compare_answers({"r": ref + ref[:1], "o": other + other[:1]}, "r")
+    assert twice["n"] == 11 and twice["runs"]["o"]["exact_match"] == 10 / 11
