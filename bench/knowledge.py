@@ -57,6 +57,7 @@ K64 = ["--sparse_top_k", "64"]
 PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
                 "--sparse_lr_ratio", "1", "--sparse_route", "token"]
 TOP_KS = (4, 8, 16, 256)
+KEY_LR_RATIOS = ("0.1", "1")
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT, *K64],
@@ -83,6 +84,11 @@ CONFIGS: dict[str, list[str]] = {
     # ... and its Adam rule: bias correction by the store's step (rarely used rows faster)
     "sparse_1.0_bias_step": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
                              "--sparse_bias_correction", "step", *K64],
+    # ... with trained keys at a fraction of the rows' rate (frozen by default): do 4 random
+    # projections of the input limit what 4 rows per token can fit at large N?
+    **{f"sparse_1.0_top4_keylr{r}": ["--method", "sparse", "--sparse_param_fraction", "1.0",
+                                     *CONTEXT, "--sparse_top_k", "4", "--sparse_key_lr_ratio", r]
+       for r in KEY_LR_RATIOS},
 }
 # the study's comparison (issue 22); the other configurations are ablations, run by name
 STUDY_CONFIGS = ["sparse_1.0", "lora_r8", "lora_r64", "full", "sparse_0.1",
@@ -94,6 +100,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     "sparse_reversible": [1e-3, 3e-3], "sparse_1.0_token": [1e-3, 3e-3],
     **{f"sparse_1.0_top{k}": [1e-3, 3e-3] for k in TOP_KS}, "sparse_1.0_top4_e3": [1e-3, 3e-3],
     "sparse_1.0_bias_step": [1e-3, 3e-3],
+    **{f"sparse_1.0_top4_keylr{r}": [1e-3, 3e-3] for r in KEY_LR_RATIOS},
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json
