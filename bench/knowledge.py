@@ -89,6 +89,13 @@ CONFIGS: dict[str, list[str]] = {
     **{f"sparse_1.0_top4_keylr{r}": ["--method", "sparse", "--sparse_param_fraction", "1.0",
                                      *CONTEXT, "--sparse_top_k", "4", "--sparse_key_lr_ratio", r]
        for r in KEY_LR_RATIOS},
+    # ... with its rank-8 LoRA on the FFN projections too (the store beside a LoRA placed as
+    # PEFT's default would place it): does the store add facts to a LoRA?
+    "sparse_1.0_top4_lora_all": ["--method", "sparse", "--sparse_param_fraction", "1.0",
+                                 *CONTEXT, "--sparse_top_k", "4", "--sparse_lora_targets", "all"],
+    # the defaults' attention LoRA alone (no store): what the store adds to it
+    "lora_r8_attn": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16",
+                     "--lora_dropout", "0", "--lora_targets", "q_proj,k_proj,v_proj,o_proj"],
 }
 # the study's comparison (issue 22); the other configurations are ablations, run by name
 STUDY_CONFIGS = ["sparse_1.0", "lora_r8", "lora_r64", "full", "sparse_0.1",
@@ -101,6 +108,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     **{f"sparse_1.0_top{k}": [1e-3, 3e-3] for k in TOP_KS}, "sparse_1.0_top4_e3": [1e-3, 3e-3],
     "sparse_1.0_bias_step": [1e-3, 3e-3],
     **{f"sparse_1.0_top4_keylr{r}": [1e-3, 3e-3] for r in KEY_LR_RATIOS},
+    "sparse_1.0_top4_lora_all": [1e-3, 3e-3], "lora_r8_attn": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json

@@ -258,6 +258,34 @@ def test_attention_lora_sits_on_the_adapted_layers_and_old_exports_load_without(
         assert torch.equal(again(input_ids=ids).logits, old(input_ids=ids).logits)
 
 
+def test_lora_on_all_projections_exports_and_loads(base_dir: Path, tmp_path: Path) -> None:
+    """``sparse_lora_targets all``: the LoRA also adapts the FFN projections of the sparse
+    layers (and only those), starts as the identity, and its export loads to the same logits."""
+    base = tiny_llama()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = meft_ds.get_sparse_model(base, meft_ds.SparseConfig(
+        **SPARSE, layer_start=1, sparse_attn_lora_r=4, sparse_lora_targets="all"))
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert len(lora) == 2 * 7 * 2  # layers 1, 2 x q, k, v, o, gate, up, down x A, B
+    assert {n.split(".layers.")[1].split(".")[0] for n in lora} == {"1", "2"}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+
+    trained = _model("sparse", loader.load_model(str(base_dir)).model, sparse_attn_lora_r=4,
+                     sparse_lora_targets="all")
+    _train(trained)
+    trained.eval().save_pretrained(tmp_path / "all")
+    again = meft_ds.MeftModel.from_pretrained(loader.load_model(str(base_dir)).model,
+                                              tmp_path / "all").eval()
+    assert sum("lora_" in n for n, _ in again.named_parameters()) == 3 * 7 * 2
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
 def test_misuse_is_refused_in_one_line() -> None:
     with pytest.raises(UserError, match="no row store"):
         _model("reversible").row_optimizer()
@@ -267,3 +295,5 @@ def test_misuse_is_refused_in_one_line() -> None:
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_top_k=0))
     with pytest.raises(UserError, match="sparse_attn_lora_r must be >= 0, got -1"):
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_attn_lora_r=-1))
+    with pytest.raises(UserError, match="sparse_lora_targets='mlp'; choose one of attention, all"):
+        meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_lora_targets="mlp"))

@@ -42,6 +42,8 @@ CACHE_FILE = "sparse_cache.pt"
 CONTEXT_PREFIX = "sparse_context.layer"  # + "<L>.centre": --sparse_route context's centres
 # per layer: the rows (``sparse_store.layer<L>.weight``), then their Adam state
 STORE_TENSORS = ("weight", "exp_avg", "exp_avg_sq", "steps")
+# --sparse_lora_targets -> the family parts whose linear projections get the LoRA
+LORA_PARTS = {"attention": ("attention",), "all": ("attention", "ffn")}
 
 
 class _AddAdapter:
@@ -117,21 +119,24 @@ def _cached_length(kwargs: dict) -> int:
     return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (k, v)
 
 
-def _add_attention_lora(model: nn.Module, rank: int, layers: tuple[int, ...], seed: int
-                        ) -> list[nn.Parameter]:
+def _add_lora(model: nn.Module, rank: int, parts: tuple[str, ...], layers: tuple[int, ...],
+              seed: int) -> list[nn.Parameter]:
     """PEFT LoRA modules (alpha ``2 * rank``, no dropout: reversible recomputation stays
-    exact) on the attention projections of ``layers``, in place; their parameters (returned)
+    exact) on the linear projections of the family's ``parts`` (``"attention"``, ``"ffn"``)
+    of ``layers``, in place; their parameters (returned)
     are the only trainable ones so far (the routers come next). Initialised from ``seed``
     on a forked RNG: the same on every rank, and the run's own random stream (data order,
     dropout) is the one it would be without the LoRA."""
     from peft import LoraConfig, inject_adapter_in_model
 
     family = arch.family_of(model, "sparse")
-    attention = family.part(arch.layers(model)[layers[0]], "attention")
-    targets = sorted({name.rsplit(".", 1)[-1] for name, module in attention.named_modules()
+    first = arch.layers(model)[layers[0]]
+    targets = sorted({name.rsplit(".", 1)[-1] for part in parts
+                      for name, module in family.part(first, part).named_modules()
                       if isinstance(module, nn.Linear)})
     if not targets:
-        raise UserError("sparse_attn_lora_r: this model's attention has no linear projections")
+        raise UserError(f"sparse_attn_lora_r: this model's {' and '.join(parts)} has no "
+                        "linear projections")
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets,
                         layers_to_transform=list(layers))
     device = next(model.parameters()).device
@@ -156,6 +161,7 @@ class SparseMethod(Method):
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options
     # exported before these options: the router multiplier, the attention LoRA
     legacy_options = {"sparse_router_lr_ratio": 1.0, "sparse_attn_lora_r": 0,
+                      "sparse_lora_targets": "attention",
                       "sparse_route": "token"}
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:
@@ -215,8 +221,9 @@ class SparseMethod(Method):
         self.options.sparse_experts_per_token = sizes.experts_per_token
         for param in model.parameters():
             param.requires_grad_(False)
-        lora = (_add_attention_lora(model, self.options.sparse_attn_lora_r, sizes.layers,
-                                    self.options.sparse_init_seed)
+        parts = LORA_PARTS[self.options.sparse_lora_targets]
+        lora = (_add_lora(model, self.options.sparse_attn_lora_r, parts, sizes.layers,
+                          self.options.sparse_init_seed)
                 if self.options.sparse_attn_lora_r else [])
         self.runtime = SparseRuntime(self.options, sizes)
         if self.options.sparse_diagnostics:

@@ -15,6 +15,7 @@ WORKING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 STORE_MODES = ("replicated", "sharded")
 ROUTES = ("token", "context")
 BIAS_CORRECTIONS = ("row", "step")
+LORA_TARGETS = ("attention", "all")
 
 
 @dataclass
@@ -59,6 +60,11 @@ class SparseOptions:
         "The position that predicts an answer's first token looks alike across facts, so "
         "there they share rows (bench/sparse_overlap.py); attention that reads the "
         "question tells them apart"
+    )
+    sparse_lora_targets: str = opt(
+        "attention", "what the LoRA of sparse_attn_lora_r adapts in the adapted layers: "
+        "'attention' (q/k/v/o) or 'all' (attention and FFN projections: the rows then add "
+        "to a LoRA as PEFT's default targets would place it)", choices=LORA_TARGETS,
     )
     sparse_route: str = opt(
         "context", "what the router picks a token's experts from: 'token' = its own FFN input "
@@ -181,7 +187,7 @@ class SparseOptions:
         for name, choices in (
             ("sparse_activation", ACTIVATIONS), ("sparse_optimizer", OPTIMIZERS),
             ("sparse_working_dtype", WORKING_DTYPES),
-            ("sparse_store", STORE_MODES),
+            ("sparse_store", STORE_MODES), ("sparse_lora_targets", LORA_TARGETS),
         ):
             if getattr(self, name) not in choices:
                 raise UserError(
