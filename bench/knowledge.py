@@ -58,6 +58,9 @@ PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
                 "--sparse_lr_ratio", "1", "--sparse_route", "token"]
 TOP_KS = (4, 8, 16, 256)
 KEY_LR_RATIOS = ("0.1", "1")
+# today's sparse defaults, pinned (the ablations below each change one thing of them)
+SPARSE_TOP4 = ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
+               "--sparse_top_k", "4"]
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT, *K64],
@@ -79,20 +82,17 @@ CONFIGS: dict[str, list[str]] = {
                               "--sparse_top_k", str(k)] for k in TOP_KS},
     # ... with the candidates of top-K 64 (3 experts of 63 rows) but 4 rows per token: do
     # more facts need more rows per token, or only more rows to choose from?
-    "sparse_1.0_top4_e3": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
-                           "--sparse_top_k", "4", "--sparse_experts_per_token", "3"],
+    "sparse_1.0_top4_e3": [*SPARSE_TOP4, "--sparse_experts_per_token", "3"],
     # ... and its Adam rule: bias correction by the store's step (rarely used rows faster)
     "sparse_1.0_bias_step": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
                              "--sparse_bias_correction", "step", *K64],
     # ... with trained keys at a fraction of the rows' rate (frozen by default): do 4 random
     # projections of the input limit what 4 rows per token can fit at large N?
-    **{f"sparse_1.0_top4_keylr{r}": ["--method", "sparse", "--sparse_param_fraction", "1.0",
-                                     *CONTEXT, "--sparse_top_k", "4", "--sparse_key_lr_ratio", r]
+    **{f"sparse_1.0_top4_keylr{r}": [*SPARSE_TOP4, "--sparse_key_lr_ratio", r]
        for r in KEY_LR_RATIOS},
     # ... with its rank-8 LoRA on the FFN projections too (the store beside a LoRA placed as
     # PEFT's default would place it): does the store add facts to a LoRA?
-    "sparse_1.0_top4_lora_all": ["--method", "sparse", "--sparse_param_fraction", "1.0",
-                                 *CONTEXT, "--sparse_top_k", "4", "--sparse_lora_targets", "all"],
+    "sparse_1.0_top4_lora_all": [*SPARSE_TOP4, "--sparse_lora_targets", "all"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
     "lora_r8_attn": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16",
                      "--lora_dropout", "0", "--lora_targets", "q_proj,k_proj,v_proj,o_proj"],
