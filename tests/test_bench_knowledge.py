@@ -8,8 +8,17 @@ import subprocess
 import time
 
 import pytest
+from conftest import DIST_VARS
 
 from bench import knowledge
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_env(monkeypatch):
+    """The bench starts each run as from a shell: no rank or port inherited from this test
+    process, whose own process group (an earlier test's) may still hold MASTER_PORT."""
+    for key in DIST_VARS:
+        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture(scope="module")
