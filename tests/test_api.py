@@ -234,8 +234,8 @@ def test_attention_lora_sits_on_the_adapted_layers_and_old_exports_load_without(
     ids = _batch()["input_ids"]
     with torch.no_grad():
         want = base(input_ids=ids).logits
-    model = meft_ds.get_sparse_model(
-        base, meft_ds.SparseConfig(**SPARSE, layer_start=1, sparse_attn_lora_r=4))
+    model = meft_ds.get_sparse_model(base, meft_ds.SparseConfig(
+        **SPARSE, layer_start=1, sparse_attn_lora_r=4, sparse_lora_targets="attention"))
     lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     assert len(lora) == 2 * 4 * 2  # layers 1, 2 x q, k, v, o x A, B
     assert {n.split(".layers.")[1].split(".")[0] for n in lora} == {"1", "2"}
@@ -259,8 +259,9 @@ def test_attention_lora_sits_on_the_adapted_layers_and_old_exports_load_without(
 
 
 def test_lora_on_all_projections_exports_and_loads(base_dir: Path, tmp_path: Path) -> None:
-    """``sparse_lora_targets all``: the LoRA also adapts the FFN projections of the sparse
-    layers (and only those), starts as the identity, and its export loads to the same logits."""
+    """``sparse_lora_targets all`` (the default): the LoRA also adapts the FFN projections
+    of the sparse layers (and only those), starts as the identity, and its export loads to
+    the same logits; an export written before the option loads with the attention LoRA."""
     base = tiny_llama()
     ids = _batch()["input_ids"]
     with torch.no_grad():
@@ -275,15 +276,22 @@ def test_lora_on_all_projections_exports_and_loads(base_dir: Path, tmp_path: Pat
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, want)
 
-    trained = _model("sparse", loader.load_model(str(base_dir)).model, sparse_attn_lora_r=4,
-                     sparse_lora_targets="all")
-    _train(trained)
-    trained.eval().save_pretrained(tmp_path / "all")
-    again = meft_ds.MeftModel.from_pretrained(loader.load_model(str(base_dir)).model,
-                                              tmp_path / "all").eval()
-    assert sum("lora_" in n for n, _ in again.named_parameters()) == 3 * 7 * 2
-    with torch.no_grad():
-        assert torch.equal(again(input_ids=ids).logits, trained(input_ids=ids).logits)
+    for targets, per_layer in (("all", 7), ("attention", 4)):
+        flags = {} if targets == "all" else {"sparse_lora_targets": targets}
+        trained = _model("sparse", loader.load_model(str(base_dir)).model,
+                         sparse_attn_lora_r=4, **flags)
+        _train(trained)
+        trained.eval().save_pretrained(tmp_path / targets)
+        if targets == "attention":  # as written before the option existed
+            config = tmp_path / targets / "adapter_config.json"
+            meta = json.loads(config.read_text())
+            del meta["options"]["sparse_lora_targets"]
+            config.write_text(json.dumps(meta))
+        again = meft_ds.MeftModel.from_pretrained(loader.load_model(str(base_dir)).model,
+                                                  tmp_path / targets).eval()
+        assert sum("lora_" in n for n, _ in again.named_parameters()) == 3 * per_layer * 2
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
 def test_misuse_is_refused_in_one_line() -> None:

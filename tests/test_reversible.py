@@ -439,21 +439,24 @@ SPARSE_TINY = {"sparse_rank": 64, "sparse_experts": 8, "sparse_top_k": 4,
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize(("variant", "attn_lora", "route"), [
-    ("meft1", 0, "token"), ("meft3", 0, "token"), ("meft1", 4, "token"), ("meft1", 0, "context")])
+@pytest.mark.parametrize(("variant", "attn_lora", "route", "targets"), [
+    ("meft1", 0, "token", "all"), ("meft3", 0, "token", "all"),
+    ("meft1", 4, "token", "attention"), ("meft1", 4, "token", "all"),
+    ("meft1", 0, "context", "all")])
 def test_sparse_reversible_gradients_equal_autograd(variant: str, attn_lora: int,
-                                                    route: str) -> None:
-    """Through the method's own model: router, dense adapter, attention LoRA
-    (``sparse_attn_lora_r``) and row gradients of the reversible backward equal plain
-    autograd through the same network (also routed by context: the router's gradient then
-    reaches every earlier position's input)."""
+                                                    route: str, targets: str) -> None:
+    """Through the method's own model: router, dense adapter, LoRA (``sparse_attn_lora_r``
+    on attention, or on attention and FFN) and row gradients of the reversible backward
+    equal plain autograd through the same network (also routed by context: the router's
+    gradient then reaches every earlier position's input)."""
     cls = methods.get("sparse")
     results = []
     for backward, keep in (("autograd", 0), ("reversible", 0), ("reversible", 1)):
         opts = options.build(cls.Options, {**SPARSE_TINY, "reversible": True, "layer_start": 1,
                                            "rev_variant": variant, "rev_backward": backward,
                                            "rev_keep_top": keep, "sparse_attn_lora_r": attn_lora,
-                                           "sparse_route": route})
+                                           "sparse_route": route,
+                                           "sparse_lora_targets": targets})
         method = cls(opts, None)
         module = method.apply(_tiny(4)).train()
         assert sorted(method.adapters) == [1, 2, 3] and list(module.span) == [1, 2, 3]
@@ -471,7 +474,8 @@ def test_sparse_reversible_gradients_equal_autograd(variant: str, attn_lora: int
         results.append((dense, method.runtime.grads()))
     (dense_ref, rows_ref), *others = results
     assert any(n.endswith("router.weight") for n in dense_ref)
-    assert sum("lora_A" in n for n in dense_ref) == (12 if attn_lora else 0)  # q,k,v,o x 3
+    per_layer = {"attention": 4, "all": 7}[targets]  # q,k,v,o (+ gate,up,down) x 3 layers
+    assert sum("lora_A" in n for n in dense_ref) == (3 * per_layer if attn_lora else 0)
     for dense_rev, rows_rev in others:  # all reversible; the top layer kept (rev_keep_top)
         assert dense_ref.keys() == dense_rev.keys()
         assert _rel(dense_rev, dense_ref) <= 1e-5

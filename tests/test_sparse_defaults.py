@@ -16,6 +16,7 @@ from meft_ds.trainer import lm_loss
 PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0,
          "sparse_attn_lora_r": 0, "sparse_route": "token"}
 TOKEN = {"sparse_route": "token"}  # the routing before context routing became the default
+ATTENTION = {"sparse_lora_targets": "attention"}  # the LoRA before it covered the FFN too
 
 
 def _losses(steps: int = 5, **flags) -> list[float]:
@@ -23,12 +24,17 @@ def _losses(steps: int = 5, **flags) -> list[float]:
     return _train(steps, **flags)[0]
 
 
-def _train(steps: int = 5, **flags) -> tuple[list[float], SparseMethod]:
+def _build(**flags) -> tuple[SparseMethod, torch.nn.Module]:
+    """The sparse method (tiny store, torch row optimizer) applied to a tiny LLaMA."""
     model = tiny_llama(2)
     options = SparseMethod.Options(sparse_rank=32, sparse_experts=4, sparse_top_k=4,
                                    sparse_optimizer="torch", **flags)
     method = SparseMethod(options, model.config)
-    module = method.apply(model).train()
+    return method, method.apply(model).train()
+
+
+def _train(steps: int = 5, **flags) -> tuple[list[float], SparseMethod]:
+    method, module = _build(**flags)
     routers = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(3)
     ids = torch.randint(0, 128, (2, 8))
@@ -39,7 +45,7 @@ def _train(steps: int = 5, **flags) -> tuple[list[float], SparseMethod]:
         routers.step()
         routers.zero_grad()
         method.after_engine_step(1e-2, 1.0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, method
 
 
@@ -62,11 +68,7 @@ def test_context_routing_changes_only_the_router_input(monkeypatch):
     assert _losses() != token
     # token routing has nothing to calibrate: the trainer starts it exactly as before
     for flags, calibrates in ((TOKEN, False), ({}, True)):
-        model = tiny_llama(2)
-        method = SparseMethod(SparseMethod.Options(sparse_rank=32, sparse_experts=4,
-                                                   sparse_top_k=4, **flags), model.config)
-        method.apply(model)
-        assert method.needs_calibration() == calibrates
+        assert _build(**flags)[0].needs_calibration() == calibrates
     token_input = lambda self, hidden, tokens, keep_carry=True: (  # noqa: E731
         hidden.reshape(-1, hidden.shape[-1]) if tokens is None
         else hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens))
@@ -79,17 +81,36 @@ def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
     options = SparseMethod.Options()
     assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
             options.sparse_lr_ratio, options.sparse_attn_lora_r,
-            options.sparse_route, options.sparse_top_k) == (0.0, 10.0, 3.0, 8, "context", 4)
+            options.sparse_route, options.sparse_top_k,
+            options.sparse_lora_targets) == (0.0, 10.0, 3.0, 8, "context", 4, "all")
     assert _losses() != _losses(**PAPER)
 
 
 @pytest.mark.unit
+def test_attention_targets_keep_the_previous_defaults_lora(monkeypatch):
+    """``--sparse_lora_targets attention`` (the default before ``all``) adapts only q/k/v/o,
+    as before; ``all`` differs from it only in the FFN's LoRA: with the FFN projections
+    given no LoRA (the parts ``all`` maps to patched to attention alone) the default gives
+    the previous defaults' losses bit for bit."""
+    from meft_ds.methods import sparse as sparse_mod
+
+    def adapted(flags: dict) -> set[str]:  # the projection names that carry a LoRA
+        module = _build(**flags)[1]
+        return {n.split(".lora_A")[0].rsplit(".", 1)[-1]
+                for n, _ in module.named_parameters() if "lora_A" in n}
+
+    previous, default = _losses(**ATTENTION), _losses()
+    assert previous != default and default[-1] < default[0] and previous[-1] < previous[0]
+    assert adapted(ATTENTION) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert adapted({}) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                           "down_proj"}
+    monkeypatch.setitem(sparse_mod.LORA_PARTS, "all", sparse_mod.LORA_PARTS["attention"])
+    assert _losses() == previous
+
+
+@pytest.mark.unit
 def test_frozen_keys_never_move_and_values_do():
-    model = tiny_llama(2)
-    options = SparseMethod.Options(sparse_rank=32, sparse_experts=4, sparse_top_k=4,
-                                   sparse_optimizer="torch")
-    method = SparseMethod(options, model.config)
-    module = method.apply(model).train()
+    method, module = _build()
     store = method.runtime.store
     before = {layer: store.full_weight(layer).clone() for layer in store.layers}
     ids = torch.randint(0, 128, (2, 8))

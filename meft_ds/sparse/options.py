@@ -62,9 +62,10 @@ class SparseOptions:
         "question tells them apart"
     )
     sparse_lora_targets: str = opt(
-        "attention", "what the LoRA of sparse_attn_lora_r adapts in the adapted layers: "
-        "'attention' (q/k/v/o) or 'all' (attention and FFN projections: the rows then add "
-        "to a LoRA as PEFT's default targets would place it)", choices=LORA_TARGETS,
+        "all", "what the LoRA of sparse_attn_lora_r adapts in the adapted layers: "
+        "'all' (attention and FFN projections: the rows add to a LoRA placed as PEFT's "
+        "default targets would place it; learned the most facts at N=2048: docs/methods.md) "
+        "or 'attention' (q/k/v/o, the default before)", choices=LORA_TARGETS,
     )
     sparse_route: str = opt(
         "context", "what the router picks a token's experts from: 'token' = its own FFN input "
