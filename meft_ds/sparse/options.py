@@ -55,8 +55,9 @@ class SparseOptions:
         "the values learn (trained keys win every token's top-K; the paper's setting: 1)"
     )
     sparse_attn_lora_r: int = opt(
-        8, "rank of a LoRA (alpha 2r, no dropout) on the attention projections of the "
-        "adapted layers, trained by the engine beside the routers (0 = none, the paper's). "
+        8, "rank of a LoRA (alpha 2r, no dropout) on the attention (and, by "
+        "sparse_lora_targets, FFN) projections of the adapted layers, trained by the engine "
+        "beside the routers (0 = none, the paper's). "
         "The position that predicts an answer's first token looks alike across facts, so "
         "there they share rows (bench/sparse_overlap.py); attention that reads the "
         "question tells them apart"
