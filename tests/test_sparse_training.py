@@ -78,8 +78,10 @@ def test_deepspeed_training_updates_only_cpu_rows(smollm2, data_dir, tmp_path):
     assert not any("sparse_store" in k for k in engine.module.state_dict())
     trainable = [n for n, p in engine.module.named_parameters() if p.requires_grad]
     assert any(n.endswith("sparse_adapter.router.weight") for n in trainable)
-    assert all(n.endswith("sparse_adapter.router.weight") or ".self_attn." in n and ".lora_" in n
-               for n in trainable)  # the routers and the attention LoRA
+    lora = [n for n in trainable if ".lora_" in n]
+    assert all(n.endswith("sparse_adapter.router.weight") or n in lora for n in trainable)
+    # the routers and the LoRA on attention and FFN (--sparse_lora_targets all)
+    assert {n.split(".layers.")[1].split(".")[1] for n in lora} == {"self_attn", "mlp"}
 
     batch = _batch(smollm2.tokenizer, data_dir)
     losses = [_train_step(method, engine, batch, lr) for _ in range(6)]
