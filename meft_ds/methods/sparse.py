@@ -2,7 +2,8 @@
 
 Beside every adapted layer's FFN runs ``FFN(h) + act(h K^T) V`` with thousands of
 key/value rows per layer (see :mod:`meft_ds.sparse`). The engine trains only the small
-routers and a small LoRA on the same layers' attention (``sparse_attn_lora_r``); the rows
+routers and a small LoRA on the same layers' attention and FFN projections
+(``sparse_attn_lora_r``, ``sparse_lora_targets``); the rows
 live in a CPU store with its own row-sparse AdamW, stepped in
 :meth:`SparseMethod.after_engine_step` at a multiple of the engine's learning rate.
 
