@@ -54,6 +54,7 @@ CONTEXT = ["--sparse_route", "context"]  # the sparse adapter's best measured ro
 # the sparse configurations were measured with the rank-8 LoRA on attention only (the
 # default until --sparse_lora_targets all): pinned, as top-K below, so names keep meaning
 ATTN = ["--sparse_lora_targets", "attention"]
+SPARSE_1 = ["--method", "sparse", "--sparse_param_fraction", "1.0"]  # the store as wide as the LM
 # the study measured the sparse configurations at 64 rows per token (the paper's, and the
 # default until top-K 4 learned more): pinned, so their names keep their meaning
 K64 = ["--sparse_top_k", "64"]
@@ -63,11 +64,11 @@ TOP_KS = (4, 8, 16, 256)
 KEY_LR_RATIOS = ("0.1", "1")
 # the sparse defaults before the FFN LoRA, pinned (the ablations below each change one
 # thing of them; today's defaults are sparse_1.0_top4_lora_all)
-TOP4 = ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT, "--sparse_top_k", "4"]
+TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
 SPARSE_TOP4 = [*TOP4, *ATTN]
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
-    "sparse_1.0": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT, *K64, *ATTN],
+    "sparse_1.0": [*SPARSE_1, *CONTEXT, *K64, *ATTN],
     "lora_r8": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16"],
     "lora_r64": ["--method", "lora", "--lora_r", "64", "--lora_alpha", "128"],
     "full": ["--method", "full"],
@@ -76,20 +77,18 @@ CONFIGS: dict[str, list[str]] = {
     "reversible": ["--method", "reversible"],
     "sparse_reversible": ["--method", "sparse", "--reversible", "true", *CONTEXT, *K64, *ATTN],
     "lora_r16": ["--method", "lora"],
-    "sparse_1.0_paper": ["--method", "sparse", "--sparse_param_fraction", "1.0", *PAPER_SPARSE,
-                         *K64, *ATTN],
+    "sparse_1.0_paper": [*SPARSE_1, *PAPER_SPARSE, *K64, *ATTN],
     # routed by token (the paper's routing and the defaults before context routing)
-    "sparse_1.0_token": ["--method", "sparse", "--sparse_param_fraction", "1.0",
-                         "--sparse_route", "token", *K64, *ATTN],
+    "sparse_1.0_token": [*SPARSE_1, "--sparse_route", "token", *K64, *ATTN],
     # issue 24's top-K ablation: rows each token activates per layer (default 4)
-    **{f"sparse_1.0_top{k}": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
-                              "--sparse_top_k", str(k), *ATTN] for k in TOP_KS},
+    **{f"sparse_1.0_top{k}": [*SPARSE_1, *CONTEXT, "--sparse_top_k", str(k), *ATTN]
+       for k in TOP_KS},
     # ... with the candidates of top-K 64 (3 experts of 63 rows) but 4 rows per token: do
     # more facts need more rows per token, or only more rows to choose from?
     "sparse_1.0_top4_e3": [*SPARSE_TOP4, "--sparse_experts_per_token", "3"],
     # ... and its Adam rule: bias correction by the store's step (rarely used rows faster)
-    "sparse_1.0_bias_step": ["--method", "sparse", "--sparse_param_fraction", "1.0", *CONTEXT,
-                             "--sparse_bias_correction", "step", *K64, *ATTN],
+    "sparse_1.0_bias_step": [*SPARSE_1, *CONTEXT, "--sparse_bias_correction", "step", *K64,
+                             *ATTN],
     # ... with trained keys at a fraction of the rows' rate (frozen by default): do 4 random
     # projections of the input limit what 4 rows per token can fit at large N?
     **{f"sparse_1.0_top4_keylr{r}": [*SPARSE_TOP4, "--sparse_key_lr_ratio", r]
