@@ -66,6 +66,7 @@ KEY_LR_RATIOS = ("0.1", "1")
 # thing of them; today's defaults are sparse_1.0_top4_lora_all)
 TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
 SPARSE_TOP4 = [*TOP4, *ATTN]
+DEFAULTS = [*TOP4, "--sparse_lora_targets", "all"]  # today's sparse defaults, pinned
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": [*SPARSE_1, *CONTEXT, *K64, *ATTN],
@@ -95,7 +96,12 @@ CONFIGS: dict[str, list[str]] = {
        for r in KEY_LR_RATIOS},
     # ... with its rank-8 LoRA on the FFN projections too (the store beside a LoRA placed as
     # PEFT's default would place it): does the store add facts to a LoRA? (today's defaults)
-    "sparse_1.0_top4_lora_all": [*TOP4, "--sparse_lora_targets", "all"],
+    "sparse_1.0_top4_lora_all": DEFAULTS,
+    # ... with its LoRA (and nothing else) slower: at an engine lr of 3e-4 the rows keep
+    # 3e-3 and the routers 1e-2, as at 1e-3 by default. Less of the fit in the LoRA, which
+    # does most of the damage (bench/damage_parts.py)?
+    "sparse_1.0_top4_lora_slow": [*DEFAULTS, "--sparse_lr_ratio", "10",
+                                  "--sparse_router_lr_ratio", "33.3"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
     "lora_r8_attn": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16",
                      "--lora_dropout", "0", "--lora_targets", "q_proj,k_proj,v_proj,o_proj"],
@@ -112,6 +118,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     "sparse_1.0_bias_step": [1e-3, 3e-3],
     **{f"sparse_1.0_top4_keylr{r}": [1e-3, 3e-3] for r in KEY_LR_RATIOS},
     "sparse_1.0_top4_lora_all": [1e-3, 3e-3], "lora_r8_attn": [1e-3, 3e-3],
+    "sparse_1.0_top4_lora_slow": [3e-4],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json
