@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import DIST_VARS
 
-from bench import knowledge
+from bench import damage_parts, knowledge
 
 
 @pytest.fixture(autouse=True)
@@ -137,6 +137,22 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     assert swept["points"] == {} and swept["missing"] == ["lora_r8 n=256 lr=0.001",
                                                          "lora_r8 n=256 lr=0.003"]
 
+    # bench/damage_parts.py on the trained sparse run: as trained it gives the point's
+    # damage; each part switched off changes it; both off give the base model back
+    sparse_run = knowledge.run_dir(work, "sparse_0.1", 8, sparse["lr"])
+    parts = damage_parts.score_run(sparse_run, study, sparse["nll_before"])
+    assert parts["as_trained"] == pytest.approx(sparse["damage"], abs=1e-6)
+    assert parts["no_store"] != parts["as_trained"] != parts["no_lora"]
+    assert parts["no_ffn_lora"] == pytest.approx(parts["as_trained"])  # attention LoRA only
+    from meft_ds.inference import load_adapted
+
+    edits = damage_parts.variants(64)
+    no_store = damage_parts.edited_copy(sparse_run / "adapter", edits["no_store"],
+                                        tmp_path / "no_store")
+    neither = damage_parts.edited_copy(no_store, edits["no_lora"], tmp_path / "neither")
+    assert knowledge.answer_nll(load_adapted(neither), knowledge.damage_examples(study)) == \
+        pytest.approx(sparse["nll_before"], abs=1e-6)
+
 
 @pytest.mark.integration
 def test_a_run_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, tmp_path,
@@ -168,3 +184,4 @@ def test_a_run_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, tm
     assert int((stopped / "resumed_from.txt").read_text()) == at
     assert run_losses(stopped) == run_losses(whole) and len(run_losses(whole)) == 8
     assert not (stopped / "checkpoints").exists()  # no longer needed once it finished
+
