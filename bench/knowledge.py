@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,24 +191,31 @@ def checkpoint_step(out: Path) -> int | None:
     return checkpoint.tag_step(tag) if tag else None
 
 
-def answer_nll(adapted, examples, batch: int = 16) -> float:
-    """Mean next-token NLL of the answer tokens of ``examples`` (plain prompts, teacher
-    forced) through ``adapted`` (a :class:`meft_ds.inference.AdaptedModel`)."""
+def answer_logits(adapted, examples, batch: int = 16) -> Iterator[tuple]:
+    """``(logits [B, T, V], labels [B, T])`` of ``examples`` (plain prompts, teacher forced)
+    through ``adapted`` (a :class:`meft_ds.inference.AdaptedModel`), ``batch`` at a time;
+    labels are -100 outside the answers."""
     import torch
 
     from meft_ds.data.batches import collate, encode
-    from meft_ds.trainer import lm_loss
 
     tok = adapted.tokenizer
     vocab = int(adapted.module.config.vocab_size) if hasattr(adapted.module, "config") else None
     encoded = [encode(e, tok, 512, vocab or len(tok)) for e in examples]
-    total, count = 0.0, 0
     for i in range(0, len(encoded), batch):
         b = collate(encoded[i : i + batch], tok.pad_token_id)
         with torch.no_grad():
-            logits = adapted.logits(b["input_ids"], b["attention_mask"])
-        n = int((b["labels"][:, 1:] != -100).sum())
-        total += float(lm_loss(logits, b["labels"])) * n
+            yield adapted.logits(b["input_ids"], b["attention_mask"]), b["labels"]
+
+
+def answer_nll(adapted, examples, batch: int = 16) -> float:
+    """Mean next-token NLL of the answer tokens of ``examples`` through ``adapted``."""
+    from meft_ds.trainer import lm_loss
+
+    total, count = 0.0, 0
+    for logits, labels in answer_logits(adapted, examples, batch):
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(lm_loss(logits, labels)) * n
         count += n
     return total / max(count, 1)
 

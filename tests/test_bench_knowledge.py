@@ -150,8 +150,21 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     no_store = damage_parts.edited_copy(sparse_run / "adapter", edits["no_store"],
                                         tmp_path / "no_store")
     neither = damage_parts.edited_copy(no_store, edits["no_lora"], tmp_path / "neither")
-    assert knowledge.answer_nll(load_adapted(neither), knowledge.damage_examples(study)) == \
+    examples = knowledge.damage_examples(study)
+    assert knowledge.answer_nll(load_adapted(neither), examples) == \
         pytest.approx(sparse["nll_before"], abs=1e-6)
+    # ... and its profile over the answer tokens adds up to the point's damage
+    base = damage_parts.token_nll(load_adapted(sparse_run / "adapter", weights=False), examples)
+    after = damage_parts.token_nll(load_adapted(sparse_run / "adapter"), examples)
+    prof = damage_parts.profile(base, after)
+    assert prof["damage"] == pytest.approx(sparse["damage"], abs=1e-5)
+    positions = prof["by_position"].values()
+    assert sum(p["share_of_damage"] for p in positions) == pytest.approx(prof["damage"])
+    assert sum(p["tokens"] for p in positions) == sum(len(x) for x in base[0])
+    assert 0.0 < prof["end_probability"] < 1.0
+    assert damage_parts.profile(base, base)["damage_without_end"] == 0.0
+    lora_run = knowledge.run_dir(work, "lora_r8", 8, 1e-3)  # parts are the sparse runs'
+    assert damage_parts.score_run(lora_run, study, sparse["nll_before"]) == {}
 
 
 @pytest.mark.integration
