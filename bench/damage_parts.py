@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from bench import knowledge  # noqa: E402
 
 FFN = ("mlp.",)
-POSITIONS = {"1": (0, 1), "2-4": (1, 4), "5-16": (4, 16), "17+": (16, None)}
 ATTENTION = ("self_attn.",)
+POSITIONS = {"1": (0, 1), "2-4": (1, 4), "5-16": (4, 16), "17+": (16, None)}
 Edit = Callable[[str, torch.Tensor], torch.Tensor]
 
 
@@ -50,22 +50,18 @@ def _zero_lora(parts: tuple[str, ...]) -> Edit:
     return edit
 
 
-def _zero_store_values(hidden: int) -> Edit:
-    """Zero the store rows' values (columns ``hidden:`` of ``[rows, 2 * hidden]``)."""
-
-    def edit(name: str, t: torch.Tensor) -> torch.Tensor:
-        if not name.startswith("sparse_store."):
-            return t
-        t = t.clone()
-        t[:, hidden:] = 0.0
+def _zero_store_values(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Zero the store rows' values: the right half of each layer's ``[rows, keys | values]``."""
+    if not name.startswith("sparse_store."):
         return t
+    t = t.clone()
+    t[:, t.shape[1] // 2 :] = 0.0
+    return t
 
-    return edit
 
-
-def variants(hidden: int) -> dict[str, Edit | None]:
+def variants() -> dict[str, Edit | None]:
     """Name -> tensor edit (``None``: the export as trained)."""
-    return {"as_trained": None, "no_store": _zero_store_values(hidden),
+    return {"as_trained": None, "no_store": _zero_store_values,
             "no_lora": _zero_lora(FFN + ATTENTION), "no_ffn_lora": _zero_lora(FFN),
             "no_attention_lora": _zero_lora(ATTENTION)}
 
@@ -127,10 +123,9 @@ def score_run(run: Path, study: knowledge.Study, base: float,
     meta = json.loads((adapter / "adapter_config.json").read_text())
     if meta.get("method") != "sparse":
         return {}
-    hidden = int(load_adapted(adapter, weights=False).module.config.hidden_size)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, edit in variants(hidden).items():
+        for name, edit in variants().items():
             path = adapter if edit is None else edited_copy(adapter, edit, Path(tmp) / name)
             out[name] = knowledge.answer_nll(load_adapted(path), examples) - base
             print(f"{label or run.name:<20} {name:<18} damage {out[name]:+.3f}", flush=True)

@@ -100,7 +100,7 @@ CONFIGS: dict[str, list[str]] = {
     "sparse_1.0_top4_lora_all": DEFAULTS,
     # ... with its LoRA (and nothing else) slower: at an engine lr of 3e-4 the rows keep
     # 3e-3 and the routers 1e-2, as at 1e-3 by default. Less of the fit in the LoRA, which
-    # does most of the damage (bench/damage_parts.py)?
+    # alone damages more than the store alone (bench/damage_parts.py)?
     "sparse_1.0_top4_lora_slow": [*DEFAULTS, "--sparse_lr_ratio", "10",
                                   "--sparse_router_lr_ratio", "33.3"],
     # the defaults' attention LoRA alone (no store): what the store adds to it

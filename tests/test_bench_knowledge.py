@@ -146,7 +146,7 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     assert parts["no_ffn_lora"] == pytest.approx(parts["as_trained"])  # attention LoRA only
     from meft_ds.inference import load_adapted
 
-    edits = damage_parts.variants(64)
+    edits = damage_parts.variants()
     no_store = damage_parts.edited_copy(sparse_run / "adapter", edits["no_store"],
                                         tmp_path / "no_store")
     neither = damage_parts.edited_copy(no_store, edits["no_lora"], tmp_path / "neither")
