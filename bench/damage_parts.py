@@ -113,12 +113,12 @@ def profile(base: tuple[list, list], after: tuple[list, list]) -> dict:
             "damage_without_end": renormalised(*after) - renormalised(*base)}
 
 
-def score_run(run: Path, study: knowledge.Study, base: float,
+def score_run(run: Path, examples: list, base: float,
               label: str | None = None) -> dict[str, float]:
-    """Damage (nats per answer token) of ``run``'s export under each variant."""
+    """Damage (nats per answer token of ``examples``, against the base NLL ``base``) of
+    ``run``'s export under each variant; ``{}`` for a run of another method."""
     from meft_ds.inference import load_adapted
 
-    examples = knowledge.damage_examples(study)
     adapter = run / "adapter"
     meta = json.loads((adapter / "adapter_config.json").read_text())
     if meta.get("method") != "sparse":
@@ -188,7 +188,7 @@ def main() -> None:
     base, base_tokens = knowledge.answer_nll(fresh, examples), token_nll(fresh, examples)
     parts, profiles = {}, {}
     for name, run in runs.items():
-        parts[name] = score_run(run, study, base, name)
+        parts[name] = score_run(run, examples, base, name)
         profiles[name] = profile(base_tokens, token_nll(load_adapted(run / "adapter"), examples))
         print(f"{name:<20} end-of-turn p {profiles[name]['end_probability']:.3f}, damage "
               f"without it {profiles[name]['damage_without_end']:+.3f}", flush=True)

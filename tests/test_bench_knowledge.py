@@ -140,7 +140,8 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     # bench/damage_parts.py on the trained sparse run: as trained it gives the point's
     # damage; each part switched off changes it; both off give the base model back
     sparse_run = knowledge.run_dir(work, "sparse_0.1", 8, sparse["lr"])
-    parts = damage_parts.score_run(sparse_run, study, sparse["nll_before"])
+    examples = knowledge.damage_examples(study)
+    parts = damage_parts.score_run(sparse_run, examples, sparse["nll_before"])
     assert parts["as_trained"] == pytest.approx(sparse["damage"], abs=1e-6)
     assert parts["no_store"] != parts["as_trained"] != parts["no_lora"]
     assert parts["no_ffn_lora"] == pytest.approx(parts["as_trained"])  # attention LoRA only
@@ -150,7 +151,6 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     no_store = damage_parts.edited_copy(sparse_run / "adapter", edits["no_store"],
                                         tmp_path / "no_store")
     neither = damage_parts.edited_copy(no_store, edits["no_lora"], tmp_path / "neither")
-    examples = knowledge.damage_examples(study)
     assert knowledge.answer_nll(load_adapted(neither), examples) == \
         pytest.approx(sparse["nll_before"], abs=1e-6)
     # ... and its profile over the answer tokens adds up to the point's damage
@@ -164,7 +164,7 @@ def test_study_scores_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
     assert 0.0 < prof["end_probability"] < 1.0
     assert damage_parts.profile(base, base)["damage_without_end"] == 0.0
     lora_run = knowledge.run_dir(work, "lora_r8", 8, 1e-3)  # parts are the sparse runs'
-    assert damage_parts.score_run(lora_run, study, sparse["nll_before"]) == {}
+    assert damage_parts.score_run(lora_run, examples, sparse["nll_before"]) == {}
 
 
 @pytest.mark.integration
@@ -197,4 +197,3 @@ def test_a_run_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, tm
     assert int((stopped / "resumed_from.txt").read_text()) == at
     assert run_losses(stopped) == run_losses(whole) and len(run_losses(whole)) == 8
     assert not (stopped / "checkpoints").exists()  # no longer needed once it finished
-
