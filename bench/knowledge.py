@@ -103,6 +103,12 @@ CONFIGS: dict[str, list[str]] = {
     # alone damages more than the store alone (bench/damage_parts.py)?
     "sparse_1.0_top4_lora_slow": [*DEFAULTS, "--sparse_lr_ratio", "10",
                                   "--sparse_router_lr_ratio", "33.3"],
+    # ... today's defaults with a learned rank-16 map on what the rows read (selection keeps
+    # the raw input)
+    "sparse_1.0_top4_read16": [*DEFAULTS, "--sparse_read_r", "16"],
+    # ... today's defaults with the rows at 10x the engine's rate (3x by default, chosen at
+    # top-K 64)
+    "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
     "lora_r8_attn": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16",
                      "--lora_dropout", "0", "--lora_targets", "q_proj,k_proj,v_proj,o_proj"],
@@ -120,6 +126,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     **{f"sparse_1.0_top4_keylr{r}": [1e-3, 3e-3] for r in KEY_LR_RATIOS},
     "sparse_1.0_top4_lora_all": [1e-3, 3e-3], "lora_r8_attn": [1e-3, 3e-3],
     "sparse_1.0_top4_lora_slow": [3e-4],
+    "sparse_1.0_top4_read16": [1e-3, 3e-3], "sparse_1.0_top4_rows10": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json

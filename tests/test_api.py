@@ -294,6 +294,26 @@ def test_lora_on_all_projections_exports_and_loads(base_dir: Path, tmp_path: Pat
             assert torch.equal(again(input_ids=ids).logits, trained(input_ids=ids).logits)
 
 
+def test_read_map_starts_at_zero_trains_and_exports(base_dir: Path, tmp_path: Path) -> None:
+    """``sparse_read_r``: the adapter's read map starts at zero (the same logits as without),
+    trains (its up-projection moves once the values have), and its export loads to the same
+    logits."""
+    ids = _batch()["input_ids"]
+    plain = _model("sparse", loader.load_model(str(base_dir)).model)
+    model = _model("sparse", loader.load_model(str(base_dir)).model, sparse_read_r=4)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    ups = [n for n, p in model.named_parameters() if p.requires_grad and "read_up" in n]
+    assert len(ups) == 3
+    _train(model, steps=4)  # values start at 0: the map has a gradient from the 2nd step
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "read_up" in n)
+    model.eval().save_pretrained(tmp_path / "read")
+    again = meft_ds.MeftModel.from_pretrained(loader.load_model(str(base_dir)).model,
+                                              tmp_path / "read").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_misuse_is_refused_in_one_line() -> None:
     with pytest.raises(UserError, match="no row store"):
         _model("reversible").row_optimizer()

@@ -162,7 +162,7 @@ class SparseMethod(Method):
     }) | REVERSIBLE_RESUME_FREE  # --reversible's options
     # exported before these options: the router multiplier, the attention LoRA
     legacy_options = {"sparse_router_lr_ratio": 1.0, "sparse_attn_lora_r": 0,
-                      "sparse_lora_targets": "attention",
+                      "sparse_lora_targets": "attention", "sparse_read_r": 0,
                       "sparse_route": "token"}
 
     def __init__(self, options: SparseOptions, model_config: Any) -> None:

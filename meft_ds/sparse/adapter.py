@@ -166,6 +166,14 @@ class SparseAdapter(nn.Module):
         if self.context:
             self.register_buffer("context_centre", torch.zeros(sizes.hidden))
         self.reset_router()
+        read = runtime.options.sparse_read_r
+        if read:  # --sparse_read_r: forked RNG, so the run's own random stream is unchanged
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(runtime.options.sparse_init_seed + 7919 * (layer + 1))
+                self.read_down = nn.Linear(sizes.hidden, read, bias=False)
+            self.read_up = nn.Linear(read, sizes.hidden, bias=False)
+            nn.init.zeros_(self.read_up.weight)
+            self.read_scale = 2.0  # alpha / r with alpha = 2r, as the attention LoRA
 
     @torch.no_grad()
     def reset_router(self) -> None:
@@ -245,6 +253,8 @@ class SparseAdapter(nn.Module):
         if fresh and self.training and self.runtime.usage is not None:
             self.runtime.usage.add_gates(self.layer, token_gates)
         sink = partial(self.runtime.add_row_grad, self.layer, selection.rows)
+        if hasattr(self, "read_up"):  # selection above used x itself (fixed addresses)
+            x = x + self.read_up(self.read_down(x)) * self.read_scale
         out = _SparseRows.apply(x.to(dtype), token_gates, local, working, self.activation, sink)
         out = out.to(hidden.dtype)
         if tokens is None:

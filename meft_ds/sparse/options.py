@@ -62,6 +62,12 @@ class SparseOptions:
         "there they share rows (bench/sparse_overlap.py); attention that reads the "
         "question tells them apart"
     )
+    sparse_read_r: int = opt(
+        0, "rank of a learned map added to the adapter's input where the selected keys are "
+        "activated (x + B A x, B zero at start, alpha 2r); the rows are still selected by "
+        "the raw input, so the frozen keys stay fixed addresses while what each row reads "
+        "learns (0 = none)"
+    )
     sparse_lora_targets: str = opt(
         "all", "what the LoRA of sparse_attn_lora_r adapts in the adapted layers: "
         "'all' (attention and FFN projections: the rows add to a LoRA placed as PEFT's "
@@ -157,6 +163,8 @@ class SparseOptions:
             raise UserError(
                 f"sparse: sparse_attn_lora_r must be >= 0, got {self.sparse_attn_lora_r}"
             )
+        if self.sparse_read_r < 0:
+            raise UserError(f"sparse: sparse_read_r must be >= 0, got {self.sparse_read_r}")
         if self.sparse_weight_decay < 0:
             raise UserError(
                 f"sparse: sparse_weight_decay must be >= 0, got {self.sparse_weight_decay}"
