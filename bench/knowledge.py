@@ -106,6 +106,8 @@ CONFIGS: dict[str, list[str]] = {
     # ... today's defaults with a learned rank-16 map on what the rows read (selection keeps
     # the raw input)
     "sparse_1.0_top4_read16": [*DEFAULTS, "--sparse_read_r", "16"],
+    # ... with decoupled weight decay on the rows (lazy: a row decays when it is updated)
+    **{f"sparse_1.0_top4_wd{w}": [*DEFAULTS, "--sparse_weight_decay", w] for w in ("1", "10")},
     # ... today's defaults with the rows at 10x the engine's rate (3x by default, chosen at
     # top-K 64)
     "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
@@ -126,7 +128,8 @@ SWEEP_LRS: dict[str, list[float]] = {
     **{f"sparse_1.0_top4_keylr{r}": [1e-3, 3e-3] for r in KEY_LR_RATIOS},
     "sparse_1.0_top4_lora_all": [1e-3, 3e-3], "lora_r8_attn": [1e-3, 3e-3],
     "sparse_1.0_top4_lora_slow": [3e-4],
-    "sparse_1.0_top4_read16": [1e-3, 3e-3], "sparse_1.0_top4_rows10": [1e-3, 3e-3],
+    "sparse_1.0_top4_read16": [1e-3, 3e-3],
+    **{f"sparse_1.0_top4_wd{w}": [1e-3] for w in ("1", "10")}, "sparse_1.0_top4_rows10": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json
