@@ -323,5 +323,7 @@ def test_misuse_is_refused_in_one_line() -> None:
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_top_k=0))
     with pytest.raises(UserError, match="sparse_attn_lora_r must be >= 0, got -1"):
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_attn_lora_r=-1))
+    with pytest.raises(UserError, match="sparse_read_r must be >= 0, got -2"):
+        meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_read_r=-2))
     with pytest.raises(UserError, match="sparse_lora_targets='mlp'; choose one of attention, all"):
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_lora_targets="mlp"))
