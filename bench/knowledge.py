@@ -63,6 +63,7 @@ PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
                 "--sparse_lr_ratio", "1", "--sparse_route", "token"]
 TOP_KS = (4, 8, 16, 256)
 KEY_LR_RATIOS = ("0.1", "1")
+WEIGHT_DECAYS = ("1", "3", "10", "30")  # the rows' decoupled weight decay
 # the sparse defaults before the FFN LoRA, pinned (the ablations below each change one
 # thing of them; today's defaults are sparse_1.0_top4_lora_all)
 TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
@@ -107,7 +108,7 @@ CONFIGS: dict[str, list[str]] = {
     # the raw input)
     "sparse_1.0_top4_read16": [*DEFAULTS, "--sparse_read_r", "16"],
     # ... with decoupled weight decay on the rows (lazy: a row decays when it is updated)
-    **{f"sparse_1.0_top4_wd{w}": [*DEFAULTS, "--sparse_weight_decay", w] for w in ("1", "10")},
+    **{f"sparse_1.0_top4_wd{w}": [*DEFAULTS, "--sparse_weight_decay", w] for w in WEIGHT_DECAYS},
     # ... today's defaults with the rows at 10x the engine's rate (3x by default, chosen at
     # top-K 64)
     "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
@@ -129,7 +130,8 @@ SWEEP_LRS: dict[str, list[float]] = {
     "sparse_1.0_top4_lora_all": [1e-3, 3e-3], "lora_r8_attn": [1e-3, 3e-3],
     "sparse_1.0_top4_lora_slow": [3e-4],
     "sparse_1.0_top4_read16": [1e-3, 3e-3],
-    **{f"sparse_1.0_top4_wd{w}": [1e-3] for w in ("1", "10")}, "sparse_1.0_top4_rows10": [1e-3, 3e-3],
+    **{f"sparse_1.0_top4_wd{w}": [1e-3] for w in WEIGHT_DECAYS},
+    "sparse_1.0_top4_rows10": [1e-3, 3e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json
