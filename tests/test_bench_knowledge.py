@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import DIST_VARS
 
-from bench import damage_parts, knowledge
+from bench import damage_parts, knowledge, knowledge_tradeoff
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +73,32 @@ def test_markdown_tables_show_every_point_and_mark_the_chosen_rate():
     assert text[3] == "| full | 0.0001 |  | 99.2%, +0.79 |  | 3.0% | 1 MiB |"
     assert text[5] == "| sweep at N = 256 | lr 0.001 | lr 0.003 |"
     assert text[7] == "| lora_r8 | 92.6%, +0.91 | **99.6%, +1.27** |"
+
+
+@pytest.mark.unit
+def test_pareto_front_within_lora_r64s_memory(tmp_path):
+    """A point is on the front unless another within r64's memory has at least its EM with
+    at most its damage; a point over that memory is never on it and dominates nothing. The
+    ledger reader keeps only points of the study's settings."""
+    def point(config, em, damage, proxy=200.0):
+        return {"config": config, "n": 256, "lr": 1e-3, "em": em, "damage": damage,
+                "proxy_mib": proxy}
+
+    marked = knowledge_tradeoff.pareto([
+        point("a", 0.98, 0.8), point("b", 0.99, 1.1), point("c", 0.97, 0.9),  # c: under a
+        point("lora_r64", 0.98, 1.6, proxy=530), point("full", 0.995, 0.5, proxy=2000),
+        point("d", 0.98, 0.8)])  # d ties a: neither dominates
+    assert {p["config"]: p["front"] for p in marked} == {
+        "a": True, "b": True, "c": False, "lora_r64": False, "full": False, "d": True}
+    assert [p["config"] for p in marked if p["over_budget"]] == ["full"]
+    study = knowledge.Study()
+    for name, settings in (("kept", knowledge.study_settings(study)), ("other", {"epochs": 1})):
+        (tmp_path / name).mkdir()
+        entry = {"study": settings, "commit": None, "point": {
+            "trained_em": 0.5, "damage": 1.0, "memory_proxy_bytes": 2**20}}
+        (tmp_path / name / "n256_lr0.001.json").write_text(json.dumps(entry))
+    assert knowledge_tradeoff.ledger_points(tmp_path, study) == [
+        {"config": "kept", "n": 256, "lr": 1e-3, "em": 0.5, "damage": 1.0, "proxy_mib": 1.0}]
 
 
 @pytest.mark.integration
