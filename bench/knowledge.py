@@ -69,10 +69,10 @@ TOP_KS = (4, 8, 16, 256)
 KEY_LR_RATIOS = ("0.1", "1")
 WEIGHT_DECAYS = ("1", "3", "10", "30")  # the rows' decoupled weight decay
 # the sparse defaults before the FFN LoRA, pinned (the ablations below each change one
-# thing of them; today's defaults are sparse_1.0_top4_lora_all)
+# thing of them; today's defaults are sparse_1.0_top4_wd3)
 TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
 SPARSE_TOP4 = [*TOP4, *ATTN]
-DEFAULTS = [*TOP4, "--sparse_lora_targets", "all"]  # today's sparse defaults, pinned
+DEFAULTS = [*TOP4, "--sparse_lora_targets", "all"]  # the defaults before the rows' decay
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": [*SPARSE_1, *CONTEXT, *K64, *ATTN],
@@ -103,20 +103,20 @@ CONFIGS: dict[str, list[str]] = {
     **{f"sparse_1.0_top4_keylr{r}": [*SPARSE_TOP4, "--sparse_key_lr_ratio", r]
        for r in KEY_LR_RATIOS},
     # ... with its rank-8 LoRA on the FFN projections too (the store beside a LoRA placed as
-    # PEFT's default would place it): does the store add facts to a LoRA? (today's defaults)
+    # PEFT's default would place it): does the store add facts to a LoRA? (the defaults
+    # before the rows' decay)
     "sparse_1.0_top4_lora_all": DEFAULTS,
     # ... with its LoRA (and nothing else) slower: at an engine lr of 3e-4 the rows keep
     # 3e-3 and the routers 1e-2, as at 1e-3 by default. Less of the fit in the LoRA, which
     # alone damages more than the store alone (bench/damage_parts.py)?
     "sparse_1.0_top4_lora_slow": [*DEFAULTS, "--sparse_lr_ratio", "10",
                                   "--sparse_router_lr_ratio", "33.3"],
-    # ... today's defaults with a learned rank-16 map on what the rows read (selection keeps
-    # the raw input)
+    # ... with a learned rank-16 map on what the rows read (selection keeps the raw input)
     "sparse_1.0_top4_read16": [*DEFAULTS, "--sparse_read_r", "16"],
-    # ... with decoupled weight decay on the rows (lazy: a row decays when it is updated)
+    # ... with decoupled weight decay on the rows (lazy: a row decays when it is updated;
+    # sparse_1.0_top4_wd3 is today's defaults)
     **{f"sparse_1.0_top4_wd{w}": [*DEFAULTS, "--sparse_weight_decay", w] for w in WEIGHT_DECAYS},
-    # ... today's defaults with the rows at 10x the engine's rate (3x by default, chosen at
-    # top-K 64)
+    # ... with the rows at 10x the engine's rate (3x by default, chosen at top-K 64)
     "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
     "lora_r8_attn": ["--method", "lora", "--lora_r", "8", "--lora_alpha", "16",

@@ -155,7 +155,7 @@ def test_row_optimizer_state_resumes_bit_for_bit() -> None:
     model = _model("sparse")
     _train(model)
     rows = model.row_optimizer()
-    assert rows.lr_ratio == 3.0 and rows.betas == (0.9, 0.999) and rows.weight_decay == 0.0
+    assert rows.lr_ratio == 3.0 and rows.betas == (0.9, 0.999) and rows.weight_decay == 3.0
     saved = torch.load(io.BytesIO(_saved({"model": model.state_dict(),
                                           "rows": rows.state_dict()})), weights_only=True)
     adapter = model.adapter_state_dict(with_optimizer_state=True)

@@ -14,9 +14,10 @@ from meft_ds.sparse import optim
 from meft_ds.trainer import lm_loss
 
 PAPER = {"sparse_key_lr_ratio": 1.0, "sparse_router_lr_ratio": 1.0, "sparse_lr_ratio": 1.0,
-         "sparse_attn_lora_r": 0, "sparse_route": "token"}
+         "sparse_attn_lora_r": 0, "sparse_route": "token", "sparse_weight_decay": 0.0}
 TOKEN = {"sparse_route": "token"}  # the routing before context routing became the default
 ATTENTION = {"sparse_lora_targets": "attention"}  # the LoRA before it covered the FFN too
+NO_DECAY = {"sparse_weight_decay": 0.0}  # the rows' weight decay before it was 3
 
 
 def _losses(steps: int = 5, **flags) -> list[float]:
@@ -82,7 +83,8 @@ def test_defaults_are_the_measured_ones_and_differ_from_the_paper():
     assert (options.sparse_key_lr_ratio, options.sparse_router_lr_ratio,
             options.sparse_lr_ratio, options.sparse_attn_lora_r,
             options.sparse_route, options.sparse_top_k,
-            options.sparse_lora_targets) == (0.0, 10.0, 3.0, 8, "context", 4, "all")
+            options.sparse_lora_targets, options.sparse_weight_decay
+            ) == (0.0, 10.0, 3.0, 8, "context", 4, "all", 3.0)
     assert _losses() != _losses(**PAPER)
 
 
@@ -121,6 +123,25 @@ def test_frozen_keys_never_move_and_values_do():
         now = store.full_weight(layer)
         assert torch.equal(now[:, :hidden], was[:, :hidden])
         assert not torch.equal(now[:, hidden:], was[:, hidden:])
+
+
+@pytest.mark.unit
+def test_row_weight_decay_shrinks_only_the_updated_rows_values():
+    """The default weight decay (3; 0 before) changes the losses; against the same steps
+    without it, keys (frozen) and the rows no step selected are equal bit for bit, and the
+    updated rows' values are smaller: AdamW's decay pulls each toward zero."""
+    (decayed, on), (plain, off) = _train(), _train(**NO_DECAY)
+    assert decayed != plain and decayed[-1] < decayed[0]
+    store_on, store_off = on.runtime.store, off.runtime.store
+    hidden = store_on.sizes.hidden
+    for layer in store_on.layers:
+        now, without = store_on.full_weight(layer), store_off.full_weight(layer)
+        updated = store_on.layers[layer].steps > 0
+        assert torch.equal(updated, store_off.layers[layer].steps > 0)
+        assert 0 < updated.sum() < len(now)
+        assert torch.equal(now[:, :hidden], without[:, :hidden])
+        assert torch.equal(now[~updated], without[~updated])
+        assert now[updated, hidden:].norm() < without[updated, hidden:].norm()
 
 
 @pytest.mark.unit
