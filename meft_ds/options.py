@@ -64,7 +64,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str,
         if not field.init or field.metadata.get("cli") is False:
             continue
         tp = _base_type(hints[field.name])
-        help_text = field.metadata.get("help", "")
+        # argparse %-formats help ("%(default)s"): a literal percent sign must be doubled
+        help_text = field.metadata.get("help", "").replace("%", "%%")
         default = field.default if field.default is not dataclasses.MISSING else None
         if default is not None and show_defaults:
             help_text = f"{help_text} (default: {default})"

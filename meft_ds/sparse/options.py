@@ -84,8 +84,8 @@ class SparseOptions:
     sparse_weight_decay: float = opt(
         3.0, "decoupled weight decay of the CPU row store (AdamW; lazy: a row's values shrink "
         "by lr * decay in the steps that update it, frozen keys stay). 3 (default) learned "
-        "about as many facts as 0 (the paper's and the default before) with 40% less damage "
-        "to what the model knew at N=1024 (docs/methods.md)"
+        "about as many facts as 0 (the paper's and the default before) with 40% less "
+        "damage to what the model knew at N=1024 (docs/methods.md)"
     )
     sparse_bias_correction: str = opt(
         "row", "Adam bias correction of a store row: 'row' = by the row's own update count "
