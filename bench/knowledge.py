@@ -58,8 +58,9 @@ ATTN = ["--sparse_lora_targets", "attention"]
 # every sparse configuration below was trained before the rows' weight decay became a
 # default: pinned off, so their names keep their meaning
 NO_DECAY = ["--sparse_weight_decay", "0"]
-# the store as wide as the LM
-SPARSE_1 = ["--method", "sparse", "--sparse_param_fraction", "1.0", *NO_DECAY]
+# the store as wide as the LM (WIDE: with today's rows' decay; SPARSE_1: pinned off)
+WIDE = ["--method", "sparse", "--sparse_param_fraction", "1.0"]
+SPARSE_1 = [*WIDE, *NO_DECAY]
 # the study measured the sparse configurations at 64 rows per token (the paper's, and the
 # default until top-K 4 learned more): pinned, so their names keep their meaning
 K64 = ["--sparse_top_k", "64"]
@@ -73,6 +74,8 @@ WEIGHT_DECAYS = ("1", "3", "10", "30")  # the rows' decoupled weight decay
 TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
 SPARSE_TOP4 = [*TOP4, *ATTN]
 DEFAULTS = [*TOP4, "--sparse_lora_targets", "all"]  # the defaults before the rows' decay
+# ... the same with the rows' decay left to each configuration below
+DEFAULTS_ANY_DECAY = [*WIDE, *CONTEXT, "--sparse_top_k", "4", "--sparse_lora_targets", "all"]
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": [*SPARSE_1, *CONTEXT, *K64, *ATTN],
@@ -115,7 +118,8 @@ CONFIGS: dict[str, list[str]] = {
     "sparse_1.0_top4_read16": [*DEFAULTS, "--sparse_read_r", "16"],
     # ... with decoupled weight decay on the rows (lazy: a row decays when it is updated;
     # sparse_1.0_top4_wd3 is today's defaults)
-    **{f"sparse_1.0_top4_wd{w}": [*DEFAULTS, "--sparse_weight_decay", w] for w in WEIGHT_DECAYS},
+    **{f"sparse_1.0_top4_wd{w}": [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", w]
+       for w in WEIGHT_DECAYS},
     # ... with the rows at 10x the engine's rate (3x by default, chosen at top-K 64)
     "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
@@ -314,6 +318,14 @@ class Ledger:
 
     def path(self, name: str, n: int, lr: float) -> Path:
         return self.root / name / f"n{n}_lr{lr:g}.json"
+
+    def points(self, study: Study) -> Iterator[tuple[str, int, float, dict]]:
+        """Every recorded ``(config, n, lr, point)`` of ``study``'s settings, by file name."""
+        for path in sorted(self.root.glob("*/n*_lr*.json")):
+            entry = json.loads(path.read_text())
+            if entry["study"] == study_settings(study):
+                n, lr = path.stem[1:].split("_lr")  # the scheme of path() above
+                yield path.parent.name, int(n), float(lr), entry["point"]
 
     def get(self, name: str, n: int, lr: float, study: Study) -> dict | None:
         path = self.path(name, n, lr)

@@ -27,17 +27,9 @@ LOWEST_EM = 85  # the plot's floor (the JSON keeps every point)
 
 def ledger_points(root: Path, study: knowledge.Study) -> list[dict]:
     """Every ledger point of ``study``'s settings: ``{config, n, lr, em, damage, proxy_mib}``."""
-    points = []
-    for path in sorted(root.glob("*/n*_lr*.json")):
-        entry = json.loads(path.read_text())
-        if entry["study"] != knowledge.study_settings(study):
-            continue
-        n, lr = path.stem[1:].split("_lr")
-        p = entry["point"]
-        points.append({"config": path.parent.name, "n": int(n), "lr": float(lr),
-                       "em": p["trained_em"], "damage": p["damage"],
-                       "proxy_mib": p["memory_proxy_bytes"] / 2**20})
-    return points
+    return [{"config": name, "n": n, "lr": lr, "em": p["trained_em"], "damage": p["damage"],
+             "proxy_mib": p["memory_proxy_bytes"] / 2**20}
+            for name, n, lr, p in knowledge.Ledger(root).points(study)]
 
 
 def pareto(points: list[dict]) -> list[dict]:

@@ -57,6 +57,25 @@ def test_steps_cover_the_passes_over_the_facts():
 
 
 @pytest.mark.unit
+def test_the_decay_configs_name_todays_defaults_and_each_flag_once():
+    """``sparse_1.0_top4_wd3`` is ``--method sparse`` with no tuning flag, and the ledger's
+    ``sparse_1.0_top4_lora_all`` is the same but for the rows' decay pinned off."""
+    from meft_ds import cli
+
+    def options(flags: list[str]) -> dict:
+        spec = cli.parse(flags)
+        return {**vars(spec.train), **vars(spec.method_options)}
+
+    today = options(["--method", "sparse"])
+    assert options(knowledge.CONFIGS["sparse_1.0_top4_wd3"]) == today
+    before = options(knowledge.CONFIGS["sparse_1.0_top4_lora_all"])
+    assert {k for k in today if today[k] != before[k]} == {"sparse_weight_decay"}
+    for name, flags in knowledge.CONFIGS.items():
+        given = [f for f in flags if f.startswith("--")]
+        assert len(given) == len(set(given)), name
+
+
+@pytest.mark.unit
 def test_markdown_tables_show_every_point_and_mark_the_chosen_rate():
     def point(em, damage, lr, proxy=2**20):
         return {"trained_em": em, "damage": damage, "lr": lr, "heldout_em": 0.03,
