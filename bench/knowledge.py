@@ -73,9 +73,10 @@ WEIGHT_DECAYS = ("1", "3", "10", "30")  # the rows' decoupled weight decay
 # thing of them; today's defaults are sparse_1.0_top4_wd3)
 TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
 SPARSE_TOP4 = [*TOP4, *ATTN]
-DEFAULTS = [*TOP4, "--sparse_lora_targets", "all"]  # the defaults before the rows' decay
-# ... the same with the rows' decay left to each configuration below
+# today's defaults with the rows' decay left to each configuration below, and pinned off:
+# the defaults before the rows' decay
 DEFAULTS_ANY_DECAY = [*WIDE, *CONTEXT, "--sparse_top_k", "4", "--sparse_lora_targets", "all"]
+DEFAULTS = [*DEFAULTS_ANY_DECAY, *NO_DECAY]
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": [*SPARSE_1, *CONTEXT, *K64, *ATTN],
@@ -322,10 +323,9 @@ class Ledger:
     def points(self, study: Study) -> Iterator[tuple[str, int, float, dict]]:
         """Every recorded ``(config, n, lr, point)`` of ``study``'s settings, by file name."""
         for path in sorted(self.root.glob("*/n*_lr*.json")):
-            entry = json.loads(path.read_text())
-            if entry["study"] == study_settings(study):
-                n, lr = path.stem[1:].split("_lr")  # the scheme of path() above
-                yield path.parent.name, int(n), float(lr), entry["point"]
+            n, lr = path.stem[1:].split("_lr")  # the scheme of path() above
+            if (point := self.get(path.parent.name, int(n), float(lr), study)) is not None:
+                yield path.parent.name, int(n), float(lr), point
 
     def get(self, name: str, n: int, lr: float, study: Study) -> dict | None:
         path = self.path(name, n, lr)
