@@ -69,6 +69,7 @@ PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
 TOP_KS = (4, 8, 16, 256)
 KEY_LR_RATIOS = ("0.1", "1")
 WEIGHT_DECAYS = ("1", "3", "10", "30")  # the rows' decoupled weight decay
+LORA_WEIGHT_DECAYS = ("1", "3", "10")  # the decoupled weight decay of the LoRA beside the rows
 # the sparse defaults before the FFN LoRA, pinned (the ablations below each change one
 # thing of them; today's defaults are sparse_1.0_top4_wd3)
 TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
@@ -121,6 +122,11 @@ CONFIGS: dict[str, list[str]] = {
     # sparse_1.0_top4_wd3 is today's defaults)
     **{f"sparse_1.0_top4_wd{w}": [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", w]
        for w in WEIGHT_DECAYS},
+    # today's defaults with decoupled weight decay on the LoRA beside the rows too: with the
+    # rows decayed, that LoRA alone damages more than the store alone (bench/damage_parts.py)
+    **{f"sparse_1.0_top4_lorawd{w}": [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", "3",
+                                      "--sparse_lora_weight_decay", w]
+       for w in LORA_WEIGHT_DECAYS},
     # ... with the rows at 10x the engine's rate (3x by default, chosen at top-K 64)
     "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
@@ -143,6 +149,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     "sparse_1.0_top4_read16": [1e-3, 3e-3],
     **{f"sparse_1.0_top4_wd{w}": [1e-3] for w in WEIGHT_DECAYS},
     "sparse_1.0_top4_rows10": [1e-3, 3e-3],
+    **{f"sparse_1.0_top4_lorawd{w}": [1e-3] for w in LORA_WEIGHT_DECAYS},
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json

@@ -18,8 +18,8 @@ accelerator = Accelerator(mixed_precision=args.mixed_precision)
 base, tokenizer = load(args)
 
 model = meft_ds.get_sparse_model(base, meft_ds.SparseConfig())
-routers = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=0.0)
+# the routers and LoRA, grouped as the options ask (e.g. sparse_lora_weight_decay)
+routers = torch.optim.AdamW(model.parameter_groups(), lr=args.lr, weight_decay=0.0)
 model, routers, data = accelerator.prepare(model, routers, loader(tokenizer, args.batch_size))
 meft = accelerator.unwrap_model(model)
 rows = meft.row_optimizer()

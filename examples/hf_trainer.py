@@ -23,9 +23,12 @@ training = TrainingArguments(
     output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
     learning_rate=args.lr, weight_decay=0.0, max_grad_norm=1.0, save_steps=args.steps // 2,
     logging_steps=1, report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+# the routers and LoRA, grouped as the options ask (MeftCallback refuses an optimizer that
+# misses a group's setting, e.g. sparse_lora_weight_decay)
+optimizer = torch.optim.AdamW(model.parameter_groups(), lr=args.lr, weight_decay=0.0)
 trainer = Trainer(model=model, args=training, train_dataset=dataset(tokenizer),
                   data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id or 0),
-                  callbacks=[MeftCallback()])
+                  callbacks=[MeftCallback()], optimizers=(optimizer, None))
 trainer.train()  # resume_from_checkpoint=True continues from the last checkpoint
 for record in trainer.state.log_history:
     if "loss" in record:

@@ -18,8 +18,8 @@ device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 #    (and their Adam state) live in CPU RAM
 model = meft_ds.get_sparse_model(base, meft_ds.SparseConfig()).to(device)
 model.print_trainable_parameters()
-routers = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=0.0)
+# the routers and LoRA, grouped as the options ask (e.g. sparse_lora_weight_decay)
+routers = torch.optim.AdamW(model.parameter_groups(), lr=args.lr, weight_decay=0.0)
 schedule = torch.optim.lr_scheduler.LambdaLR(routers, lambda step: 1 - step / args.steps)
 rows = model.row_optimizer()  # AdamW over the selected rows, at lr x rows.lr_ratio
 

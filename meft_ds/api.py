@@ -3,6 +3,7 @@
 ::
 
     model = get_sparse_model(AutoModelForCausalLM.from_pretrained(name), SparseConfig())
+    optimizer = torch.optim.AdamW(model.parameter_groups(), lr=1e-3)  # the engine's part
     loss = model(input_ids, attention_mask, labels=labels).loss     # train as usual, plus:
     norm, coef = model.clip_grad_norm_(1.0)                          # routers + rows
     optimizer.step(); model.row_optimizer().step(lr, clip_coef=coef)  # the CPU rows
@@ -171,6 +172,29 @@ class MeftModel(nn.Module):
         return next(self.parameters()).device
 
     # --- training -----------------------------------------------------------------------
+    def parameter_groups(self) -> list[Any]:
+        """The trainable parameters, for your optimizer, in the groups the method's options
+        ask for (``sparse_lora_weight_decay``: the LoRA in a group with that decay; a key
+        a group leaves out takes the optimizer's default), as the launcher hands them to
+        its engine: ``torch.optim.AdamW(model.parameter_groups(), lr=1e-3)``."""
+        return self.method.parameter_groups([p for p in self.parameters() if p.requires_grad])
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """``UserError`` unless ``optimizer`` gives every parameter of
+        :meth:`parameter_groups` its group's settings (e.g. one built over
+        ``model.parameters()`` where an option asks for a group of its own)."""
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        for group in self.parameter_groups():
+            if not isinstance(group, dict):
+                continue
+            for key, value in group.items():
+                if key != "params" and any(group_of.get(id(p), {}).get(key) != value
+                                           for p in group["params"]):
+                    raise UserError(
+                        f"{self.method.name}: the optimizer does not give every parameter "
+                        f"the method's options group its {key}={value!r}; build it over "
+                        "model.parameter_groups()")
+
     def row_optimizer(self) -> RowOptimizer:
         """The sparse adapter's row store as an optimizer (:class:`RowOptimizer`)."""
         if not isinstance(self.method, SparseMethod):

@@ -315,7 +315,8 @@ class _Recipe:
             indent=2, default=str,
         ))
         trainable = [p for p in self.module.parameters() if p.requires_grad]
-        engine, *_ = ds_config.initialize(model=self.module, model_parameters=trainable,
+        engine, *_ = ds_config.initialize(model=self.module,
+                                          model_parameters=method.parameter_groups(trainable),
                                           config=ds)
         self.engine = engine
         ds_config.start_schedule(engine)

@@ -327,3 +327,24 @@ def test_misuse_is_refused_in_one_line() -> None:
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_read_r=-2))
     with pytest.raises(UserError, match="sparse_lora_targets='mlp'; choose one of attention, all"):
         meft_ds.get_sparse_model(tiny_llama(), meft_ds.SparseConfig(sparse_lora_targets="mlp"))
+
+
+def test_parameter_groups_give_the_lora_its_decay_and_a_plain_optimizer_is_refused() -> None:
+    """Without an option that groups them, the trainable parameters come as one plain list
+    (as before the option); ``sparse_lora_weight_decay`` puts exactly the LoRA in a group
+    of its own, and an optimizer built over ``model.parameters()`` is refused in one line."""
+    plain = _model("sparse")
+    assert all(isinstance(p, torch.nn.Parameter) for p in plain.parameter_groups())
+    plain.check_optimizer(torch.optim.AdamW(plain.parameters(), lr=1e-2))
+    model = _model("sparse", sparse_lora_weight_decay=0.5)
+    groups = model.parameter_groups()
+    assert [set(g) for g in groups] == [{"params", "weight_decay"}, {"params"}]
+    assert groups[0]["weight_decay"] == 0.5
+    lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and {id(p) for p in groups[0]["params"]} == lora
+    assert not lora & {id(p) for p in groups[1]["params"]} and groups[1]["params"]
+    model.check_optimizer(torch.optim.AdamW(groups, lr=1e-2))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(UserError, match=r"weight_decay=0\.5; build it over "
+                                        r"model\.parameter_groups\(\)$"):
+        model.check_optimizer(torch.optim.AdamW(trainable, lr=1e-2))

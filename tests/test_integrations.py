@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import meft_ds
 from meft_ds.data.batches import Encoded, collate
+from meft_ds.errors import UserError
 from meft_ds.integrations.hf import MeftCallback
 from meft_ds.models import loader
 
@@ -54,12 +55,14 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def _trainer(model, out: Path, data: list[dict], callbacks: list, **args) -> Trainer:
+def _trainer(model, out: Path, data: list[dict], callbacks: list, optimizer=None,
+             **args) -> Trainer:
     settings = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=2,
                     learning_rate=1e-2, save_steps=2, logging_steps=1, report_to=[],
                     use_cpu=True, disable_tqdm=True, seed=0, max_grad_norm=0.5)
     return Trainer(model=model, args=TrainingArguments(**{**settings, **args}),
-                   train_dataset=data, data_collator=_collate, callbacks=callbacks)
+                   train_dataset=data, data_collator=_collate, callbacks=callbacks,
+                   optimizers=(optimizer, None))
 
 
 def _state(model: meft_ds.MeftModel) -> dict[str, torch.Tensor]:
@@ -89,6 +92,24 @@ def test_trainer_checkpoint_restores_the_store_bit_for_bit(base_dir: Path, tmp_p
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.integration
+def test_trainer_takes_the_lora_decay_from_parameter_groups(base_dir: Path, tmp_path: Path):
+    """With ``sparse_lora_weight_decay`` the Trainer's own optimizer (one decay for all) is
+    refused before the first step; one over ``model.parameter_groups()`` trains with it."""
+    base = loader.load_model(str(base_dir)).model
+    model = meft_ds.get_sparse_model(
+        base, meft_ds.SparseConfig(**SPARSE, sparse_lora_weight_decay=0.5))
+    data = _data(base_dir)
+    with pytest.raises(UserError, match=r"build it over model\.parameter_groups\(\)"):
+        _trainer(model, tmp_path / "plain", data, [MeftCallback()]).train()
+    optimizer = torch.optim.AdamW(model.parameter_groups(), lr=1e-2, weight_decay=0.0)
+    trainer = _trainer(model, tmp_path / "grouped", data, [MeftCallback()], optimizer,
+                       max_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.5, 0.0]
 
 
 @pytest.mark.integration

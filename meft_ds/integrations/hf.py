@@ -47,6 +47,8 @@ class MeftCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
                        **kwargs: Any) -> None:
         meft = _meft(model)
+        if kwargs.get("optimizer") is not None:
+            meft.check_optimizer(kwargs["optimizer"])
         self.max_grad_norm = float(args.max_grad_norm or 0.0)
         args.max_grad_norm = 0.0  # clipped in on_pre_optimizer_step, rows included
         if state.global_step > 0:  # resume_from_checkpoint: the Trainer restored the rest

@@ -83,6 +83,12 @@ class Method:
             return None
         return module if hasattr(module, "generate") else None
 
+    def parameter_groups(self, trainable: list[nn.Parameter]) -> list[Any]:
+        """The engine optimizer's parameters: ``trainable`` (those with ``requires_grad``)
+        as one group, or as groups (dicts) with their own hyper-parameters; a key a
+        group leaves out takes the DeepSpeed config's value."""
+        return trainable
+
     # --- state outside the DeepSpeed engine (defaults: none) ------------------------
     def attach_engine(self, engine: Any) -> None:
         """Called once after ``deepspeed.initialize``."""

@@ -173,6 +173,7 @@ class SparseMethod(Method):
         self._eager_on = False  # set by attach_engine
         self.engine = None
         self._steps = 0  # optimizer steps of this process (for the replica checks)
+        self.lora: list[nn.Parameter] = []  # the LoRA of sparse_attn_lora_r (set by apply)
 
     @property
     def reversible(self) -> bool:
@@ -223,7 +224,7 @@ class SparseMethod(Method):
         for param in model.parameters():
             param.requires_grad_(False)
         parts = LORA_PARTS[self.options.sparse_lora_targets]
-        lora = (_add_lora(model, self.options.sparse_attn_lora_r, parts, sizes.layers,
+        lora = self.lora = (_add_lora(model, self.options.sparse_attn_lora_r, parts, sizes.layers,
                           self.options.sparse_init_seed)
                 if self.options.sparse_attn_lora_r else [])
         self.runtime = SparseRuntime(self.options, sizes)
@@ -272,6 +273,16 @@ class SparseMethod(Method):
         return self.runtime
 
     # --- state outside the engine ---------------------------------------------------
+    def parameter_groups(self, trainable: list[nn.Parameter]) -> list[Any]:
+        """With ``sparse_lora_weight_decay`` set: the LoRA in a group of that decay, the
+        rest (routers, ``sparse_read_r``'s map) in one with the config's."""
+        decay = self.options.sparse_lora_weight_decay
+        if decay is None or not self.lora:
+            return trainable
+        lora = {id(p) for p in self.lora}
+        return [{"params": [p for p in trainable if id(p) in lora], "weight_decay": decay},
+                {"params": [p for p in trainable if id(p) not in lora]}]
+
     def attach_engine(self, engine: Any) -> None:
         runtime = self._runtime()
         self.engine = engine

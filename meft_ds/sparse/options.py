@@ -87,6 +87,12 @@ class SparseOptions:
         "about as many facts as 0 (the paper's and the default before) with 40% less "
         "damage to what the model knew at N=1024 (docs/methods.md)"
     )
+    sparse_lora_weight_decay: float | None = opt(
+        None, "decoupled weight decay of the LoRA of sparse_attn_lora_r (the engine's AdamW "
+        "applies it every step; unset = the DeepSpeed config's weight_decay). With the rows "
+        "decayed, that LoRA carries most of the damage to what the model knew "
+        "(bench/damage_parts.py)"
+    )
     sparse_bias_correction: str = opt(
         "row", "Adam bias correction of a store row: 'row' = by the row's own update count "
         "(a row first used late starts as a fresh AdamW: lazy Adam, the paper's); 'step' = by "
@@ -174,6 +180,9 @@ class SparseOptions:
             raise UserError(
                 f"sparse: sparse_weight_decay must be >= 0, got {self.sparse_weight_decay}"
             )
+        decay = self.sparse_lora_weight_decay
+        if decay is not None and not (decay >= 0 and math.isfinite(decay)):
+            raise UserError(f"sparse: sparse_lora_weight_decay must be >= 0, got {decay}")
         for name in ("sparse_beta1", "sparse_beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
