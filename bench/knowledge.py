@@ -69,7 +69,9 @@ PAPER_SPARSE = ["--sparse_key_lr_ratio", "1", "--sparse_router_lr_ratio", "1",
 TOP_KS = (4, 8, 16, 256)
 KEY_LR_RATIOS = ("0.1", "1")
 WEIGHT_DECAYS = ("1", "3", "10", "30")  # the rows' decoupled weight decay
-LORA_WEIGHT_DECAYS = ("1", "3", "10")  # the decoupled weight decay of the LoRA beside the rows
+# the decoupled weight decay of the LoRA beside the rows (0.25 at N = 1024 and 0.125 at
+# N = 2048 decay it over the same share of their runs as 1 does at N = 256)
+LORA_WEIGHT_DECAYS = ("0.125", "0.25", "1", "3", "10")
 # the sparse defaults before the FFN LoRA, pinned (the ablations below each change one
 # thing of them; today's defaults are sparse_1.0_top4_wd3)
 TOP4 = [*SPARSE_1, *CONTEXT, "--sparse_top_k", "4"]
