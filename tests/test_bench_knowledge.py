@@ -59,7 +59,8 @@ def test_steps_cover_the_passes_over_the_facts():
 @pytest.mark.unit
 def test_the_decay_configs_name_todays_defaults_and_each_flag_once():
     """``sparse_1.0_top4_wd3`` is ``--method sparse`` with no tuning flag, and the ledger's
-    ``sparse_1.0_top4_lora_all`` is the same but for the rows' decay pinned off."""
+    ``sparse_1.0_top4_lora_all`` is the same but for the rows' decay pinned off, and the
+    ``lorawd`` configurations but for the LoRA's decay."""
     from meft_ds import cli
 
     def options(flags: list[str]) -> dict:
@@ -70,6 +71,10 @@ def test_the_decay_configs_name_todays_defaults_and_each_flag_once():
     assert options(knowledge.CONFIGS["sparse_1.0_top4_wd3"]) == today
     before = options(knowledge.CONFIGS["sparse_1.0_top4_lora_all"])
     assert {k for k in today if today[k] != before[k]} == {"sparse_weight_decay"}
+    for decay in knowledge.LORA_WEIGHT_DECAYS:  # today's defaults, the LoRA decayed
+        lora_decayed = options(knowledge.CONFIGS[f"sparse_1.0_top4_lorawd{decay}"])
+        assert {k for k in today if today[k] != lora_decayed[k]} == {"sparse_lora_weight_decay"}
+        assert lora_decayed["sparse_lora_weight_decay"] == float(decay)
     for name, flags in knowledge.CONFIGS.items():
         given = [f for f in flags if f.startswith("--")]
         assert len(given) == len(set(given)), name
