@@ -73,6 +73,8 @@ def test_each_method_is_selectable() -> None:
          "sparse_weight_decay must be >= 0"),
         (["--method", "sparse", "--sparse_lora_weight_decay", "nan"],
          "sparse_lora_weight_decay must be >= 0"),
+        (["--method", "sparse", "--sparse_lora_weight_decay", "1", "--sparse_attn_lora_r", "0"],
+         "sparse_lora_weight_decay needs the LoRA of sparse_attn_lora_r"),
         (["--warmup_ratio", "1.5"], "warmup_ratio must be in"),
         (["--dataset", "gsm8k", "--data_file", "x.jsonl"], "name two training sources"),
         (["--heldout_fraction", "1"], "heldout_fraction must be in [0, 1)"),

@@ -224,9 +224,9 @@ class SparseMethod(Method):
         for param in model.parameters():
             param.requires_grad_(False)
         parts = LORA_PARTS[self.options.sparse_lora_targets]
-        lora = self.lora = (_add_lora(model, self.options.sparse_attn_lora_r, parts, sizes.layers,
-                          self.options.sparse_init_seed)
-                if self.options.sparse_attn_lora_r else [])
+        self.lora = (_add_lora(model, self.options.sparse_attn_lora_r, parts, sizes.layers,
+                               self.options.sparse_init_seed)
+                     if self.options.sparse_attn_lora_r else [])
         self.runtime = SparseRuntime(self.options, sizes)
         if self.options.sparse_diagnostics:
             self.runtime.usage = Usage(sizes)
@@ -235,7 +235,7 @@ class SparseMethod(Method):
         if self.reversible:
             module = reversible_sparse.wrap(model, self.options, self.runtime, self.adapters)
             self.rev_model = module
-            for param in lora:  # ReversibleLM froze the whole LM, the attention LoRA too
+            for param in self.lora:  # ReversibleLM froze the whole LM, the LoRA too
                 param.requires_grad_(True)
         else:
             module = model
