@@ -93,6 +93,9 @@ CONFIGS: dict[str, list[str]] = {
     "sparse_reversible": ["--method", "sparse", "--reversible", "true", *NO_DECAY, *CONTEXT,
                           *K64, *ATTN],
     "lora_r16": ["--method", "lora"],
+    # LoRA r16 without its dropout (0.05 by default; the sparse adapter's LoRA has none):
+    # is the dropout what keeps LoRA's damage low?
+    "lora_r16_nodrop": ["--method", "lora", "--lora_dropout", "0"],
     "sparse_1.0_paper": [*SPARSE_1, *PAPER_SPARSE, *K64, *ATTN],
     # routed by token (the paper's routing and the defaults before context routing)
     "sparse_1.0_token": [*SPARSE_1, "--sparse_route", "token", *K64, *ATTN],
@@ -129,6 +132,10 @@ CONFIGS: dict[str, list[str]] = {
     **{f"sparse_1.0_top4_lorawd{w}": [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", "3",
                                       "--sparse_lora_weight_decay", w]
        for w in LORA_WEIGHT_DECAYS},
+    # today's defaults with a rank-4 LoRA beside the rows (8 by default): with the rows
+    # decayed, that LoRA alone damages more than the store alone (bench/damage_parts.py)
+    "sparse_1.0_top4_lorar4": [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", "3",
+                               "--sparse_attn_lora_r", "4"],
     # ... with the rows at 10x the engine's rate (3x by default, chosen at top-K 64)
     "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
@@ -152,6 +159,7 @@ SWEEP_LRS: dict[str, list[float]] = {
     **{f"sparse_1.0_top4_wd{w}": [1e-3] for w in WEIGHT_DECAYS},
     "sparse_1.0_top4_rows10": [1e-3, 3e-3],
     **{f"sparse_1.0_top4_lorawd{w}": [1e-3] for w in LORA_WEIGHT_DECAYS},
+    "sparse_1.0_top4_lorar4": [1e-3], "lora_r16_nodrop": [1e-3],
 }
 SWEEP_N = 256
 MICRO_BATCH = 4  # ds_configs/cpu.json

@@ -60,7 +60,7 @@ def test_steps_cover_the_passes_over_the_facts():
 def test_the_decay_configs_name_todays_defaults_and_each_flag_once():
     """``sparse_1.0_top4_wd3`` is ``--method sparse`` with no tuning flag, and the ledger's
     ``sparse_1.0_top4_lora_all`` is the same but for the rows' decay pinned off, and the
-    ``lorawd`` configurations but for the LoRA's decay."""
+    ``lorawd`` configurations but for the LoRA's decay, ``lorar4`` but for its rank."""
     from meft_ds import cli
 
     def options(flags: list[str]) -> dict:
@@ -75,6 +75,10 @@ def test_the_decay_configs_name_todays_defaults_and_each_flag_once():
         lora_decayed = options(knowledge.CONFIGS[f"sparse_1.0_top4_lorawd{decay}"])
         assert {k for k in today if today[k] != lora_decayed[k]} == {"sparse_lora_weight_decay"}
         assert lora_decayed["sparse_lora_weight_decay"] == float(decay)
+    rank4 = options(knowledge.CONFIGS["sparse_1.0_top4_lorar4"])
+    assert {k for k in today if today[k] != rank4[k]} == {"sparse_attn_lora_r"}
+    lora, no_dropout = (options(knowledge.CONFIGS[n]) for n in ("lora_r16", "lora_r16_nodrop"))
+    assert {k for k in lora if lora[k] != no_dropout[k]} == {"lora_dropout"}
     for name, flags in knowledge.CONFIGS.items():
         given = [f for f in flags if f.startswith("--")]
         assert len(given) == len(set(given)), name
