@@ -80,6 +80,8 @@ SPARSE_TOP4 = [*TOP4, *ATTN]
 # the defaults before the rows' decay
 DEFAULTS_ANY_DECAY = [*WIDE, *CONTEXT, "--sparse_top_k", "4", "--sparse_lora_targets", "all"]
 DEFAULTS = [*DEFAULTS_ANY_DECAY, *NO_DECAY]
+# today's defaults written out (sparse_1.0_top4_wd3), for the configurations built on them
+TODAY = [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", "3"]
 # In the order a study runs them: the issue's comparison first, then the extras.
 CONFIGS: dict[str, list[str]] = {
     "sparse_1.0": [*SPARSE_1, *CONTEXT, *K64, *ATTN],
@@ -129,13 +131,11 @@ CONFIGS: dict[str, list[str]] = {
        for w in WEIGHT_DECAYS},
     # today's defaults with decoupled weight decay on the LoRA beside the rows too: with the
     # rows decayed, that LoRA alone damages more than the store alone (bench/damage_parts.py)
-    **{f"sparse_1.0_top4_lorawd{w}": [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", "3",
-                                      "--sparse_lora_weight_decay", w]
+    **{f"sparse_1.0_top4_lorawd{w}": [*TODAY, "--sparse_lora_weight_decay", w]
        for w in LORA_WEIGHT_DECAYS},
     # today's defaults with a rank-4 LoRA beside the rows (8 by default): with the rows
     # decayed, that LoRA alone damages more than the store alone (bench/damage_parts.py)
-    "sparse_1.0_top4_lorar4": [*DEFAULTS_ANY_DECAY, "--sparse_weight_decay", "3",
-                               "--sparse_attn_lora_r", "4"],
+    "sparse_1.0_top4_lorar4": [*TODAY, "--sparse_attn_lora_r", "4"],
     # ... with the rows at 10x the engine's rate (3x by default, chosen at top-K 64)
     "sparse_1.0_top4_rows10": [*DEFAULTS, "--sparse_lr_ratio", "10"],
     # the defaults' attention LoRA alone (no store): what the store adds to it
